@@ -142,8 +142,13 @@ def simulate_low_dose_ct(hu: np.ndarray, dose: float, rng: np.random.Generator, 
     # Calibrate I0 on this slice: with Gaussian-approximated Poisson noise the FBP noise std scales as 1/sqrt(I0),
     # so one reconstruction of unit-I0 noise fixes the I0 that gives the target std (measured inside the body).
     body = hu > -500
-    unit_noise = rng.standard_normal(line_integrals.shape) * np.exp(line_integrals / 2)
-    std_unit = float((_fbp(unit_noise, theta, size) * to_hu)[body].std()) if body.any() else 1.0
+    calib_integrals = line_integrals
+    if body.mean() < 0.01:  # no tissue to calibrate on (an air crop): calibrate on a water disk of half the FOV
+        y, x = np.mgrid[:size, :size] - (size - 1) / 2
+        body = np.hypot(y, x) < size / 4
+        calib_integrals = radon(np.where(body, MU_WATER_PER_MM, 0.0), theta=theta, circle=False) * pixel_mm
+    unit_noise = rng.standard_normal(line_integrals.shape) * np.exp(calib_integrals / 2)
+    std_unit = float((_fbp(unit_noise, theta, size) * to_hu)[body].std())
     i0_full = (std_unit / noise_std_full_hu) ** 2
     i0 = i0_full * dose
     counts = rng.poisson(i0 * np.exp(-line_integrals)).astype(np.float64)

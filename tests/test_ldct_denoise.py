@@ -106,7 +106,11 @@ def test_denoise_real_ct_slice_passes_validator(trained, tmp_path):
     assert (ds_out.PatientID, ds_out.StudyInstanceUID) == (ds_in.PatientID, ds_in.StudyInstanceUID)
     assert (ds_out.Rows, ds_out.Columns) == (512, 512) and ds_out.PixelSpacing == ds_in.PixelSpacing
     hu, _ = dicom_io.read_dicom(out)
-    assert np.isfinite(hu).all() and -1100 < hu.mean() < 500
+    hu_in, ds_read = dicom_io.read_dicom(inp)
+    pad = dicom_io.padding_mask(hu_in, ds_read)
+    assert pad is not None and pad.mean() > 0.1  # this slice has a circular FOV padded with -3024 HU
+    assert np.array_equal(hu[pad], hu_in[pad])  # padding is "no data": restored unchanged
+    assert np.isfinite(hu).all() and hu[~pad].min() >= -1024 and hu[~pad].max() <= 3072  # the config's HU range
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
 

@@ -1,0 +1,439 @@
+"""DICOM in and out: physical values (HU for CT) from single-frame greyscale files, series folders as volumes,
+derived DICOMs that keep the study and get new UIDs, and realistic fixture writers for tests and demos.
+
+MONOCHROME1 policy: values are never inverted; we work in physical values (stored x slope + intercept) and copy
+PhotometricInterpretation to outputs, so a derived image displays like its source.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from common import UserError
+from common.nifti_io import Volume
+from common.runtime import atomic_path, refuse_overwrite_input
+
+DECODER_PACKAGES = "pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg"
+MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+# DX, MG and intra-oral IODs fix RescaleSlope 1 / RescaleIntercept 0, so derived values are clipped, never rescaled.
+FIXED_RESCALE_PREFIX = "1.2.840.10008.5.1.4.1.1.1."
+# Wrong once the pixels change: histogram extremes, thumbnail, old pixel encodings (overlays are dropped too).
+STALE_KEYWORDS = (
+    "SmallestImagePixelValue LargestImagePixelValue SmallestPixelValueInSeries LargestPixelValueInSeries "
+    "IconImageSequence ModalityLUTSequence ExtendedOffsetTable ExtendedOffsetTableLengths FloatPixelData "
+    "DoubleFloatPixelData PixelData"
+).split()
+
+# --- reading ---
+
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, Dataset]:
+    """Physical values (Rows, Cols) float32 and the dataset; any bad input raises UserError naming the file."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise UserError(f"{path}: not a DICOM file (no 'DICM' header)") from None
+    except Exception as e:  # pydicom raises many types on damaged files; the user needs one line
+        raise UserError(f"{path}: unreadable DICOM ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    try:
+        return _physical_values(path, ds), ds
+    except UserError:
+        raise
+    except Exception as e:  # truncated pixels, bad group 0028 values, corrupt codestream or transfer syntax
+        raise UserError(f"{path}: cannot decode pixel data ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def _physical_values(path: Path, ds: Dataset) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise UserError(f"{path}: no PixelData (not an image, or the file is truncated)")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UserError(f"{path}: colour image ({photometric or 'SamplesPerPixel > 1'}); only greyscale is supported")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise UserError(f"{path}: multi-frame image ({frames} frames); split it into single-frame files first")
+    syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+    if syntax.is_compressed and not get_decoder(syntax).is_available:
+        raise UserError(f"{path}: compressed ({syntax.name}) and no decoder installed: pip install {DECODER_PACKAGES}")
+    slope, intercept = _rescale(ds)
+    # pydicom >= 3 masks bits above BitsStored (old overlays, garbage) and sign-extends signed data.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if "ModalityLUTSequence" in ds:  # rare (XA, old CR): a lookup table replaces slope/intercept
+            values = apply_modality_lut(ds.pixel_array, ds)
+        else:
+            values = ds.pixel_array * slope + intercept
+        values = values.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise UserError(f"{path}: non-finite values (NaN/Inf) after RescaleSlope/RescaleIntercept")
+    return values
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    return float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+
+
+def _int_range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def stored_range(ds: Dataset) -> tuple[float, float]:
+    """Physical value range representable by the file's stored bits."""
+    lo, hi = _int_range(int(ds.BitsStored), int(ds.PixelRepresentation) == 1)
+    slope, intercept = _rescale(ds)
+    return tuple(sorted((lo * slope + intercept, hi * slope + intercept)))
+
+
+def padding_mask(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """True where PixelPaddingValue (up to PixelPaddingRangeLimit) applies; None when the file declares none."""
+    if ds.get("PixelPaddingValue") is None:
+        return None
+    slope, intercept = _rescale(ds)
+    stored = np.rint((np.asarray(values, np.float64) - intercept) / slope)
+    pad = [int(ds.PixelPaddingValue), int(ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue))]
+    return (stored >= min(pad)) & (stored <= max(pad))
+
+
+def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
+    """(row, col) spacing from PixelSpacing, else ImagerPixelSpacing; None if missing or zero (never invented)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite([row, col]).all() and row > 0 and col > 0:
+            return row, col
+    return None
+
+
+def read_dicom_series(folder: str | Path) -> Volume:
+    """All DICOM images in `folder` as one volume sorted along the slice normal (never by file name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder of DICOM files")
+    headers = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            continue  # README, .DS_Store...: not part of any series
+        except Exception as e:
+            raise UserError(f"{path}: unreadable DICOM ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        if "Rows" in header:  # DICOMDIR, reports and presentation states carry no image
+            headers.append((path, header))
+    if not headers:
+        raise UserError(f"{folder}: no DICOM images in this folder")
+    series: dict[str, list[Path]] = {}
+    for path, header in headers:
+        series.setdefault(str(header.get("SeriesInstanceUID", "?")), []).append(path)
+    if len(series) > 1:
+        listing = ", ".join(f"{uid} ({len(paths)} files, e.g. {paths[0].name})" for uid, paths in series.items())
+        raise UserError(f"{folder}: {len(series)} series in one folder ({listing}); put each series in its own folder")
+    try:
+        orientation = np.array([float(v) for v in headers[0][1].ImageOrientationPatient]).reshape(2, 3)
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
+        orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for _, h in headers])
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(f"{folder}: no ImagePositionPatient/ImageOrientationPatient; cannot order slices") from None
+    if np.abs(orientations - orientation.ravel()).max() > 1e-4:
+        raise UserError(f"{folder}: slices have different ImageOrientationPatient; not one volume")
+    normal = np.cross(orientation[0], orientation[1])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    if len(gaps) and gaps.min() < 1e-3:
+        raise UserError(f"{folder}: two slices share a position (repeated acquisitions or echoes?); not one volume")
+    slices, datasets = [], []
+    for index in order:
+        values, ds = read_dicom(headers[index][0])
+        if slices and values.shape != slices[0].shape:
+            raise UserError(f"{headers[index][0]}: {values.shape} pixels, other slices have {slices[0].shape}")
+        del ds.PixelData  # keep headers as templates, not a second copy of the volume
+        slices.append(values)
+        datasets.append(ds)
+    spacing = pixel_spacing_mm(datasets[0])
+    if spacing is None:
+        raise UserError(f"{headers[order[0]][0]}: no valid PixelSpacing; cannot build the volume geometry")
+    if len(gaps) and np.ptp(gaps) > max(0.01 * gaps.mean(), 0.011):  # positions are often rounded to 0.01 mm
+        gap_range = f"{gaps.min():.3f} to {gaps.max():.3f} mm"
+        warnings.warn(f"{folder}: uneven slice gaps ({gap_range}); volume assumes {gaps.mean():.3f} mm", stacklevel=2)
+    # The step between first and last position (not normal * spacing) keeps gantry-tilted stacks exact.
+    first, last = positions[order[0]], positions[order[-1]]
+    thickness = float(datasets[0].get("SliceThickness") or 1.0)  # one slice: z spacing only labels the file
+    step = (last - first) / (len(order) - 1) if len(order) > 1 else normal * thickness
+    lps = np.eye(4)
+    lps[:3, :] = np.column_stack([orientation[0] * spacing[1], orientation[1] * spacing[0], step, first])
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM is LPS, NIfTI/nibabel RAS
+    return Volume(np.stack(slices), affine, {"datasets": datasets, "source": str(folder)})
+
+
+# --- writing ---
+
+
+def _ds_number(x: float) -> float:
+    """The value a reader will parse back from a DS string (at most 16 characters)."""
+    return float(format_number_as_ds(float(x)))
+
+
+def _encode(values: np.ndarray, ds: Dataset) -> None:
+    """Store `values` in 16-bit PixelData with slope/intercept that round-trip within half a stored unit.
+
+    Candidates, first that fits wins: the template's bits and rescale; 16 bits; the template's slope with the
+    intercept moved by whole stored units (integer data stays exact); a new slope. Templates whose IOD fixes the
+    rescale (DX/MG) or that have none are clipped to 16 bits instead of rescaled.
+    """
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    slope, intercept = (_ds_number(v) for v in _rescale(ds))
+    bits0 = int(ds.get("BitsStored", 16)) if int(ds.get("BitsAllocated", 16)) == 16 else 16
+    fixed = "RescaleSlope" not in ds or str(ds.get("SOPClassUID", "")).startswith(FIXED_RESCALE_PREFIX)
+    lo16, hi16 = _int_range(16, signed)
+    vmin, vmax = float(values.min()), float(values.max())
+    shift = np.rint((vmin - intercept) / slope) - lo16
+    new_slope = _ds_number(max((vmax - vmin) / (hi16 - lo16 - 2), np.finfo(np.float32).tiny))
+    candidates = [(bits0, slope, intercept), (16, slope, intercept)]
+    if not fixed:
+        candidates += [
+            (16, slope, _ds_number(intercept + shift * slope)),
+            (16, new_slope, _ds_number(vmin - (lo16 + 1) * new_slope)),
+        ]
+    for bits, s, b in candidates:
+        stored = np.rint((values - b) / s)
+        lo, hi = _int_range(bits, signed)
+        if stored.min() >= lo and stored.max() <= hi:
+            break
+    stored = np.clip(stored, lo, hi)  # only bites for fixed-rescale templates: "values clipped to the range"
+    if (s, b) != (slope, intercept) or not lo <= int(ds.get("PixelPaddingValue", lo)) <= hi:
+        for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
+            ds.pop(keyword, None)  # stored padding no longer means the same physical value
+    if "RescaleSlope" in ds or (s, b) != (1.0, 0.0):
+        ds.RescaleSlope, ds.RescaleIntercept = format_number_as_ds(s), format_number_as_ds(b)
+    ds.Rows, ds.Columns = values.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, int(signed)
+    ds.SamplesPerPixel = 1
+    ds["PixelData"] = pydicom.DataElement(0x7FE00010, "OW", stored.astype("<i2" if signed else "<u2").tobytes())
+
+
+def write_derived_dicom(
+    template: Dataset,
+    values: np.ndarray,
+    out_path: str | Path,
+    *,
+    description: str,
+    series_uid: str | None = None,
+    series_description: str | None = None,
+    spacing_scale: tuple[float, float] = (1.0, 1.0),
+    image_position=None,
+    instance_number: int | None = None,
+    slice_thickness_mm: float | None = None,
+    spacing_between_slices_mm: float | None = None,
+) -> Path:
+    """A new image in the template's study: new SOPInstanceUID, given or new SeriesInstanceUID, DERIVED."""
+    out_path = Path(out_path)
+    if isinstance(getattr(template, "filename", None), (str, Path)):
+        refuse_overwrite_input(out_path, template.filename)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"write_derived_dicom expects a 2-D image, got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise UserError(f"{out_path}: values to write contain NaN/Inf; nothing written")
+    # A fresh Dataset holds parsed values, so a big-endian or implicit-VR template can be written as explicit
+    # little endian. Overlays/curves (60xx/50xx) lie on the old grid and group lengths (gggg,0000) go stale.
+    ds = Dataset()
+    for elem in template:
+        if elem.keyword not in STALE_KEYWORDS and elem.tag.group & 0xFF00 not in (0x5000, 0x6000) and elem.tag.element:
+            ds.add(copy.deepcopy(elem))
+    if "ModalityLUTSequence" in template:  # its output values are stored through a plain rescale instead
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "US"
+    _encode(values, ds)
+    now = datetime.datetime.now()
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.ImageType = ["DERIVED", "SECONDARY", *list(template.get("ImageType", []))[2:]]
+    ds.DerivationDescription = description[:1024]
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    if "SOPInstanceUID" in template and "SOPClassUID" in template:
+        ds.SourceImageSequence = [Dataset()]
+        ds.SourceImageSequence[0].ReferencedSOPClassUID = template.SOPClassUID
+        ds.SourceImageSequence[0].ReferencedSOPInstanceUID = template.SOPInstanceUID
+    if series_description is not None:
+        ds.SeriesDescription = series_description[:64]
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword in ds:
+            ds[keyword].value = [format_number_as_ds(float(v) * k) for v, k in zip(ds[keyword].value, spacing_scale)]
+    if image_position is not None:
+        ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in image_position]
+    if instance_number is not None:
+        ds.InstanceNumber = int(instance_number)
+    if slice_thickness_mm is not None:
+        ds.SliceThickness = format_number_as_ds(float(slice_thickness_mm))
+    if spacing_between_slices_mm is not None:
+        ds.SpacingBetweenSlices = format_number_as_ds(float(spacing_between_slices_mm))
+    write_dataset(ds, out_path)
+    return out_path
+
+
+def write_dataset(ds: Dataset, path: str | Path) -> Path:
+    """Atomic write as uncompressed Explicit VR Little Endian with fresh, consistent file meta."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return Path(path)
+
+
+def write_dicom_series(
+    volume: Volume, templates: list[Dataset], out_folder: str | Path, *, description: str
+) -> list[Path]:
+    """One derived file per slice; geometry from `volume.affine`; slice k uses template k * n_templates // n_z."""
+    out_folder = Path(out_folder)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
+    spacing_z, spacing_row, spacing_col = volume.spacing_mm
+    normal = np.cross(lps[:3, 0] / spacing_col, lps[:3, 1] / spacing_row)
+    series_uid, paths = generate_uid(), []
+    for k, values in enumerate(volume.hu):
+        template = copy.deepcopy(templates[min(len(templates) - 1, k * len(templates) // len(volume.hu))])
+        template.ImageOrientationPatient = [
+            format_number_as_ds(float(v)) for v in [*(lps[:3, 0] / spacing_col), *(lps[:3, 1] / spacing_row)]
+        ]
+        position = lps[:3, :] @ [0.0, 0.0, k, 1.0]
+        if "SliceLocation" in template:
+            template.SliceLocation = format_number_as_ds(float(position @ normal))
+        old = pixel_spacing_mm(template) or (spacing_row, spacing_col)
+        paths.append(
+            write_derived_dicom(
+                template,
+                values,
+                out_folder / f"{k + 1:04d}.dcm",
+                description=description,
+                series_uid=series_uid,
+                spacing_scale=(spacing_row / old[0], spacing_col / old[1]),
+                image_position=position,
+                instance_number=k + 1,
+                slice_thickness_mm=spacing_z,
+                spacing_between_slices_mm=spacing_z,
+            )
+        )
+    return paths
+
+
+# --- fixture writers (tests and demos): headers with the modules their IODs require ---
+
+
+def _base_dataset(sop_class: str, modality: str, patient_id: str, study_uid=None, series_uid=None) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber, ds.Modality, ds.Manufacturer = "SYNTH", modality, "medgen-restore synthetic"
+    ds.ReferringPhysicianName, ds.StudyDescription = "", "synthetic phantom"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Phantom", patient_id, "", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), series_uid or generate_uid()
+    ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber = "1", 1, 1
+    ds.SamplesPerPixel = 1
+    return ds
+
+
+def make_ct_dataset(
+    hu: np.ndarray,
+    *,
+    pixel_spacing_mm=(0.7, 0.7),
+    position_mm=(0, 0, 0),
+    slice_thickness_mm=1.0,
+    instance_number=1,
+    patient_id="SYNTH001",
+    study_uid=None,
+    series_uid=None,
+) -> Dataset:
+    """CT Image Storage, signed 16-bit, slope 1 / intercept -1024 (moved if the HU range needs it)."""
+    ds = _base_dataset(CTImageStorage, "CT", patient_id, study_uid, series_uid)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.PatientPosition, ds.BodyPartExamined, ds.KVP = "HFS", "CHEST", "120"
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[str(ds.StudyInstanceUID), "frame"])
+    ds.PositionReferenceIndicator = ""
+    ds.InstanceNumber = int(instance_number)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in position_mm]
+    ds.SliceLocation = format_number_as_ds(float(position_mm[2]))
+    ds.SliceThickness = format_number_as_ds(float(slice_thickness_mm))
+    ds.PixelSpacing = [format_number_as_ds(float(v)) for v in pixel_spacing_mm]
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored = 1, 16, 16
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    ds.WindowCenter, ds.WindowWidth, ds.WindowCenterWidthExplanation = 40, 400, "SOFT TISSUE"
+    _encode(np.asarray(hu, dtype=np.float64), ds)
+    return ds
+
+
+def make_projection_dataset(
+    stored_uint16: np.ndarray, *, modality="MG", bits_stored=14, monochrome1=False, imager_pixel_spacing_mm=(0.07, 0.07)
+) -> Dataset:
+    """Digital Mammography (MG) or Digital X-Ray (DX) For Presentation with the given stored values."""
+    stored = np.asarray(stored_uint16)
+    if stored.ndim != 2 or stored.min() < 0 or stored.max() >= 1 << bits_stored:
+        raise ValueError(f"stored values must be a 2-D array within {bits_stored} unsigned bits")
+    if modality not in ("MG", "DX"):
+        raise ValueError(f"modality must be 'MG' or 'DX', got {modality!r}")
+    sop_class = MAMMO_FOR_PRESENTATION if modality == "MG" else DX_FOR_PRESENTATION
+    ds = _base_dataset(sop_class, modality, "SYNTH001", None, None)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.PresentationIntentType, ds.InstanceNumber, ds.BurnedInAnnotation = "FOR PRESENTATION", 1, "NO"
+    ds.ImageLaterality, ds.PatientOrientation, ds.BodyPartExamined = "L", ["A", "R"], "BREAST"
+    ds.PositionerType = "MAMMOGRAPHIC" if modality == "MG" else "NONE"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "76752008", "SCT", "Breast"
+    ds.AnatomicRegionSequence = [code]
+    view = Dataset()
+    view.CodeValue, view.CodingSchemeDesignator, view.CodeMeaning = "399162004", "SCT", "cranio-caudal"
+    view.ViewModifierCodeSequence = []
+    ds.ViewCodeSequence, ds.OrganExposed = [view], "BREAST"
+    ds.AcquisitionContextSequence, ds.DetectorType = [], "DIRECT"
+    ds.ImagerPixelSpacing = [format_number_as_ds(float(v)) for v in imager_pixel_spacing_mm]
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+    # Sign -1: higher value = less X-ray reaching the detector (dense is bright in MONOCHROME2).
+    ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LOG", 1 if monochrome1 else -1
+    ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored = 0, 16, int(bits_stored)
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.WindowCenter, ds.WindowWidth = (1 << bits_stored) // 2, 1 << bits_stored
+    ds.LossyImageCompression = "00"
+    _encode(stored.astype(np.float64), ds)
+    return ds
+
+
+def write_ct_series(hu_zyx: np.ndarray, folder: str | Path, spacing_mm_zyx, shuffle_names=False) -> list[Path]:
+    """One CT file per slice (z along +normal); with shuffle_names, file names do not follow slice order."""
+    folder = Path(folder)
+    n_z, n_y, n_x = hu_zyx.shape
+    sz, sy, sx = (float(v) for v in spacing_mm_zyx)
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid()}
+    names = np.arange(n_z)
+    rng = np.random.default_rng(n_z)
+    while shuffle_names and n_z > 1 and (names == np.arange(n_z)).all():
+        names = rng.permutation(n_z)
+    paths = []
+    for k in range(n_z):
+        position = (-n_x * sx / 2, -n_y * sy / 2, k * sz)  # x/y centred like a scanner's field of view
+        ds = make_ct_dataset(hu_zyx[k], pixel_spacing_mm=(sy, sx), position_mm=position, slice_thickness_mm=sz, **uids)
+        ds.InstanceNumber = k + 1
+        paths.append(write_dataset(ds, folder / f"IM{names[k] + 1:04d}.dcm"))
+    return paths

@@ -1,0 +1,114 @@
+"""NIfTI volumes in and out with nibabel, the `Volume` type shared with DICOM series, and affine helpers.
+
+`Volume.hu` is (z, y, x); `Volume.affine` is nibabel's: voxel (i, j, k) = (x/col, y/row, z/slice) to RAS mm,
+so `nib.load(p).get_fdata()` equals `hu.transpose(2, 1, 0)`.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from common import UserError
+from common.runtime import atomic_path, refuse_overwrite_input
+
+
+@dataclass
+class Volume:
+    hu: np.ndarray  # (z, y, x) float32
+    affine: np.ndarray  # 4x4, voxel (i, j, k) -> RAS mm
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """(z, y, x) voxel size: lengths of the affine's k, j, i columns."""
+        i, j, k = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+        return float(k), float(j), float(i)
+
+
+def read_nifti(path: str | Path) -> Volume:
+    """A 3-D NIfTI (a trailing singleton 4th dim is dropped); header kept in meta['nifti_header']."""
+    path = Path(path)
+    try:
+        image = nib.load(path)
+        if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise UserError(f"{path}: not a NIfTI image ({type(image).__name__})")
+        data = image.get_fdata(dtype=np.float32)
+    except UserError:
+        raise
+    except Exception as e:  # nibabel raises many types on damaged or non-image files; the user needs one line
+        raise UserError(f"{path}: unreadable NIfTI ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UserError(f"{path}: shape {data.shape}; expected a 3-D volume (one 4-D time point at most)")
+    bad = int((~np.isfinite(data)).sum())
+    if bad:
+        raise UserError(f"{path}: {bad} NaN/Inf voxels")
+    hu = np.ascontiguousarray(data.transpose(2, 1, 0))
+    return Volume(
+        hu, np.array(image.affine, dtype=np.float64), {"nifti_header": image.header.copy(), "source": str(path)}
+    )
+
+
+def write_nifti(path: str | Path, volume: Volume) -> Path:
+    """Atomic .nii/.nii.gz; int16 when every value is an integer in range, else float32; affine exact."""
+    path = Path(path)
+    if volume.meta.get("source"):
+        refuse_overwrite_input(path, volume.meta["source"])
+    data = np.asarray(volume.hu).transpose(2, 1, 0)
+    if not np.isfinite(data).all():
+        raise UserError(f"{path}: values to write contain NaN/Inf; nothing written")
+    if np.array_equal(data, np.rint(data)) and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)
+    else:
+        data = data.astype(np.float32)
+    header = volume.meta.get("nifti_header")
+    header = nib.Nifti1Header() if header is None else header.copy()
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_class(data, None, header=header)
+    image.set_data_dtype(data.dtype)
+    header = image.header
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"] = header["cal_max"] = 0
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    # Leave an unchanged header geometry alone: recomputing the qform quaternion would not be bit-exact.
+    if not np.array_equal(header.get_best_affine(), affine):
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        new = volume.meta.get("nifti_header") is None  # from DICOM: scanner coordinates, like dcm2niix
+        header.set_sform(affine, code=sform_code or (1 if new else 2))
+        header.set_qform(affine, code=qform_code or (1 if new else 0))
+    raw = image.to_bytes()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(raw, compresslevel=6) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def read_volume(path: str | Path) -> Volume:
+    """A `.nii`/`.nii.gz` file or a folder holding one DICOM series."""
+    from common import dicom_io  # here, not at the top: dicom_io imports Volume from this module
+
+    path = Path(path)
+    if path.is_dir():
+        return dicom_io.read_dicom_series(path)
+    if path.name.endswith((".nii", ".nii.gz")) and path.is_file():
+        return read_nifti(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    raise UserError(f"{path}: expected a .nii/.nii.gz file or a folder of DICOM files")
+
+
+def scale_z_affine(affine: np.ndarray, z_factor: float, first_slice_offset_vox: float = 0.0) -> np.ndarray:
+    """Affine after the slice spacing becomes `spacing * z_factor`; the origin moves `first_slice_offset_vox`
+    input slices along k when the new grid's first slice is not the old one's."""
+    if not z_factor > 0:
+        raise ValueError(f"z_factor must be positive, got {z_factor}")
+    old = np.asarray(affine, dtype=np.float64)
+    new = old.copy()
+    new[:3, 3] = old[:3, 3] + old[:3, 2] * first_slice_offset_vox
+    new[:3, 2] = old[:3, 2] * z_factor
+    return new
