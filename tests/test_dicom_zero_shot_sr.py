@@ -1,0 +1,205 @@
+"""dicom_zero_shot_sr.py: patch blending (unit), then the real CLI in subprocesses on tiny synthetic and real DICOM."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+import dicom_zero_shot_sr as zssr
+from common import dicom_io, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--device", "cpu"]
+
+
+def run(args, ok=True):
+    cmd = [sys.executable, str(ROOT / "dicom_zero_shot_sr.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    if ok:
+        assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return {line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")}
+
+
+# --- patch blending: exact for an identity model, seamless for a model that disagrees between tiles ---
+
+
+def test_blend_identity_reproduces_input_exactly_on_odd_sized_image():
+    image = np.random.default_rng(0).normal(size=(101, 77)).astype(np.float32) * 1000
+    calls = []
+
+    def identity(tiles):
+        calls.append(tiles.shape)
+        return tiles, np.zeros_like(tiles)
+
+    mean, std = zssr.blend_tiles(image, identity, tile=32, overlap=12, batch=3)
+    assert len(calls) > 3 and all(c[1:] == (32, 32) for c in calls)  # really tiled, with overlapping tiles
+    assert np.array_equal(mean, image)
+    assert np.array_equal(std, np.zeros_like(image))
+
+
+def test_blend_has_no_seams_when_tiles_disagree():
+    image = np.zeros((90, 70), np.float32)
+    offsets = iter(np.random.default_rng(1).uniform(0, 1, size=100))
+
+    def shifted(tiles):  # each tile comes back shifted by its own constant: a worst case for seams
+        out = np.stack([t + next(offsets) for t in tiles])
+        return out, np.zeros_like(out)
+
+    def max_jump(a):
+        return max(np.abs(np.diff(a, axis=0)).max(), np.abs(np.diff(a, axis=1)).max())
+
+    blended, _ = zssr.blend_tiles(image, shifted, tile=40, overlap=16, batch=1)
+    hard, _ = zssr.blend_tiles(image, shifted, tile=40, overlap=0, batch=1)  # no overlap: butt-joined tiles
+    assert np.ptp(blended) > 0.3  # tiles did disagree
+    assert max_jump(blended) < 0.15  # smooth cross-fade: about pi/(2*16) per pixel for a unit disagreement
+    assert max_jump(hard) > 3 * max_jump(blended)
+
+
+def test_normaliser_inverse_and_sampler_shapes():
+    values = np.array([[-1024.0, 0.0], [40.0, 3071.0]], np.float32)
+    norm = zssr.Normaliser.fit(values, (0.5, 99.5))
+    assert np.allclose(norm.inverse(norm.forward(values)), values, atol=1e-3)
+    cfg = zssr.load_config(zssr.Config, zssr.default_config_path(zssr.__file__), "tiny", None)
+    model = zssr.UNet(cfg.model).eval()
+    schedule = zssr.Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    cond = torch.zeros(2, 1, 24, 16)
+    a = zssr.sample(model, schedule, cond, cfg.sample, torch.Generator().manual_seed(3))
+    b = zssr.sample(model, schedule, cond, cfg.sample, torch.Generator().manual_seed(3))
+    assert a.shape == cond.shape and torch.equal(a, b)  # DDIM: deterministic given the seed
+
+
+# --- the real CLI ---
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    stored = synthetic.mammogram((96, 80), np.random.default_rng(0), bits_stored=14)
+    mg = dicom_io.write_dataset(
+        dicom_io.make_projection_dataset(stored, modality="MG", bits_stored=14), folder / "mg.dcm"
+    )
+    ct = Path(shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct_small.dcm"))
+    return {"mg": mg, "ct": ct, "hashes": {mg: sha(mg), ct: sha(ct)}}
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    run(["full", "--input", inputs["mg"], "--upscale", 2, "--out", base / "mg", *TINY])
+    run(["full", "--input", inputs["ct"], "--upscale", 2, "--out", base / "ct", *TINY, "--set", "train.steps=2"])
+    return base
+
+
+def check_output(src: Path, out_dir: Path, factor: int, spacing_keyword: str, trained: bool = True):
+    source = pydicom.dcmread(src)
+    sr_path = out_dir / f"{src.stem}_sr_x{factor}.dcm"
+    sr = pydicom.dcmread(sr_path)
+    assert (sr.Rows, sr.Columns) == (source.Rows * factor, source.Columns * factor)
+    for old, new in zip(source[spacing_keyword].value, sr[spacing_keyword].value):
+        assert float(new) == pytest.approx(float(old) / factor, rel=1e-6)
+    assert sr.SOPInstanceUID != source.SOPInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
+    assert "DERIVED" in sr.ImageType and f"x{factor}" in sr.DerivationDescription
+    values, _ = dicom_io.read_dicom(sr_path)
+    lo, hi = dicom_io.stored_range(source)
+    assert lo <= values.min() and values.max() <= hi
+    unc, unc_ds = dicom_io.read_dicom(out_dir / "uncertainty.dcm")
+    assert unc.shape == values.shape and unc.min() >= 0
+    assert unc_ds.SeriesInstanceUID not in (sr.SeriesInstanceUID, source.SeriesInstanceUID)
+    names = ["uncertainty.png", "preview.png", "metrics.json", "config.yaml", "command.txt"]
+    for name in names + (["model.pt", "train.log", "metrics.jsonl"] if trained else []):
+        assert (out_dir / name).is_file(), name
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(sr_path) <= dciodvfy_errors(src), "dciodvfy: new errors in the SR output"
+        assert dciodvfy_errors(out_dir / "uncertainty.dcm") <= dciodvfy_errors(src)
+    return values
+
+
+def test_full_on_synthetic_mammogram(inputs, runs):
+    values = check_output(inputs["mg"], runs / "mg", 2, "ImagerPixelSpacing")
+    source, _ = dicom_io.read_dicom(inputs["mg"])
+    bicubic = zssr.upsample(torch.from_numpy(source), 2).numpy()
+    assert np.abs(values - bicubic).mean() < 0.1 * np.abs(bicubic).mean()  # a picture of the input, not noise
+    record = json.loads((runs / "mg" / "metrics.json").read_text())
+    assert record["rows"][0]["perceptual"].startswith("off")  # the tiny preset has no perceptual term: said so
+    assert sha(inputs["mg"]) == inputs["hashes"][inputs["mg"]]
+
+
+def test_full_on_real_ct(inputs, runs):
+    check_output(inputs["ct"], runs / "ct", 2, "PixelSpacing")
+    assert sha(inputs["ct"]) == inputs["hashes"][inputs["ct"]]
+
+
+def test_inference_from_checkpoint_and_factor_mismatch(inputs, runs, tmp_path):
+    run(
+        [
+            "inference",
+            "--input",
+            inputs["mg"],
+            "--model-path",
+            runs / "mg" / "model.pt",
+            "--out",
+            tmp_path / "inf",
+            "--device",
+            "cpu",
+            "--samples",
+            3,
+        ]
+    )
+    check_output(inputs["mg"], tmp_path / "inf", 2, "ImagerPixelSpacing", trained=False)
+    proc = run(
+        [
+            "inference",
+            "--input",
+            inputs["mg"],
+            "--model-path",
+            runs / "mg" / "model.pt",
+            "--upscale",
+            3,
+            "--out",
+            tmp_path / "bad",
+        ],
+        ok=False,
+    )
+    assert proc.returncode == 2 and "trained for x2" in proc.stderr and not (tmp_path / "bad").exists()
+
+
+def test_evaluate_reports_method_and_baselines(inputs, tmp_path):
+    run(["evaluate", "--input", inputs["mg"], "--upscale", 2, "--out", tmp_path / "ev", *TINY])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"]}
+    assert set(rows) == {"bicubic", "lanczos4", "zero-shot diffusion"}
+    for row in rows.values():
+        assert 0 < row["psnr_db"] < 100 and 0 < row["ssim"] <= 1 and row["wall_s"] >= 0
+    assert rows["zero-shot diffusion"]["peak_rss_mb"] > 0
+    assert rows["bicubic"]["psnr_db"] != rows["lanczos4"]["psnr_db"]
+
+
+def test_bad_input_one_line_nonzero_and_nothing_written(inputs, tmp_path):
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(inputs["mg"].read_bytes()[:3000])
+    for bad in (get_testdata_file("SC_rgb.dcm"), truncated):
+        out = tmp_path / f"out_{Path(bad).stem}"
+        proc = run(["full", "--input", bad, "--upscale", 2, "--out", out, *TINY], ok=False)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()

