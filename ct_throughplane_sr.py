@@ -209,7 +209,7 @@ def load_volumes(cfg: DataConfig, split: str, seed: int) -> tuple[list[np.ndarra
     vols = []
     for line in split_file.read_text().split():
         path = Path(line) if Path(line).is_absolute() else Path(cfg.path) / line
-        vol = nifti_io.read_volume(path)
+        vol = nifti_io.read_volume(path, "CT")
         if vol.spacing_mm[0] > cfg.hr_spacing_mm * 1.05:
             warnings.warn(
                 f"{path}: z spacing {vol.spacing_mm[0]:.2f} mm is coarser than data.hr_spacing_mm; skipped",
@@ -825,7 +825,7 @@ def evaluate(
     """Simulate LR from a held-out HR volume, upsample it with every method, report masked metrics + time + RAM."""
     device = runtime.pick_device(device_name)
     if hr_path is not None:
-        hr = nifti_io.read_volume(hr_path)
+        hr = nifti_io.read_volume(hr_path, "CT")
         source = str(hr_path)
     else:
         shape, px = tuple(cfg.data.phantom_shape), cfg.data.phantom_pixel_mm
@@ -916,7 +916,7 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
     folders = sorted({p.parent for p in input_dir.rglob("*") if p.is_file() and p not in niftis})
     for i, folder in enumerate(folders):
         try:
-            vol = dicom_io.read_dicom_series(folder)
+            vol = dicom_io.read_dicom_series(folder, "CT")
         except UserError as exc:
             print(f"skipped: {exc}")
             continue
@@ -960,7 +960,7 @@ def upsample_file(
         raise UserError(f"--output {output}: must end in .nii or .nii.gz")
     runtime.refuse_overwrite_input(output, input_path)
     device = runtime.pick_device(device_name)
-    vol = nifti_io.read_volume(input_path)
+    vol = nifti_io.read_volume(input_path, "CT")
     if vol.hu.shape[0] < 2:
         raise UserError(f"{input_path}: {vol.hu.shape[0]} slice(s); z super-resolution needs at least 2")
     predict, model_cfg, state = load_predictor(checkpoint, cfg.infer, device)

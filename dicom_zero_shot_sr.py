@@ -160,6 +160,8 @@ def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
         values = np.where(pad, values[~pad].min(), values).astype(np.float32)
     else:
         pad = None
+    if np.ptp(values) == 0:  # self-supervision learns from the image's own structure; a constant has none
+        raise UserError(f"{path}: constant image (every pixel {values.flat[0]:g}); nothing to super-resolve")
     return values, ds, pad
 
 

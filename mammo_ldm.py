@@ -42,13 +42,25 @@ import torch.nn.functional as F
 import typer
 from pydicom.uid import generate_uid
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 import mammo_vqvae
 from common import UserError, dicom_io, metrics, runtime, viz
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
-from common.mammo import (IMAGE_SUFFIXES, MammoDataConfig, MammoDataset, dose_description, from_unit, list_sources,
-                          model_to_unit, paste_back, prepare, read_mammogram, unit_to_model)
+from common.mammo import (
+    IMAGE_SUFFIXES,
+    MammoDataConfig,
+    MammoDataset,
+    dose_description,
+    epoch_order,
+    from_unit,
+    list_sources,
+    model_to_unit,
+    paste_back,
+    prepare,
+    read_mammogram,
+    unit_to_model,
+)
 from common.perceptual import load_lpips, lpips_distance
 
 SCRIPT = Path(__file__).stem
@@ -380,26 +392,28 @@ def train(cfg: Config, vqvae_ckpt: Path, out_dir: Path, latents: Path | None = N
         dataset = MammoDataset(list_sources(cfg.data, "train"), cfg.data, paired=True)
         mean, std = latent_stats(vqvae, dataset, device)
         data_desc = f"{cfg.data.path or 'synthetic mammograms'}, latents on the fly ({dose_description(cfg.data)})"
-    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.train.seed,
-                                 drop_last=True) if dist.world_size > 1 else None
     per_rank_batch = max(1, cfg.train.batch_size // dist.world_size)
     workers = 0 if latents is not None else cfg.data.num_workers
-    loader = DataLoader(dataset, per_rank_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0)
-    if len(loader) == 0:
+    steps_per_epoch = len(dataset) // (dist.world_size * per_rank_batch)  # whole batches on every rank
+    if steps_per_epoch == 0:
         raise UserError(f"only {len(dataset)} training pairs for batch size {per_rank_batch}; lower train.batch_size")
     latent_channels = vq_cfg.model.hidden_channels
     model = UNet(cfg.model, latent_channels).to(device)
     ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_avg_fn(cfg.train.ema_decay))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    step, start_epoch = 0, 0
+    step = 0
     if resume is not None:
         state = runtime.load_checkpoint(resume, SCRIPT)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, start_epoch, mean, std = int(state["step"]), int(state["epoch"]) + 1, state["latent_mean"], \
-            state["latent_std"]
+        if state.get("vqvae_fingerprint") != vq_print:
+            raise UserError(f"{resume}: trained on the latents of {state.get('vqvae_checkpoint')}, not of {vqvae_ckpt}")
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
+        step, mean, std = int(state["step"]), state["latent_mean"], state["latent_std"]
+        mammo_vqvae.restore_rng(state["rng"], dist, cfg.train.seed + step)
     schedule = Schedule(cfg.diffusion, device)
     net = runtime.ddp_wrap(model, dist)
     use_amp = runtime.switch_on(cfg.train.amp, device)
@@ -410,16 +424,18 @@ def train(cfg: Config, vqvae_ckpt: Path, out_dir: Path, latents: Path | None = N
               f"{latent_channels} channels, mean {mean:.3g} std {std:.3g}; device {device}")
     extra = {"latent_channels": latent_channels, "latent_mean": mean, "latent_std": std,
              "vqvae_fingerprint": vq_print, "vqvae_checkpoint": str(vqvae_ckpt)}
-    max_steps = cfg.train.max_steps or cfg.train.max_epochs * len(loader)
+    max_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     ckpt_path = out_dir / "checkpoint.pt"
     with runtime.ProgressLogger(out_dir if dist.is_main else None, max_steps, "ldm", enabled=dist.is_main,
                                 log_every=cfg.train.log_every, start_step=step) as progress:
-        for epoch in range(start_epoch, cfg.train.max_epochs):
+        for epoch in range(step // steps_per_epoch, cfg.train.max_epochs):
             if step >= max_steps:
                 break
-            if sampler is not None:
-                sampler.set_epoch(epoch)
             dataset.epoch = epoch  # on-the-fly pairs: fresh low-dose noise every epoch
+            order = epoch_order(len(dataset), per_rank_batch, epoch, cfg.train.seed, dist.rank, dist.world_size)
+            done = (step - epoch * steps_per_epoch) * per_rank_batch  # > 0 only in the epoch a resume starts in
+            loader = DataLoader(dataset, per_rank_batch, sampler=order[done:], drop_last=True, num_workers=workers,
+                                generator=mammo_vqvae.loader_generator(cfg.train.seed, epoch))
             model.train()
             for batch in loader:
                 clean, degraded = batch["clean"].to(device), batch["degraded"].to(device)
@@ -429,8 +445,8 @@ def train(cfg: Config, vqvae_ckpt: Path, out_dir: Path, latents: Path | None = N
                 clean, degraded = (clean - mean) / std, (degraded - mean) / std
                 with runtime.amp_autocast(device, use_amp):
                     loss = diffusion_loss(net, schedule, clean, degraded)
-                if not torch.isfinite(loss):
-                    raise UserError(f"non-finite loss at step {step + 1}; last good checkpoint is {ckpt_path}")
+                if not torch.isfinite(loss):  # stop before the update: no NaN reaches the weights or a checkpoint
+                    raise UserError(mammo_vqvae.non_finite_message(loss, step, ckpt_path))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -35,11 +35,11 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from common import UserError, metrics, runtime, viz
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
-from common.mammo import MammoDataConfig, MammoDataset, dose_description, list_sources, model_to_unit
+from common.mammo import MammoDataConfig, MammoDataset, dose_description, epoch_order, list_sources, model_to_unit
 
 SCRIPT = Path(__file__).stem
 
@@ -320,44 +320,49 @@ def save_state(path: Path, cfg: Config, model: VQVAE2, optimizer, step: int, epo
 
 def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | None = None,
           argv: list[str] | None = None) -> Path:
-    """Train on clean mammograms; a checkpoint after every epoch (resume continues at the next epoch)."""
+    """Train on clean mammograms; a checkpoint after every epoch and at the last step. `resume` continues exactly
+    where the checkpoint stopped, mid-epoch included: batch order depends only on (seed, epoch), RNGs are restored."""
     dist = runtime.init_distributed(device_name)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
     model = VQVAE2(cfg.model).to(device)
     check_input_shape(cfg, model)
     dataset = MammoDataset(list_sources(cfg.data, "train"), cfg.data, paired=False)
-    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.train.seed,
-                                 drop_last=True) if dist.world_size > 1 else None
     per_rank_batch = max(1, cfg.train.batch_size // dist.world_size)
-    loader = DataLoader(dataset, per_rank_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-    if len(loader) == 0:
+    steps_per_epoch = len(dataset) // (dist.world_size * per_rank_batch)  # whole batches on every rank
+    if steps_per_epoch == 0:
         raise UserError(f"only {len(dataset)} training images for batch size {per_rank_batch}; lower train.batch_size")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    step, start_epoch = 0, 0
+    step = 0
     if resume is not None:
         state = runtime.load_checkpoint(resume, SCRIPT)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, start_epoch = int(state["step"]), int(state["epoch"]) + 1
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
+        step = int(state["step"])
+        restore_rng(state["rng"], dist, cfg.train.seed + step)
     if dist.is_main:
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"data: {len(dataset)} training images ({cfg.data.path or 'synthetic'}); model {n_params / 1e6:.2f} M "
-              f"parameters, {cfg.model.levels} levels; device {device}, world size {dist.world_size}")
+              f"parameters, {cfg.model.levels} levels; device {device}, world size {dist.world_size}"
+              + (f"; resumed from {resume} at step {step}" if resume else ""))
     net = runtime.ddp_wrap(model, dist)
     use_amp = runtime.switch_on(cfg.train.amp, device)
-    max_steps = cfg.train.max_steps or cfg.train.max_epochs * len(loader)
+    max_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     ckpt_path = out_dir / "checkpoint.pt"
     with runtime.ProgressLogger(out_dir if dist.is_main else None, max_steps, "vqvae", enabled=dist.is_main,
                                 log_every=cfg.train.log_every, start_step=step) as progress:
-        for epoch in range(start_epoch, cfg.train.max_epochs):
+        for epoch in range(step // steps_per_epoch, cfg.train.max_epochs):
             if step >= max_steps:
                 break
             dataset.epoch = epoch
-            if sampler is not None:
-                sampler.set_epoch(epoch)
+            order = epoch_order(len(dataset), per_rank_batch, epoch, cfg.train.seed, dist.rank, dist.world_size)
+            done = (step - epoch * steps_per_epoch) * per_rank_batch  # > 0 only in the epoch a resume starts in
+            loader = DataLoader(dataset, per_rank_batch, sampler=order[done:], drop_last=True,
+                                num_workers=cfg.data.num_workers, generator=loader_generator(cfg.train.seed, epoch))
             model.train()
             for batch in loader:
                 x = batch["clean"].to(device)
@@ -366,8 +371,8 @@ def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | 
                 reconstruction = F.mse_loss(recon.float(), x)
                 commitment = torch.stack(diffs).sum()
                 loss = reconstruction + cfg.model.commitment_beta * commitment
-                if not torch.isfinite(loss):
-                    raise UserError(f"non-finite loss at step {step + 1}; last good checkpoint is {ckpt_path}")
+                if not torch.isfinite(loss):  # stop before the update: no NaN reaches the weights or a checkpoint
+                    raise UserError(non_finite_message(loss, step, ckpt_path))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -376,12 +381,32 @@ def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | 
                              epoch=epoch)
                 if step >= max_steps:
                     break
-            end_of_epoch(model, cfg, out_dir, epoch, dist.is_main)
+            if step == (epoch + 1) * steps_per_epoch:  # a whole epoch: codebook health and dead-code restart
+                end_of_epoch(model, cfg, out_dir, epoch, dist.is_main)
             if dist.is_main:
                 save_state(ckpt_path, cfg, model, optimizer, step, epoch)
     if dist.is_main:
         save_preview(model.eval(), cfg, out_dir, device)
     return ckpt_path
+
+
+def restore_rng(rng: dict, dist: runtime.Dist, seed: int) -> None:
+    """Exact continuation on one process; under DDP each rank reseeds (the checkpoint holds rank 0's state)."""
+    if dist.world_size == 1:
+        runtime.set_rng_state(rng)
+    else:
+        runtime.seed_everything(seed + dist.rank)
+
+
+def loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """A DataLoader draws its worker seed from this instead of the global RNG (which a resume restores)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def non_finite_message(loss: torch.Tensor, step: int, ckpt_path: Path) -> str:
+    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+    return (f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped before the update, {kept} "
+            "(lower train.lr or check the data)")
 
 
 def end_of_epoch(model: VQVAE2, cfg: Config, out_dir: Path, epoch: int, is_main: bool) -> None:

@@ -100,12 +100,16 @@ def load_config(cfg_cls: type, config_path: str | Path | None, preset: str | Non
             raise UserError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(raw, dict) or not set(raw) <= {"defaults", "presets"}:
             raise UserError(f"config: {path} must hold only 'defaults' and 'presets' at the top level")
-        _apply(cfg, raw.get("defaults") or {}, "")
         presets = raw.get("presets") or {}
-        if preset is not None:
-            if preset not in presets:
-                raise UserError(f"config: unknown preset '{preset}' in {path} (known: {', '.join(presets)})")
-            _apply(cfg, presets[preset] or {}, "")
+        if preset is not None and preset not in presets:
+            raise UserError(f"config: unknown preset '{preset}' in {path} (known: {', '.join(presets)})")
+        try:  # the error names the file: with several configs around, "unknown key" alone sends users hunting
+            _apply(cfg, raw.get("defaults") or {}, "")
+            if preset is not None:
+                _apply(cfg, presets[preset] or {}, "")
+        except UserError as exc:
+            where = f"{path} (preset {preset})" if preset is not None else str(path)
+            raise UserError(str(exc).replace("config:", f"config {where}:", 1)) from None
     elif preset not in (None, "full"):
         raise UserError(f"config: preset '{preset}' needs a config file")
     for item in overrides or []:

@@ -27,6 +27,7 @@ from common.runtime import atomic_path, refuse_overwrite_input
 DECODER_PACKAGES = "pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg"
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+MIN_SIZE = 8  # no restoration method here means anything on a smaller image (and 3x3 convs need room)
 # DX, MG and intra-oral IODs fix RescaleSlope 1 / RescaleIntercept 0, so derived values are clipped, never rescaled.
 FIXED_RESCALE_PREFIX = "1.2.840.10008.5.1.4.1.1.1."
 # Wrong once the pixels change: histogram extremes, thumbnail, old pixel encodings (overlays are dropped too).
@@ -39,24 +40,57 @@ STALE_KEYWORDS = (
 # --- reading ---
 
 
-def read_dicom(path: str | Path) -> tuple[np.ndarray, Dataset]:
-    """Physical values (Rows, Cols) float32 and the dataset; any bad input raises UserError naming the file."""
+def read_dicom(path: str | Path, modality: str | None = None) -> tuple[np.ndarray, Dataset]:
+    """Physical values (Rows, Cols) float32 and the dataset; any bad input raises UserError naming the file.
+    `modality="CT"`: refuse other modalities (an MR or MG has no Hounsfield units)."""
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError:
-        raise UserError(f"{path}: not a DICOM file (no 'DICM' header)") from None
-    except Exception as e:  # pydicom raises many types on damaged files; the user needs one line
-        raise UserError(f"{path}: unreadable DICOM ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    ds = _read_header(path, stop_before_pixels=False)
+    if ds is None:
+        raise UserError(f"{path}: not a DICOM file (no 'DICM' header)")
+    check_modality(ds, path, modality)
     try:
         return _physical_values(path, ds), ds
     except UserError:
         raise
     except Exception as e:  # truncated pixels, bad group 0028 values, corrupt codestream or transfer syntax
-        raise UserError(f"{path}: cannot decode pixel data ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        raise UserError(f"{path}: cannot decode pixel data ({_one_line(e)})") from None
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
+def _read_header(path: Path, stop_before_pixels: bool) -> Dataset | None:
+    """The parsed dataset, every element converted now (pydicom parses values lazily, so a damaged element would
+    otherwise raise later, anywhere); None when the file is not DICOM at all."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        return None
+    except Exception as e:  # pydicom raises many types on damaged files; the user needs one line
+        raise UserError(f"{path}: unreadable DICOM ({_one_line(e)})") from None
+    try:
+        with warnings.catch_warnings():  # pydicom warns per odd value (a UID with a space...): noise, not errors
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in ds.iterall():
+                pass
+            for _ in ds.file_meta.iterall():
+                pass
+    except Exception as e:
+        raise UserError(f"{path}: damaged DICOM header ({_one_line(e)})") from None
+    return ds
+
+
+def check_modality(ds: Dataset, path: Path, modality: str | None) -> None:
+    found = str(ds.get("Modality", "") or "").strip().upper()
+    if modality is not None and found and found != modality:
+        raise UserError(f"{path}: modality {found}, but this command needs {modality} images")
 
 
 def _physical_values(path: Path, ds: Dataset) -> np.ndarray:
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if min(rows, cols) < MIN_SIZE:
+        raise UserError(f"{path}: image of {rows}x{cols} pixels is too small (under {MIN_SIZE} pixels a side)")
     if "PixelData" not in ds:
         raise UserError(f"{path}: no PixelData (not an image, or the file is truncated)")
     photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -65,9 +99,18 @@ def _physical_values(path: Path, ds: Dataset) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise UserError(f"{path}: multi-frame image ({frames} frames); split it into single-frame files first")
-    syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
-    if syntax.is_compressed and not get_decoder(syntax).is_available:
-        raise UserError(f"{path}: compressed ({syntax.name}) and no decoder installed: pip install {DECODER_PACKAGES}")
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
+    if not syntax.is_transfer_syntax:
+        raise UserError(f"{path}: unknown transfer syntax {syntax}; convert the file to uncompressed (e.g. dcmdjpeg)")
+    if syntax.is_compressed:
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:  # video and other syntaxes pydicom has no decoder plugins for at all
+            raise UserError(f"{path}: compressed ({syntax.name}) and no decoder exists for it in pydicom") from None
+        if not available:
+            raise UserError(
+                f"{path}: compressed ({syntax.name}) and no decoder installed: pip install {DECODER_PACKAGES}"
+            )
     slope, intercept = _rescale(ds)
     # pydicom >= 3 masks bits above BitsStored (old overlays, garbage) and sign-extends signed data.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -119,20 +162,24 @@ def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def read_dicom_series(folder: str | Path) -> Volume:
+def read_dicom_series(folder: str | Path, modality: str | None = None) -> Volume:
     """All DICOM images in `folder` as one volume sorted along the slice normal (never by file name)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder of DICOM files")
+    try:
+        return _read_series(folder, modality)
+    except UserError:
+        raise
+    except Exception as e:  # a header value that parses but makes no sense (the readers are fuzzed)
+        raise UserError(f"{folder}: inconsistent DICOM headers ({_one_line(e)})") from None
+
+
+def _read_series(folder: Path, modality: str | None) -> Volume:
     headers = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            continue  # README, .DS_Store...: not part of any series
-        except Exception as e:
-            raise UserError(f"{path}: unreadable DICOM ({type(e).__name__}: {' '.join(str(e).split())})") from None
-        if "Rows" in header:  # DICOMDIR, reports and presentation states carry no image
+        header = _read_header(path, stop_before_pixels=True)
+        if header is not None and "Rows" in header:  # README/.DS_Store (not DICOM), DICOMDIR, reports: no image
             headers.append((path, header))
     if not headers:
         raise UserError(f"{folder}: no DICOM images in this folder")
@@ -142,15 +189,20 @@ def read_dicom_series(folder: str | Path) -> Volume:
     if len(series) > 1:
         listing = ", ".join(f"{uid} ({len(paths)} files, e.g. {paths[0].name})" for uid, paths in series.items())
         raise UserError(f"{folder}: {len(series)} series in one folder ({listing}); put each series in its own folder")
+    check_modality(headers[0][1], headers[0][0], modality)
     try:
         orientation = np.array([float(v) for v in headers[0][1].ImageOrientationPatient]).reshape(2, 3)
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
         orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for _, h in headers])
     except (AttributeError, TypeError, ValueError):
         raise UserError(f"{folder}: no ImagePositionPatient/ImageOrientationPatient; cannot order slices") from None
+    if not (np.isfinite(positions).all() and np.isfinite(orientations).all()):
+        raise UserError(f"{folder}: non-numeric ImagePositionPatient/ImageOrientationPatient; cannot order slices")
     if np.abs(orientations - orientation.ravel()).max() > 1e-4:
         raise UserError(f"{folder}: slices have different ImageOrientationPatient; not one volume")
     normal = np.cross(orientation[0], orientation[1])
+    if abs(np.linalg.norm(normal) - 1.0) > 0.01:
+        raise UserError(f"{folder}: ImageOrientationPatient is not two perpendicular unit vectors")
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     gaps = np.diff(along[order])

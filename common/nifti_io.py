@@ -49,10 +49,11 @@ def read_nifti(path: str | Path) -> Volume:
     bad = int((~np.isfinite(data)).sum())
     if bad:
         raise UserError(f"{path}: {bad} NaN/Inf voxels")
+    affine = np.array(image.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise UserError(f"{path}: affine (sform/qform) is singular or not finite; voxel size and orientation unknown")
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))
-    return Volume(
-        hu, np.array(image.affine, dtype=np.float64), {"nifti_header": image.header.copy(), "source": str(path)}
-    )
+    return Volume(hu, affine, {"nifti_header": image.header.copy(), "source": str(path)})
 
 
 def write_nifti(path: str | Path, volume: Volume) -> Path:
@@ -88,13 +89,13 @@ def write_nifti(path: str | Path, volume: Volume) -> Path:
     return path
 
 
-def read_volume(path: str | Path) -> Volume:
-    """A `.nii`/`.nii.gz` file or a folder holding one DICOM series."""
+def read_volume(path: str | Path, modality: str | None = None) -> Volume:
+    """A `.nii`/`.nii.gz` file or a folder holding one DICOM series (of `modality`, when given)."""
     from common import dicom_io  # here, not at the top: dicom_io imports Volume from this module
 
     path = Path(path)
     if path.is_dir():
-        return dicom_io.read_dicom_series(path)
+        return dicom_io.read_dicom_series(path, modality)
     if path.name.endswith((".nii", ".nii.gz")) and path.is_file():
         return read_nifti(path)
     if not path.exists():

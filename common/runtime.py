@@ -180,7 +180,10 @@ def load_checkpoint(path: str | Path, script: str | None = None) -> dict:
 def prepare_run_dir(out_dir: str | Path, cfg: Any, script_file: str | Path, argv: list[str] | None = None) -> Path:
     """Every run folder is a record: resolved config, command line and the exact script that ran."""
     run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, read-only disk: say so before any work starts
+        raise UserError(f"{run_dir}: cannot create the output folder ({exc.strerror or exc})") from None
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     with atomic_path(run_dir / "command.txt") as tmp:
@@ -290,5 +293,8 @@ def cli_main(app) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # disk full, permission denied mid-run: the file and the reason, not a traceback
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
     finally:
         cleanup_distributed()

@@ -61,11 +61,16 @@ def test_train_writes_a_complete_run_record(trained):
     assert state["step"] == 6 and state["script"] == "ldct_denoise"
 
 
-def test_resume_reproduces_the_uninterrupted_losses(trained):
+def test_resume_reproduces_the_uninterrupted_losses_and_weights(trained):
     straight, resumed = losses(trained / "straight"), losses(trained / "resumed")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    for step in (4, 5, 6):
+    for step in (1, 2, 3, 4, 5, 6):  # 1-3: same seed, same losses; 4-6: after --resume
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-9), step
+    import torch
+
+    a, b = (torch.load(trained / d / "checkpoint.pt", weights_only=True) for d in ("straight", "resumed"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 def test_denoise_dicom_series_keeps_study_and_geometry(trained, tmp_path):
@@ -93,6 +98,10 @@ def test_denoise_dicom_series_keeps_study_and_geometry(trained, tmp_path):
         assert "DERIVED" in ds.ImageType
         series_uids.add(ds.SeriesInstanceUID)
     assert len(series_uids) == 1  # one new series for the whole output
+    run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", series, "--output",
+         tmp_path / "again", "--steps", 3, "--device", "cpu"])
+    for path in written:  # same seed, same command -> identical HU
+        assert np.array_equal(dicom_io.read_dicom(path)[0], dicom_io.read_dicom(tmp_path / "again" / path.name)[0])
 
 
 def test_denoise_real_ct_slice_passes_validator(trained, tmp_path):
