@@ -27,7 +27,6 @@ import os
 import resource
 import shutil
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -145,12 +144,9 @@ def ssp_kernel(fwhm_vox: float, profile: str) -> np.ndarray:
 
 
 def sample_z(vol: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Linear interpolation along axis 0 at fractional slice indices (exact at integer positions)."""
-    p = np.clip(np.asarray(positions, dtype=np.float64), 0, len(vol) - 1)
-    i0 = np.floor(p).astype(np.int64)
-    i1 = np.minimum(i0 + 1, len(vol) - 1)
-    w = (p - i0).astype(np.float32)[:, None, None]
-    return vol[i0] * (1 - w) + vol[i1] * w
+    """Linear interpolation along axis 0 at fractional slice indices (exact at integer positions): `lerp_z`."""
+    vol = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
+    return lerp_z(vol, torch.as_tensor(np.asarray(positions, np.float64)))[0, 0].numpy()
 
 
 def simulate_thick_slices(
@@ -177,11 +173,6 @@ def output_positions(n_lr: int, factor: float) -> np.ndarray:
     """Output slice m sits at LR index m / factor: the first slice (and origin) stays, the spacing divides."""
     n_out = int(math.floor((n_lr - 1) * factor + 1e-6)) + 1
     return np.arange(n_out) / factor
-
-
-def resample_z(vol: nifti_io.Volume, spacing_mm: float) -> np.ndarray:
-    ratio = spacing_mm / vol.spacing_mm[0]
-    return sample_z(vol.hu, np.arange(int(math.floor((vol.hu.shape[0] - 1) / ratio + 1e-6)) + 1) * ratio)
 
 
 def compact(hu: np.ndarray) -> np.ndarray:
@@ -216,7 +207,8 @@ def load_volumes(cfg: DataConfig, split: str, seed: int) -> tuple[list[np.ndarra
                 stacklevel=2,
             )
             continue
-        vols.append(compact(resample_z(vol, cfg.hr_spacing_mm)))
+        factor = vol.spacing_mm[0] / cfg.hr_spacing_mm
+        vols.append(compact(sample_z(vol.hu, output_positions(len(vol.hu), factor))))
     if not vols:
         raise UserError(f"{split_file}: no usable volumes (need z spacing <= {cfg.hr_spacing_mm} mm)")
     return vols, f"{len(vols)} volumes from {split_file}"
@@ -250,13 +242,11 @@ def random_batch(vols: list[np.ndarray], cfg: DataConfig, batch: int, rng: np.ra
 
 
 def hu_to_unit(hu, hu_range):
-    lo, hi = hu_range
-    return (hu - lo) / (hi - lo) * 2 - 1
+    return (hu - hu_range[0]) / (hu_range[1] - hu_range[0]) * 2 - 1
 
 
 def unit_to_hu(x, hu_range):
-    lo, hi = hu_range
-    return (x + 1) / 2 * (hi - lo) + lo
+    return (x + 1) / 2 * (hu_range[1] - hu_range[0]) + hu_range[0]
 
 
 # --- models ---
@@ -264,7 +254,7 @@ def unit_to_hu(x, hu_range):
 
 def lerp_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(B, C, D, H, W) -> (B, C, len(positions), H, W): linear interpolation at fractional slice indices."""
-    p = positions.to(x.device, torch.float32).clamp(0, x.shape[2] - 1)
+    p = positions.to(x.device, torch.float64).clamp(0, x.shape[2] - 1)
     i0 = p.floor().long()
     i1 = (i0 + 1).clamp(max=x.shape[2] - 1)
     w = (p - i0).to(x.dtype).view(1, 1, -1, 1, 1)
@@ -277,6 +267,12 @@ def pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> tuple[torch.Tens
     if any(pads):
         x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
     return x, tuple(size)
+
+
+def zeroed(conv: nn.Conv3d) -> nn.Conv3d:
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 def conv_relu(cin: int, cout: int, stride=1) -> nn.Sequential:
@@ -298,9 +294,7 @@ class SimpleUNet3D(nn.Module):
             for i in range(len(ch) - 1)
         )
         self.ups = nn.ModuleList(conv_relu(ch[i + 1] + ch[i], ch[i]) for i in range(len(ch) - 1))
-        self.head = nn.Sequential(conv_relu(ch[0], ch[0]), nn.Conv3d(ch[0], 1, 3, 1, 1))
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        self.head = nn.Sequential(conv_relu(ch[0], ch[0]), zeroed(nn.Conv3d(ch[0], 1, 3, 1, 1)))
 
     def forward(self, lr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, (_, h, w) = pad_to(lr, (1, 2 ** (self.levels - 1), 2 ** (self.levels - 1)))
@@ -406,13 +400,6 @@ class LatentEncoder(nn.Module):
         return temb, skips + [h]
 
 
-def zero_conv(ch: int) -> nn.Conv3d:
-    conv = nn.Conv3d(ch, ch, 1)
-    nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
-    return conv
-
-
 class LatentDenoiser(nn.Module):
     """Latent UNet predicting x0, conditioned ControlNet-style: a trainable copy of its encoder reads
     x_t + zero_conv(LR latent) and adds its features to the UNet's skips and middle through zero convs, so
@@ -429,14 +416,14 @@ class LatentDenoiser(nn.Module):
         self.upsamples = nn.ModuleList(upsample(ch[i + 1], ch[i]) for i in range(len(ch) - 1))
         self.out = nn.Sequential(norm(ch[0]), nn.SiLU(), nn.Conv3d(ch[0], latent_channels, 3, 1, 1))
         self.control = copy.deepcopy(self.encoder)
-        self.control_in = zero_conv(latent_channels)
-        self.control_out = nn.ModuleList(zero_conv(c) for c in [*ch, ch[-1]])
+        self.control_in = zeroed(nn.Conv3d(latent_channels, latent_channels, 1))
+        self.control_out = nn.ModuleList(zeroed(nn.Conv3d(c, c, 1)) for c in [*ch, ch[-1]])
         self.multiple = 2 ** (len(ch) - 1)
 
     def forward(self, x_t, t, cond):
         _, control = self.control(x_t, t, self.control_in(cond))
         temb, feats = self.encoder(x_t, t)
-        feats = [f + zc(c) for f, zc, c in zip(feats, self.control_out, control)]
+        feats = [f + conv(c) for f, conv, c in zip(feats, self.control_out, control)]
         h = feats[-1]
         for i in reversed(range(len(self.ups))):
             h = torch.cat([h, feats[i]], 1)
@@ -462,11 +449,9 @@ class ResShift:
         self.eta = torch.tensor((math.sqrt(eta_1) * b0**powers) ** 2, dtype=torch.float32, device=device)
         self.T = T
 
-    def _e(self, t):
-        return self.eta[t].view(-1, 1, 1, 1, 1)
-
     def q_sample(self, x0, y0, t, noise):
-        return x0 + self._e(t) * (y0 - x0) + self.kappa * self._e(t).sqrt() * noise
+        eta = self.eta[t].view(-1, 1, 1, 1, 1)
+        return x0 + eta * (y0 - x0) + self.kappa * eta.sqrt() * noise
 
     @torch.no_grad()
     def sample(self, predict_x0, y0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -512,27 +497,24 @@ def blend_patches(lr: np.ndarray, positions: np.ndarray, predict, patch_lr, over
     ys, py = patch_starts(ny, patch_lr[1], overlap)
     xs, px = patch_starts(nx, patch_lr[2], overlap)
     out = np.zeros((len(positions), ny, nx), np.float32)
+    gy, gx = gauss_window(np.arange(py), py), gauss_window(np.arange(px), px)
     wz, wy, wx = np.zeros(len(positions)), np.zeros(ny), np.zeros(nx)
     for y0 in ys:
-        wy[y0 : y0 + py] += gauss_window(np.arange(py), py)
+        wy[y0 : y0 + py] += gy
     for x0 in xs:
-        wx[x0 : x0 + px] += gauss_window(np.arange(px), px)
+        wx[x0 : x0 + px] += gx
     for z0 in zs:
         m_lo = int(np.searchsorted(positions, z0 - 1e-6))
         m_hi = int(np.searchsorted(positions, z0 + pz - 1 + 1e-6))
         rel = positions[m_lo:m_hi] - z0
         w_z = gauss_window(rel, pz)
         wz[m_lo:m_hi] += w_z
+        w = (w_z[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
         for y0 in ys:
             for x0 in xs:
                 patch = torch.from_numpy(np.ascontiguousarray(lr[z0 : z0 + pz, y0 : y0 + py, x0 : x0 + px]))[None, None]
                 pred = np.asarray(predict(patch, torch.from_numpy(rel)), dtype=np.float32)
-                w = (
-                    w_z[:, None, None]
-                    * gauss_window(np.arange(py), py)[None, :, None]
-                    * gauss_window(np.arange(px), px)[None, None, :]
-                )
-                out[m_lo:m_hi, y0 : y0 + py, x0 : x0 + px] += pred * w.astype(np.float32)
+                out[m_lo:m_hi, y0 : y0 + py, x0 : x0 + px] += pred * w
     plane = np.outer(wy, wx)
     for m in range(len(positions)):
         out[m] /= (wz[m] * plane).astype(np.float32)
@@ -545,9 +527,9 @@ def upsample_hu(hu: np.ndarray, factor: float, predict, cfg: Config) -> np.ndarr
     positions = output_positions(hu.shape[0], factor)
     pad = hu < -1100
     norm_lr = hu_to_unit(np.where(pad, -1000.0, hu).astype(np.float32), cfg.data.hu_range).astype(np.float32)
-    out = unit_to_hu(
-        blend_patches(norm_lr, positions, predict, cfg.infer.patch_lr, cfg.infer.overlap), cfg.data.hu_range
-    )
+    with torch.no_grad():  # predict() may be any model: no autograd graph at inference
+        blended = blend_patches(norm_lr, positions, predict, cfg.infer.patch_lr, cfg.infer.overlap)
+    out = unit_to_hu(blended, cfg.data.hu_range)
     if pad.any():
         nearest = np.rint(positions).astype(np.int64)
         for m, k in enumerate(nearest):
@@ -577,15 +559,15 @@ def load_weights(model: nn.Module, weights: dict, checkpoint: Path) -> nn.Module
 
 
 def load_predictor(checkpoint: Path, infer: InferConfig, device: torch.device):
-    """The trained model as `predict(lr_patch, rel_positions)` in normalised units, plus its training facts."""
+    """The trained model as `predict(lr_patch, rel_positions)` in normalised units (call it under no_grad), plus its
+    training facts."""
     state, cfg = load_checkpoint_cfg(checkpoint, ("unet3d", "ldm"))
     cfg.infer = infer
     if state["kind"] == "unet3d":
         model = load_weights(SimpleUNet3D(cfg.unet), state["ema"], checkpoint).to(device).eval()
 
         def predict(lr, rel):
-            with torch.no_grad():
-                return model(lr.to(device), rel.to(device))[0, 0].float().cpu().numpy()
+            return model(lr.to(device), rel.to(device))[0, 0].float().cpu().numpy()
     else:
         vae = load_weights(VAE3D(cfg.vae), state["vae"], checkpoint).to(device).eval()
         net = load_weights(LatentDenoiser(cfg.ldm, cfg.vae.latent_channels), state["ema"], checkpoint)
@@ -595,12 +577,11 @@ def load_predictor(checkpoint: Path, infer: InferConfig, device: torch.device):
         generator = torch.Generator().manual_seed(cfg.train.seed)
 
         def predict(lr, rel):
-            with torch.no_grad():
-                interp, size = pad_to(lerp_z(lr.to(device), rel.to(device)), (multiple,) * 3)
-                y0 = vae.encode(interp)[0] * scale
-                x0 = sched.sample(lambda x, t: guided_x0(net, x, t, y0, infer.guidance_scale), y0, generator)
-                out = vae.decoder(x0 / scale)
-                return out[0, 0, : size[0], : size[1], : size[2]].float().cpu().numpy()
+            interp, size = pad_to(lerp_z(lr.to(device), rel.to(device)), (multiple,) * 3)
+            y0 = vae.encode(interp)[0] * scale
+            x0 = sched.sample(lambda x, t: guided_x0(net, x, t, y0, infer.guidance_scale), y0, generator)
+            out = vae.decoder(x0 / scale)
+            return out[0, 0, : size[0], : size[1], : size[2]].float().cpu().numpy()
 
     return predict, cfg, state
 
@@ -691,9 +672,8 @@ def train(
         "vae": lambda: VAE3D(cfg.vae),
         "ldm": lambda: LatentDenoiser(cfg.ldm, cfg.vae.latent_channels),
     }[kind]().to(device)
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
-    )
+    ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     step, extra = 0, {}
     if resume is not None:
@@ -724,13 +704,10 @@ def train(
         )
     ckpt_path = out_dir / "checkpoint.pt"
     per_rank = max(1, cfg.train.batch_size // dist.world_size)
+    log_dir = out_dir if dist.is_main else None  # rank 0 writes the records, other ranks stay silent
+    facts = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "factor": ratio, **extra}
     with runtime.ProgressLogger(
-        out_dir if dist.is_main else None,
-        cfg.train.max_steps,
-        f"train {kind}",
-        enabled=dist.is_main,
-        log_every=cfg.train.log_every,
-        start_step=step,
+        log_dir, cfg.train.max_steps, f"train {kind}", dist.is_main, log_every=cfg.train.log_every, start_step=step
     ) as progress:
         while step < cfg.train.max_steps:
             rng = np.random.default_rng([cfg.train.seed, dist.rank, step])  # batches depend only on the step:
@@ -749,53 +726,33 @@ def train(
             step += 1
             progress.log(step, loss=loss.item(), grad_norm=grad_norm.item())
             if dist.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps):
-                runtime.save_checkpoint(
-                    ckpt_path,
-                    {
-                        "script": SCRIPT,
-                        "kind": kind,
-                        "config": config_to_dict(cfg),
-                        "model": model.state_dict(),
-                        "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "rng": runtime.rng_state(),
-                        "factor": ratio,
-                        **extra,
-                    },
-                )
+                state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+                runtime.save_checkpoint(ckpt_path, {**facts, **state, "step": step, "rng": runtime.rng_state()})
     return ckpt_path
 
 
 # --- evaluate ---
 
 
-class PeakMemory:
-    """Peak resident memory (process RSS, polled) and peak CUDA memory while the block runs."""
+class Measure:
+    """Wall time, peak resident memory of the process (Linux VmHWM, reset on entry) and peak CUDA memory of a block."""
 
     def __enter__(self):
-        self.peak_rss, self.stop = self._rss(), threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
+        try:  # '5' resets the high-water mark; where that fails, the lifetime peak is the best we can say
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
         return self
 
-    @staticmethod
-    def _rss() -> int:
-        try:
-            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # not Linux: the lifetime peak is the best we can say
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _poll(self):
-        while not self.stop.wait(0.005):
-            self.peak_rss = max(self.peak_rss, self._rss())
-
     def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak_rss = max(self.peak_rss, self._rss())
+        self.seconds = time.perf_counter() - self.t0
+        try:
+            self.peak_rss = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+        except (OSError, IndexError):  # not Linux
+            self.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         return False
 
@@ -832,11 +789,6 @@ def evaluate(
         hu = phantom(cfg.data, 10**6 + 999).astype(np.float32)
         hr = nifti_io.Volume(hu, np.diag([px, px, cfg.data.hr_spacing_mm, 1.0]), {})
         source = f"held-out synthetic phantom {shape} (seed {10**6 + 999}, noise {cfg.data.phantom_noise_hu} HU)"
-    predictors = {
-        name: load_predictor(path, cfg.infer, device)
-        for name, path in (("unet3d", unet), ("ldm", ldm))
-        if path is not None
-    }
     lr = simulate_lr_volume(hr, cfg.data)
     factor = cfg.data.target_spacing_mm / hr.spacing_mm[0]
     if lr.hu.shape[0] < 2:
@@ -848,25 +800,30 @@ def evaluate(
         "trilinear (z-linear)": lambda: sample_z(lr.hu, positions),
         "cubic (scipy spline)": lambda: cubic_z(lr.hu, positions),
     }
-    for name, (predict, model_cfg, state) in predictors.items():
+    for name, path in (("unet3d", unet), ("ldm", ldm)):
+        if path is None:
+            continue
+        predict, model_cfg, state = load_predictor(path, cfg.infer, device)  # model_cfg.infer is cfg.infer
         if abs(state["factor"] - factor) > 1e-3 or model_cfg.data.profile != cfg.data.profile:
             warnings.warn(
                 f"{name} was trained for x{state['factor']:g} with a {model_cfg.data.profile} profile; "
                 f"evaluated at x{factor:g} with {cfg.data.profile}",
                 stacklevel=2,
             )
-        model_cfg.infer = cfg.infer
         methods[f"{name} (step {state['step']})"] = lambda p=predict, c=model_cfg: upsample_hu(lr.hu, factor, p, c)
     rows, outputs = [], {}
     for name, run in methods.items():
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
+        with Measure() as mem:
             out = run()
-            seconds = time.perf_counter() - t0
         outputs[name] = out
         quality = metrics.image_metrics(out, ref, tuple(cfg.infer.window_hu), mask=mask)
         convention = quality.pop("convention")
-        row = {"method": name, **quality, "time_s": round(seconds, 3), "peak_rss_mb": round(mem.peak_rss / 2**20, 1)}
+        row = {
+            "method": name,
+            **quality,
+            "time_s": round(mem.seconds, 3),
+            "peak_rss_mb": round(mem.peak_rss / 2**20, 1),
+        }
         if device.type == "cuda":
             row["peak_gpu_mb"] = round(mem.peak_gpu / 2**20, 1)
         rows.append(row)
@@ -882,14 +839,13 @@ def evaluate(
         f"time and peak process RSS per method on {device}; command: {' '.join(argv or sys.argv)}",
     ]
     runtime.print_metrics_table(rows, "ct_throughplane_sr evaluate", out_dir / "metrics.json", notes)
-    spacing_out = (hr.spacing_mm[0], *hr.spacing_mm[1:])
+    last = list(outputs)[-1]  # the error panel shows the last (most elaborate) method
     for axis, view in ((2, "sagittal"), (1, "coronal")):
-        best = list(outputs)[-1]
-        images = [reformat(a, axis, spacing_out) for a in [*outputs.values(), ref, outputs[best] - ref]]
+        images = [reformat(a, axis, hr.spacing_mm) for a in [*outputs.values(), ref, outputs[last] - ref]]
         viz.save_panel(
             out_dir / f"{view}.png",
             images,
-            [*outputs, "HR reference", f"{best.split(' ')[0]} - HR"],
+            [*outputs, "HR reference", f"{last.split(' ')[0]} - HR"],
             window=tuple(cfg.infer.window_hu),
             error_index=len(images) - 1,
             suptitle=f"{view} reformat, window {list(cfg.infer.window_hu)} HU",
@@ -910,9 +866,8 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
     niftis = sorted(p for p in input_dir.rglob("*") if p.name.endswith((".nii", ".nii.gz")) and p.is_file())
     for path in niftis:  # dcm2niix-style names: the patient ID is the part before the first '_'
         nifti_io.read_nifti(path)
-        patients.setdefault(path.name.split("_")[0].removesuffix(".nii.gz").removesuffix(".nii"), []).append(
-            str(path.resolve())
-        )
+        patient = path.name.split("_")[0].removesuffix(".nii.gz").removesuffix(".nii")
+        patients.setdefault(patient, []).append(str(path.resolve()))
     folders = sorted({p.parent for p in input_dir.rglob("*") if p.is_file() and p not in niftis})
     for i, folder in enumerate(folders):
         try:
@@ -974,32 +929,25 @@ def upsample_file(
             stacklevel=2,
         )
     dicom_dir = output.parent / (output.name.removesuffix(".gz").removesuffix(".nii") + "_dicom")
-    if "datasets" in vol.meta and dicom_dir.exists():
+    from_dicom = "datasets" in vol.meta
+    if from_dicom and dicom_dir.exists():
         raise UserError(f"{dicom_dir} exists; remove it or choose another --output")
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
+    with Measure() as mem:
         sr = upsample_hu(vol.hu, factor, predict, model_cfg)
-        seconds = time.perf_counter() - t0
-    affine = nifti_io.scale_z_affine(vol.affine, 1.0 / factor)
     meta = {k: v for k, v in vol.meta.items() if k == "nifti_header"}
-    written = []
-    if "datasets" in vol.meta:
-        tmp_dir = dicom_dir.parent / f".{dicom_dir.name}.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        try:
-            dicom_io.write_dicom_series(
-                nifti_io.Volume(sr, affine, {}),
-                vol.meta["datasets"],
-                tmp_dir,
-                description=f"ct_throughplane_sr {state['kind']} x{factor:g}",
-            )
-            written.append(nifti_io.write_nifti(output, nifti_io.Volume(sr, affine, meta)))
-            os.replace(tmp_dir, dicom_dir)
-        finally:
+    sr_vol = nifti_io.Volume(sr, nifti_io.scale_z_affine(vol.affine, 1.0 / factor), meta)
+    tmp_dir = dicom_dir.parent / f".{dicom_dir.name}.tmp"
+    try:  # the DICOM series goes to a temporary folder, renamed only once the NIfTI is written too
+        if from_dicom:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        written.append(dicom_dir)
-    else:
-        written.append(nifti_io.write_nifti(output, nifti_io.Volume(sr, affine, meta)))
+            description = f"ct_throughplane_sr {state['kind']} x{factor:g}"
+            dicom_io.write_dicom_series(sr_vol, vol.meta["datasets"], tmp_dir, description=description)
+        written = [nifti_io.write_nifti(output, sr_vol)]
+        if from_dicom:
+            os.replace(tmp_dir, dicom_dir)
+            written.append(dicom_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     record = {
         "input": str(input_path),
         "output": [str(p) for p in written],
@@ -1007,7 +955,7 @@ def upsample_file(
         "factor": factor,
         "shape_in": list(vol.hu.shape),
         "shape_out": list(sr.shape),
-        "time_s": round(seconds, 3),
+        "time_s": round(mem.seconds, 3),
         "peak_rss_mb": round(mem.peak_rss / 2**20, 1),
         "device": str(device),
     }
@@ -1016,7 +964,7 @@ def upsample_file(
         with runtime.atomic_path(log_dir / "upsample.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2))
     print(
-        f"{vol.hu.shape} -> {sr.shape} (x{factor:g}) in {seconds:.1f} s, peak RSS {record['peak_rss_mb']} MB; "
+        f"{vol.hu.shape} -> {sr.shape} (x{factor:g}) in {mem.seconds:.1f} s, peak RSS {record['peak_rss_mb']} MB; "
         f"wrote {', '.join(map(str, written))}"
     )
     return written

@@ -95,7 +95,7 @@ class SampleConfig:
     n_samples: int = 3
     patch_size: int = 256  # inference tile in output pixels
     overlap: int = 128
-    tile_batch: int = 4  # tiles per forward pass (x n_samples)
+    tile_batch: int = 1  # tiles per forward pass (x n_samples); the full UNet needs ~0.7 GB per 256^2 tile x 3
 
 
 @dataclass
@@ -148,21 +148,24 @@ class Normaliser:
 
 
 def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
-    """Physical values, dataset and padding mask; padding (e.g. CT outside the FOV) is filled with the lowest
-    real value so its 2000-HU step neither dominates training nor leaks into neighbours; it is restored later."""
+    """Physical values (padding untouched), dataset and padding mask (None when there is no padding)."""
     values, ds = dicom_io.read_dicom(path)
     if values.ndim != 2 or min(values.shape) < 16:
         raise UserError(f"{path}: image of shape {values.shape} is too small (need at least 16x16 pixels)")
     pad = dicom_io.padding_mask(values, ds)
-    if pad is not None and pad.any():
-        if pad.all():
-            raise UserError(f"{path}: every pixel is PixelPaddingValue; nothing to super-resolve")
-        values = np.where(pad, values[~pad].min(), values).astype(np.float32)
-    else:
-        pad = None
-    if np.ptp(values) == 0:  # self-supervision learns from the image's own structure; a constant has none
-        raise UserError(f"{path}: constant image (every pixel {values.flat[0]:g}); nothing to super-resolve")
+    if pad is not None and pad.all():
+        raise UserError(f"{path}: every pixel is PixelPaddingValue; nothing to super-resolve")
+    pad = pad if pad is not None and pad.any() else None
+    real = values[~pad] if pad is not None else values
+    if np.ptp(real) == 0:  # self-supervision learns from the image's own structure; a constant has none
+        raise UserError(f"{path}: constant image (every pixel {real.flat[0]:g}); nothing to super-resolve")
     return values, ds, pad
+
+
+def fill_padding(values: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
+    """Padding (e.g. CT outside the FOV) set to the lowest real value, so its 2000-HU step neither dominates
+    training nor leaks into neighbours through the bicubic conditioning; outputs restore the padding."""
+    return values if pad is None else np.where(pad, values[~pad].min(), values).astype(np.float32)
 
 
 def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -554,7 +557,7 @@ def super_resolve(
 ):
     """Physical image -> (super-resolved physical image, per-pixel std in physical units, normaliser)."""
     normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
-    cond = upsample(torch.from_numpy(normaliser.forward(values)), factor).numpy()
+    cond = upsample(torch.from_numpy(normaliser.forward(fill_padding(values, pad))), factor).numpy()
     amp = runtime.switch_on(cfg.train.amp, device)
     tile_fn = diffusion_tile_fn(model, schedule, cfg.sample, device, amp, cfg.train.seed)
     with torch.inference_mode():
@@ -581,6 +584,16 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
+def display_map(std: np.ndarray, max_side: int = 2048) -> tuple[np.ndarray, int]:
+    """The map shrunk by a k x k block maximum to at most `max_side` pixels a side: a PNG cannot show more,
+    matplotlib would copy a 9k x 6k map several times in float64 (2.3 GB), and the maximum keeps isolated
+    uncertain pixels visible."""
+    k = math.ceil(max(std.shape) / max_side)
+    if k == 1:
+        return std, 1
+    return F.max_pool2d(torch.from_numpy(std)[None, None], k, ceil_mode=True)[0, 0].numpy(), k
+
+
 def write_outputs(
     out_dir: Path, input_path: Path, ds, sr: np.ndarray, std: np.ndarray, factor: int, cfg: Config, stem: str
 ) -> dict:
@@ -604,6 +617,11 @@ def write_outputs(
     unc_template = copy.deepcopy(ds)
     top = float(max(std.max(), 1.0))
     unc_template.WindowCenter, unc_template.WindowWidth = f"{top / 2:.6g}", f"{top:.6g}"
+    for keyword in ("VOILUTSequence", "WindowCenterWidthExplanation", "VOILUTFunction"):
+        unc_template.pop(keyword, None)  # the image's own VOI would hide a map of small standard deviations
+    unc_template.PhotometricInterpretation = "MONOCHROME2"  # bright = uncertain, also for MONOCHROME1 inputs
+    if "PresentationLUTShape" in unc_template:
+        unc_template.PresentationLUTShape = "IDENTITY"
     dicom_io.write_derived_dicom(
         unc_template,
         std,
@@ -613,9 +631,9 @@ def write_outputs(
         series_description=f"SR x{factor} uncertainty (std)",
     )
     unit = "HU" if str(ds.get("Modality", "")) == "CT" else "physical units"
-    viz.save_map_with_colorbar(
-        out_dir / "uncertainty.png", std, f"std of {cfg.sample.n_samples} samples ({cfg.sample.sampler})", unit
-    )
+    shown, k = display_map(std)
+    title = f"std of {cfg.sample.n_samples} samples ({cfg.sample.sampler})" + (f", {k}x{k} block max" if k > 1 else "")
+    viz.save_map_with_colorbar(out_dir / "uncertainty.png", shown, title, unit)
     return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path), "uncertainty_mean": float(std.mean())}
 
 
@@ -664,7 +682,7 @@ def run_train(
     runtime.refuse_overwrite_input(out_dir / "model.pt", input_path)
     runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
     normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
-    model, schedule, info = train_model(normaliser.forward(values), factor, cfg, device, out_dir)
+    model, schedule, info = train_model(normaliser.forward(fill_padding(values, pad)), factor, cfg, device, out_dir)
     save_model(out_dir / "model.pt", model, cfg, factor, info)
     if infer:
         info.update(infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device))
@@ -706,6 +724,7 @@ def run_evaluate(input_path: Path, factor: int, cfg: Config, out_dir: Path, devi
     check_config(cfg, factor)
     device = runtime.pick_device(device_name)
     values, ds, pad = load_input(input_path)
+    values = fill_padding(values, pad)  # padding is excluded from the metrics below
     h, w = values.shape[0] // factor * factor, values.shape[1] // factor * factor
     reference, pad = values[:h, :w], (pad[:h, :w] if pad is not None else None)
     low = degrade(torch.from_numpy(reference), factor, cfg.data.interpolation).numpy()

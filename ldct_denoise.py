@@ -584,7 +584,8 @@ def sample(model, schedule: Schedule, low_dose: torch.Tensor, sampler: str = "dd
     elif sampler == "ddim":
         if not 1 <= steps <= t_max + 1:
             raise UserError(f"--steps must be between 1 and {t_max + 1}, got {steps}")
-        timesteps = np.linspace(0, t_max, steps).round().astype(int)[::-1].tolist()
+        # 'trailing' spacing (diffusers' name): starts at t_max itself, last step jumps from ~t_max/steps to x0
+        timesteps = (np.round(np.arange(t_max + 1, 0, -(t_max + 1) / steps)) - 1).astype(int).tolist()
     else:
         raise UserError(f"sampler must be ddim or ddpm, got '{sampler}'")
     for i, t in enumerate(timesteps):

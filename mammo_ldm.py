@@ -302,7 +302,8 @@ def diffusion_loss(net, schedule: Schedule, clean_z, degraded_z) -> torch.Tensor
 @torch.no_grad()
 def ddim_sample(model, schedule: Schedule, cond: torch.Tensor, steps: int, eta: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021) on CompVis' uniform step grid (0, c, 2c, ...) + 1; eta 0 = deterministic."""
+    """DDIM (Song et al. 2021) on CompVis' uniform step grid (0, c, 2c, ...) + 1; eta 0 = deterministic.
+    Returns the predicted clean latent of the last step."""
     if not 1 <= steps <= schedule.timesteps:
         raise UserError(f"sample.steps must be in [1, {schedule.timesteps}], got {steps}")
     grid = list(range(0, schedule.timesteps, schedule.timesteps // steps))
@@ -311,7 +312,9 @@ def ddim_sample(model, schedule: Schedule, cond: torch.Tensor, steps: int, eta: 
     x = torch.randn(cond.shape, generator=generator, device=cond.device)
     for i in reversed(range(len(grid))):
         t = torch.full((cond.shape[0],), grid[i], device=cond.device, dtype=torch.long)
-        a_t, a_prev = acp[grid[i]], acp[grid[i - 1]] if i > 0 else acp[0]
+        # last step to alpha 1 (the clean x0; diffusers' set_alpha_to_one), not CompVis' acp[0], which leaves
+        # sqrt(beta_0) ~ 0.04 of the predicted noise in the result
+        a_t, a_prev = acp[grid[i]], acp[grid[i - 1]] if i > 0 else torch.ones((), device=cond.device)
         eps = model(x, t, cond).float()
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
@@ -349,7 +352,11 @@ def load_restorer(vqvae_ckpt: Path, checkpoint: Path, device: torch.device) -> R
         raise UserError(f"{checkpoint}: trained on the latents of {state['vqvae_checkpoint']}, not of {vqvae_ckpt}")
     cfg = config_from_dict(Config, state["config"])
     unet = UNet(cfg.model, state["latent_channels"])
-    unet.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
+    try:
+        unet.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
+    except RuntimeError as exc:  # its config asks for another architecture than its weights have
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{checkpoint}: weights do not match its model config (size mismatch: {detail})") from None
     return Restorer(vqvae, unet.to(device).eval(), Schedule(cfg.diffusion, device), state["latent_mean"],
                     state["latent_std"], cfg, device)
 

@@ -301,7 +301,11 @@ def load_vqvae(checkpoint: Path, device: torch.device) -> tuple[VQVAE2, Config]:
     state = runtime.load_checkpoint(checkpoint, SCRIPT)
     cfg = config_from_dict(Config, state["config"])
     model = VQVAE2(cfg.model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # its config asks for another architecture than its weights have
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{checkpoint}: weights do not match its model config (size mismatch: {detail})") from None
     return model.to(device).eval().requires_grad_(False), cfg
 
 

@@ -79,12 +79,12 @@ def read_mammogram(path: str | Path) -> Mammogram:
             raise UserError(f"{path}: colour PNG ({image.shape[-1]} channels); only greyscale is supported")
         if image.dtype not in (np.uint8, np.uint16):
             raise UserError(f"{path}: unsupported PNG sample type {image.dtype}")
-        return Mammogram(image.astype(np.float32), (0.0, float(np.iinfo(image.dtype).max)), False, None, path.stem)
+        return Mammogram(image.astype(np.float32), (0.0, float(np.iinfo(image.dtype).max)), False, None, str(path))
     values, ds = dicom_io.read_dicom(path)
     if min(values.shape) < 64:
         raise UserError(f"{path}: image of {values.shape[0]}x{values.shape[1]} pixels is too small for a mammogram")
     return Mammogram(values, dicom_io.stored_range(ds), str(ds.PhotometricInterpretation) == "MONOCHROME1", ds,
-                     path.stem)
+                     str(path))
 
 
 def synthetic_source(split: str, index: int, cfg: MammoDataConfig) -> Mammogram:

@@ -87,6 +87,18 @@ def test_thin_sheet_spreads_over_the_slice_thickness():
     assert np.flatnonzero(lr[:, 1, 1] > 1e-6).tolist() == [9, 10, 11]
     assert lr[:, 1, 1].sum() * 2.0 == pytest.approx(300.0, rel=1e-5)
     assert positions[10] == 20.0
+    # the default x3 case (1 mm -> 3 mm spacing, 3 mm thick): a sheet inside one LR slab lands in that slice only
+    for z in (20, 21, 22):  # LR slice 7 sits at HR slice 21 and integrates HR slices 20-22
+        sheet = np.zeros((41, 3, 3), np.float32)
+        sheet[z] = 300.0
+        lr, positions = sr.simulate_thick_slices(sheet, 1.0, 3.0, 3.0, "rect")
+        assert np.flatnonzero(lr[:, 1, 1] > 1e-6).tolist() == [7] and positions[7] == 21.0
+        assert lr[7, 1, 1] * 3.0 == pytest.approx(300.0, rel=1e-5)
+    sheet = np.zeros((41, 3, 3), np.float32)
+    sheet[21] = 300.0
+    lr, _ = sr.simulate_thick_slices(sheet, 1.0, 3.0, 3.0, "gaussian")  # Gaussian tails reach the neighbours
+    assert np.flatnonzero(lr[:, 1, 1] > lr[:, 1, 1].max() / 2).tolist() == [7]
+    assert lr[6, 1, 1] == pytest.approx(lr[8, 1, 1]) and 1.0 < lr[6, 1, 1] < 0.1 * lr[7, 1, 1]
 
 
 def test_non_integer_ratio_resamples_between_slices():
@@ -120,8 +132,15 @@ def identity_model(lr, rel):
 def test_blending_an_identity_model_reproduces_the_input():
     rng = np.random.default_rng(0)
     hu = rng.integers(-1024, 2000, size=(13, 40, 37)).astype(np.float32)
-    out = sr.blend_patches(hu, sr.output_positions(13, 1.0), identity_model, (4, 16, 16), 0.25)
+    seen = []
+
+    def recording_model(lr, rel):
+        seen.append(tuple(lr.shape[2:]))
+        return identity_model(lr, rel)
+
+    out = sr.blend_patches(hu, sr.output_positions(13, 1.0), recording_model, (4, 16, 16), 0.25)
     assert out.shape == hu.shape and np.abs(out - hu).max() < 1e-3
+    assert set(seen) == {(4, 16, 16)} and len(seen) == 4 * 3 * 3  # z starts 0,3,6,9; y 0,12,24; x 0,12,21
     cfg = load_config(sr.Config, ROOT / "configs" / "ct_throughplane_sr.yaml", "tiny", ["infer.patch_lr=[4,16,16]"])
     np.testing.assert_array_equal(sr.upsample_hu(hu, 1.0, identity_model, cfg), hu)  # integer HU: exact
     # x2 with a z-linear "model": patches and seams leave plain linear interpolation unchanged
@@ -149,6 +168,15 @@ def test_untrained_models_start_from_interpolation_and_ignore_the_condition():
     schedule = sr.ResShift(cfg.ldm, torch.device("cpu"))
     eta = schedule.eta.numpy()
     assert len(eta) == 15 and np.all(np.diff(eta) > 0) and eta[-1] == pytest.approx(0.999, rel=1e-5)
+
+
+def test_classifier_free_guidance_extrapolates_from_the_unconditional_prediction():
+    def net(x, t, cond):  # a stand-in denoiser that is linear in its condition
+        return x + 2.0 * cond
+
+    x, t, y0 = torch.randn(1, 4, 2, 4, 4), torch.tensor([3]), torch.randn(1, 4, 2, 4, 4)
+    torch.testing.assert_close(sr.guided_x0(net, x, t, y0, 1.0), x + 2.0 * y0)  # scale 1: plain conditional
+    torch.testing.assert_close(sr.guided_x0(net, x, t, y0, 1.5), x + 3.0 * y0)  # uncond + 1.5 (cond - uncond)
 
 
 def test_resume_replays_the_uninterrupted_losses(tmp_path):
@@ -251,6 +279,9 @@ def test_prepare_splits_by_patient(chain):
     assert sum(("P1" in o) for o in owners.values()) == 1  # never one patient in two sets
     vol = nifti_io.read_nifti(chain / "prep" / files["train"][0])
     assert vol.spacing_mm == pytest.approx((1.0, 0.9, 0.9)) and vol.hu.min() < -900  # HU, not stored values
+    # the scanner geometry survives: first slice at ImagePositionPatient (-20, -15, 5) LPS = (20, 15, 5) RAS
+    np.testing.assert_allclose(vol.affine[:3, 3], [20.0, 15.0, 5.0], atol=1e-4)
+    np.testing.assert_allclose(vol.affine[:3, 2], [0.0, 0.0, 1.0], atol=1e-6)
 
 
 def test_train_writes_run_records(chain):

@@ -64,27 +64,67 @@ def chain(tmp_path_factory):
     base = tmp_path_factory.mktemp("mammo")
     vq, ldm = base / "vq", base / "ldm"
     run("mammo_vqvae.py", ["train", "--out", vq, *TINY, "--set", "train.max_epochs=3"])
-    run("mammo_vqvae.py", ["train", "--out", base / "vq_resumed", *TINY, "--set", "train.max_epochs=3",
-                           "--set", "train.max_steps=3"])
-    run("mammo_vqvae.py", ["train", "--out", base / "vq_resumed", *TINY, "--set", "train.max_epochs=3",
-                           "--resume", base / "vq_resumed" / "checkpoint.pt"])
+    run(
+        "mammo_vqvae.py",
+        ["train", "--out", base / "vq_resumed", *TINY, "--set", "train.max_epochs=3", "--set", "train.max_steps=3"],
+    )
+    run(
+        "mammo_vqvae.py",
+        [
+            "train",
+            "--out",
+            base / "vq_resumed",
+            *TINY,
+            "--set",
+            "train.max_epochs=3",
+            "--resume",
+            base / "vq_resumed" / "checkpoint.pt",
+        ],
+    )
     vq_eval = run("mammo_vqvae.py", ["evaluate", "--checkpoint", vq / "checkpoint.pt", "--device", "cpu"])
-    run("mammo_vqvae.py", ["extract-latents", "--checkpoint", vq / "checkpoint.pt", "--out", base / "latents",
-                           "--device", "cpu"])
+    run(
+        "mammo_vqvae.py",
+        ["extract-latents", "--checkpoint", vq / "checkpoint.pt", "--out", base / "latents", "--device", "cpu"],
+    )
     ldm_args = ["--vqvae", vq / "checkpoint.pt", "--latents", base / "latents", *TINY, "--set", "train.max_epochs=10"]
     run("mammo_ldm.py", ["train", "--out", ldm, *ldm_args])
     run("mammo_ldm.py", ["train", "--out", base / "ldm_resumed", *ldm_args, "--set", "train.max_steps=7"])
-    run("mammo_ldm.py", ["train", "--out", base / "ldm_resumed", *ldm_args,
-                         "--resume", base / "ldm_resumed" / "checkpoint.pt"])
+    run(
+        "mammo_ldm.py",
+        ["train", "--out", base / "ldm_resumed", *ldm_args, "--resume", base / "ldm_resumed" / "checkpoint.pt"],
+    )
     source = mammogram_dicom(base / "low_dose.dcm", (300, 220), bits=14)
     source_bytes = source.read_bytes()
-    restore = run("mammo_ldm.py", ["restore", "--vqvae", vq / "checkpoint.pt", "--checkpoint", ldm / "checkpoint.pt",
-                                   "--input", source, "--output", base / "out" / "restored.dcm", "--device", "cpu"])
+    restore = run(
+        "mammo_ldm.py",
+        [
+            "restore",
+            "--vqvae",
+            vq / "checkpoint.pt",
+            "--checkpoint",
+            ldm / "checkpoint.pt",
+            "--input",
+            source,
+            "--output",
+            base / "out" / "restored.dcm",
+            "--device",
+            "cpu",
+        ],
+    )
     assert source.read_bytes() == source_bytes  # inputs are never modified
-    ldm_eval = run("mammo_ldm.py", ["evaluate", "--vqvae", vq / "checkpoint.pt", "--checkpoint", ldm / "checkpoint.pt",
-                                    "--device", "cpu"])
-    return {"base": base, "vq": vq, "ldm": ldm, "source": source, "vq_eval": vq_eval, "restore": restore,
-            "ldm_eval": ldm_eval}
+    ldm_eval = run(
+        "mammo_ldm.py",
+        ["evaluate", "--vqvae", vq / "checkpoint.pt", "--checkpoint", ldm / "checkpoint.pt", "--device", "cpu"],
+    )
+    return {
+        "base": base,
+        "vq": vq,
+        "ldm": ldm,
+        "source": source,
+        "vq_eval": vq_eval,
+        "restore": restore,
+        "ldm_eval": ldm_eval,
+    }
 
 
 # --- chained CLI ---
@@ -92,8 +132,16 @@ def chain(tmp_path_factory):
 
 def test_vqvae_train_writes_a_run_record_and_learns(chain):
     vq = chain["vq"]
-    for name in ("config.yaml", "command.txt", "mammo_vqvae.py", "metrics.jsonl", "train.log", "checkpoint.pt",
-                 "preview.png", "codebook.jsonl"):
+    for name in (
+        "config.yaml",
+        "command.txt",
+        "mammo_vqvae.py",
+        "metrics.jsonl",
+        "train.log",
+        "checkpoint.pt",
+        "preview.png",
+        "codebook.jsonl",
+    ):
         assert (vq / name).is_file(), name
     recs = records(vq)
     assert sorted(recs) == [1, 2, 3, 4, 5, 6]
@@ -135,8 +183,11 @@ def test_ldm_train_writes_a_run_record_and_learns(chain):
     assert len(losses) == 20 and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])  # noise prediction improves on its ~1.0 start
     state = torch.load(ldm / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 20 and state["vqvae_fingerprint"] == json.loads(
-        (chain["base"] / "latents" / "index.json").read_text())["vqvae_fingerprint"]
+    assert (
+        state["step"] == 20
+        and state["vqvae_fingerprint"]
+        == json.loads((chain["base"] / "latents" / "index.json").read_text())["vqvae_fingerprint"]
+    )
 
 
 @pytest.mark.parametrize("name", ["vq", "ldm"])
@@ -185,8 +236,22 @@ def test_large_rle_16_bit_dicom_restores_to_its_own_size_and_range(chain, tmp_pa
     src = pydicom.dcmread(source)
     assert src.file_meta.TransferSyntaxUID == RLELossless
     out_path = tmp_path / "restored" / "large.dcm"
-    run("mammo_ldm.py", ["restore", "--vqvae", chain["vq"] / "checkpoint.pt", "--checkpoint",
-                         chain["ldm"] / "checkpoint.pt", "--input", source, "--output", out_path, "--device", "cpu"])
+    run(
+        "mammo_ldm.py",
+        [
+            "restore",
+            "--vqvae",
+            chain["vq"] / "checkpoint.pt",
+            "--checkpoint",
+            chain["ldm"] / "checkpoint.pt",
+            "--input",
+            source,
+            "--output",
+            out_path,
+            "--device",
+            "cpu",
+        ],
+    )
     out = pydicom.dcmread(out_path)
     assert (out.Rows, out.Columns) == (1200, 900) and out.BitsAllocated == 16 and out.BitsStored == 16
     assert out.PhotometricInterpretation == "MONOCHROME1"
@@ -297,3 +362,102 @@ def test_full_preset_levels_have_the_seed_shapes_at_1024x768():
         unet = mammo_ldm.UNet(ldm_cfg.model, latent_channels=128).eval()
         eps = unet(latent, torch.zeros(1, dtype=torch.long), latent)
     assert unet.input.in_channels == 256 and eps.shape == (1, 128, 256, 192)  # seed: 256 in, 128 out
+
+
+def test_ddim_with_the_true_noise_recovers_the_clean_latent():
+    """An oracle noise predictor (knows the clean latent) must make deterministic DDIM land on it exactly."""
+    cfg = load_config(mammo_ldm.Config, ROOT / "configs" / "mammo_ldm.yaml", "full", [])
+    schedule = mammo_ldm.Schedule(cfg.diffusion, torch.device("cpu"))
+    clean = torch.randn(2, 4, 8, 6)
+
+    def oracle(x, t, cond):
+        a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * cond) / (1 - a).sqrt()
+
+    for steps in (50, 7):
+        out = mammo_ldm.ddim_sample(oracle, schedule, clean, steps, 0.0, torch.Generator().manual_seed(0))
+        assert torch.allclose(out, clean, atol=1e-3), steps
+    with pytest.raises(Exception, match="sample.steps"):
+        mammo_ldm.ddim_sample(oracle, schedule, clean, 0, 0.0)
+
+
+def test_restore_folder_mirrors_the_tree_and_keeps_16_bit_png(chain, tmp_path):
+    import cv2
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    mammogram_dicom(folder / "sub" / "a.dcm", (300, 220), bits=14, seed=3)
+    png = synthetic.mammogram((260, 200), np.random.default_rng(4), bits_stored=16)
+    cv2.imwrite(str(folder / "b.png"), png)
+    common = ["--vqvae", chain["vq"] / "checkpoint.pt", "--checkpoint", chain["ldm"] / "checkpoint.pt"]
+    run("mammo_ldm.py", ["restore", *common, "--input", folder, "--output", tmp_path / "out", "--device", "cpu"])
+    restored_png = cv2.imread(str(tmp_path / "out" / "b.png"), cv2.IMREAD_UNCHANGED)
+    assert restored_png.dtype == np.uint16 and restored_png.shape == (260, 200) and restored_png.max() > 2**12
+    assert pydicom.dcmread(tmp_path / "out" / "sub" / "a.dcm").Rows == 300
+    assert (tmp_path / "out" / "sub" / "a_panel.png").is_file()
+    proc = run("mammo_ldm.py", ["restore", *common, "--input", folder, "--output", folder, "--device", "cpu"], ok=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: output") and "overwrite the input" in proc.stderr
+
+
+# --- data layouts and the dose model (common/mammo.py) ---
+
+
+def test_cbis_ddsm_tree_and_csvs_give_the_official_split(tmp_path):
+    from common.mammo import MammoDataConfig, list_sources
+
+    root = tmp_path / "CBIS"
+    tree = root / "CBIS-DDSM"
+    for subject in ("Mass-Training_P_00001_LEFT_CC", "Mass-Training_P_00001_LEFT_CC_1", "Calc-Test_P_00002_RIGHT_MLO"):
+        leaf = tree / subject / "1.3.6.1.1" / "1.3.6.1.2"
+        leaf.mkdir(parents=True)
+        (leaf / "1-1.dcm").write_bytes(b"")
+    header = "patient_id,breast density,image file path,cropped image file path\n"
+    (root / "mass_case_description_train_set.csv").write_text(
+        header + "P_00001,2,Mass-Training_P_00001_LEFT_CC/1.3.6.1.1/1.3.6.1.2/000000.dcm,x\n"
+        "P_00001,2,Mass-Training_P_00001_LEFT_CC/1.3.6.1.1/1.3.6.1.2/000000.dcm,y\n"  # second abnormality
+        "P_00009,3,Mass-Training_P_00009_LEFT_MLO/1.2/1.3/000000.dcm,z\n"  # not downloaded
+    )
+    (root / "calc_case_description_test_set.csv").write_text(
+        header + "P_00002,1,Calc-Test_P_00002_RIGHT_MLO/1.3.6.1.1/1.3.6.1.2/000000.dcm,x\n"
+    )
+    cfg = MammoDataConfig(path=str(root))
+    with pytest.warns(UserWarning, match="1 of 2 train images"):
+        train = list_sources(cfg, "train")
+    assert [Path(p).relative_to(tree).parts[0] for p in train] == ["Mass-Training_P_00001_LEFT_CC"]  # not the ROI
+    assert [Path(p).relative_to(tree).parts[0] for p in list_sources(cfg, "test")] == ["Calc-Test_P_00002_RIGHT_MLO"]
+
+
+def test_plain_folders_split_by_subfolder_or_stable_hash(tmp_path):
+    from common.mammo import MammoDataConfig, list_sources
+
+    for split in ("train", "test"):
+        (tmp_path / "tt" / split).mkdir(parents=True)
+        (tmp_path / "tt" / split / f"{split}.png").write_bytes(b"")
+    cfg = MammoDataConfig(path=str(tmp_path / "tt"))
+    assert [Path(p).name for p in list_sources(cfg, "test")] == ["test.png"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(60):
+        (flat / f"img{i:03d}.dcm").write_bytes(b"")
+    cfg = MammoDataConfig(path=str(flat), test_fraction=0.2)
+    test, train = set(list_sources(cfg, "test")), set(list_sources(cfg, "train"))
+    assert not test & train and len(test | train) == 60 and 3 <= len(test) <= 25
+    (flat / "new.dcm").write_bytes(b"")
+    assert test <= set(list_sources(cfg, "test")) and train <= set(list_sources(cfg, "train"))  # nothing moves
+
+
+def test_quanta_dose_model_noise_grows_with_density_and_lower_dose():
+    from common.mammo import MammoDataConfig, degrade
+
+    def noise(unit_value: float, **kw) -> tuple[float, float]:
+        image = np.full((128, 128), unit_value, np.float32)
+        out = degrade(image, MammoDataConfig(**kw), np.random.default_rng(0))
+        return float(out.mean()), float(out.std())
+
+    mean_fat, std_fat = noise(0.2, dose=0.2)
+    mean_dense, std_dense = noise(0.8, dose=0.2)
+    assert std_dense > 1.5 * std_fat  # fewer quanta behind dense tissue
+    assert abs(mean_fat - 0.2) < 0.01 and abs(mean_dense - 0.8) < 0.01  # no bias at these counts
+    assert noise(0.5, dose=0.05)[1] > 1.7 * noise(0.5, dose=0.2)[1]  # ~1/sqrt(dose): factor 2
+    assert noise(0.5, dose=1.0, electronic_noise=0.0)[1] < noise(0.5, dose=1.0, electronic_noise=40.0)[1]
+    assert noise(0.5, dose=0.25, dose_model="gaussian")[1] == pytest.approx(0.02, rel=0.05)

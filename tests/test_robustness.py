@@ -59,7 +59,8 @@ COMMANDS = {
                       "series_valid"),
     "ldct.ablate": ("ldct_denoise", ["ablate", "--data", "{input}", "--out", "{out}", "--max-steps", "1",
                                      "--stages", "0", "--steps", "1", "--max-slices", "1", "--time-size", "0",
-                                     *LDCT, "--set", "upgrade.bridge_steps=1"], {"series", "nifti", "folder"}, True, "series_valid"),
+                                     *LDCT, "--set", "upgrade.bridge_steps=1"], {"series", "nifti", "folder"}, True,
+                    "series_valid"),
     "ldct.denoise": ("ldct_denoise", ["denoise", "--checkpoint", "{ck}", "--input", "{input}", "--output", "{out}",
                                       "--steps", "1", "--device", "cpu"], {"dicom", "series", "nifti", "folder"},
                      False, "ct_valid"),
@@ -587,3 +588,76 @@ def test_tag_derived_names_are_sanitised(tmp_path):
         assert "\0" not in p.name and p.name not in ("..", ".")
     for line in (out / "train.txt").read_text().split():
         assert (out / line).resolve().parent == out.resolve() or Path(line).resolve().parent == out.resolve()
+
+
+# --- crash safety: a real kill -9 ---
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    import json
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_kill_9_during_training_then_resume_replays_the_uninterrupted_losses(tmp_path):
+    """`ldct_denoise.py train` is SIGKILLed after its step-4 checkpoint; `--resume` then reproduces the
+    uninterrupted run's losses and final weights exactly (CPU, fixed seed). The in-process version of this test
+    runs for every training command (tests/test_ldct_stages.py, test_mammo.py, test_ct_throughplane_sr.py)."""
+    import signal
+    import time
+
+    import torch
+
+    args = ["train", "--max-steps", 8, *LDCT, "--set", "train.ckpt_every=4", "--set", "train.log_every=1",
+            "--set", "data.phantom_train=4"]
+    straight = tmp_path / "straight"
+    assert run_cli("ldct_denoise", [*args, "--out", straight], tmp_path).returncode == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args), "--out", str(killed)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoint.pt").exists() and max(_losses(killed), default=0) >= 5:
+            break  # past the step-4 checkpoint, mid-way to the next one
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 4
+    resumed = run_cli("ldct_denoise", [*args, "--out", killed, "--resume", killed / "checkpoint.pt"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _losses(straight), _losses(killed)
+    assert all(b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-9) for s in range(5, 9)), (a, b)
+    final_a = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=True)
+    final_b = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
+
+
+def test_kill_9_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
+    """A process that rewrites a large checkpoint in a loop is SIGKILLed mid-write, many times: the file on disk
+    is always the previous complete checkpoint (atomic temp file + rename), never a torn one."""
+    import signal
+    import time
+
+    import torch
+
+    from common import runtime
+
+    path = tmp_path / "checkpoint.pt"
+    runtime.save_checkpoint(path, {"script": "x", "step": 0, "w": torch.zeros(4)})
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from common import runtime\n"
+            "w = torch.randn(8_000_000)\n"
+            "for step in range(1, 10_000):\n"
+            "    runtime.save_checkpoint(sys.argv[2], {'script': 'x', 'step': step, 'w': w})\n")
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(path)])
+        time.sleep(2.5 + 0.37 * attempt)  # land somewhere inside one of the ~32 MB writes
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        state = runtime.load_checkpoint(path, "x")  # raises on a torn file
+        assert state["step"] >= 0
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
+    assert all(name.endswith(".tmp") for name in leftovers)  # a killed writer leaves at most its temp file
