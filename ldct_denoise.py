@@ -1093,7 +1093,8 @@ def eval_cmd(checkpoint: Path = typer.Option(..., "--checkpoint"), out: Path = t
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out"), device: str = DeviceOpt, set_: list[str] = SetOpt):
     """Train the tiny preset on synthetic phantoms for a few CPU minutes, then evaluate on held-back phantoms."""
     t0 = time.perf_counter()
-    evaluate(train(build_config(None, "tiny", set_), out, None, device, sys.argv), out / "eval", None, device)
+    cfg = build_config(None, "tiny", ["train.max_steps=2400", *(set_ or [])])  # ~4 CPU minutes; beats NLM on SSIM
+    evaluate(train(cfg, out, None, device, sys.argv), out / "eval", None, device)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}")
 
 
