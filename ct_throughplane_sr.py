@@ -42,6 +42,7 @@ from scipy.interpolate import make_interp_spline
 
 from common import UserError, dicom_io, losses, metrics, nifti_io, runtime, synthetic, viz
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
+from common.metrics import hu_to_unit, unit_to_hu
 
 SCRIPT = Path(__file__).stem
 
@@ -239,14 +240,6 @@ def random_batch(vols: list[np.ndarray], cfg: DataConfig, batch: int, rng: np.ra
         lrs.append(lr[:d_lr])
         hrs.append(sample_z(slab, z_start - lo + positions * ratio))
     return np.stack(lrs)[:, None], np.stack(hrs)[:, None], positions
-
-
-def hu_to_unit(hu, hu_range):
-    return (hu - hu_range[0]) / (hu_range[1] - hu_range[0]) * 2 - 1
-
-
-def unit_to_hu(x, hu_range):
-    return (x + 1) / 2 * (hu_range[1] - hu_range[0]) + hu_range[0]
 
 
 # --- models ---

@@ -19,6 +19,15 @@ def convention(window: tuple[float, float], masked: bool = False) -> str:
     return text + (", PSNR/SSIM/MAE inside the mask" if masked else "")
 
 
+def hu_to_unit(hu, hu_range):
+    """HU -> [-1, 1] by one fixed range (never per slice), so a model's output maps back to HU exactly."""
+    return (hu - hu_range[0]) / (hu_range[1] - hu_range[0]) * 2.0 - 1.0
+
+
+def unit_to_hu(x, hu_range):
+    return (x + 1.0) / 2.0 * (hu_range[1] - hu_range[0]) + hu_range[0]
+
+
 def to_unit_window(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     lo, hi = float(window[0]), float(window[1])
     if not hi > lo:

@@ -137,7 +137,8 @@ def test_eval_reports_input_nlm_and_model(trained, tmp_path):
          "--max-slices", 3, "--device", "cpu"])
     report = json.loads((out / "metrics.json").read_text())
     methods = [r["method"] for r in report["rows"]]
-    assert methods[0] == "low-dose input" and methods[1].startswith("NLM") and methods[2].startswith("diffusion")
+    assert methods[0] == "low-dose input" and methods[1].startswith("NLM") and methods[2].startswith("BM3D")
+    assert methods[3].startswith("diffusion") and len(methods) == 4
     for row in report["rows"]:
         assert np.isfinite([row["psnr_db"], row["ssim"], row["mae_hu"]]).all()
     assert any("window" in note for note in report["notes"])

@@ -275,8 +275,8 @@ def test_bridge_denoise_and_dose_sweep_from_the_cli(stage7, tmp_path):
     run(["eval", "--checkpoint", stage7 / "checkpoint.pt", "--out", tmp_path / "ev", "--doses", "0.5,0.1",
          "--steps", 2, "--max-slices", 2, "--device", "cpu"])
     rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"]
-    assert [r["dose"] for r in rows] == [0.5] * 3 + [0.1] * 3
-    assert rows[0]["psnr_db"] > rows[3]["psnr_db"]  # the input gets worse as the dose drops
+    assert [r["dose"] for r in rows] == [0.5] * 4 + [0.1] * 4  # input, NLM, BM3D, model at each dose
+    assert rows[0]["psnr_db"] > rows[4]["psnr_db"]  # the input gets worse as the dose drops
 
 
 def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
@@ -285,11 +285,11 @@ def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
          "--time-size", 32, *FAST, "--set", "upgrade.bridge_steps=2"])
     report = json.loads((out / "ablation.json").read_text())
     methods = [r["method"] for r in report["rows"]]
-    assert methods[:3] == ["low-dose input", methods[1], "U-Net regression (RED-CNN-like)"]
-    assert methods[1].startswith("NLM") and len(methods) == 3 + 2 * 3
+    assert methods[:4] == ["low-dose input", methods[1], methods[2], "U-Net regression (RED-CNN-like)"]
+    assert methods[1].startswith("NLM") and methods[2].startswith("BM3D") and len(methods) == 4 + 2 * 3
     for row in report["rows"]:
         assert np.isfinite([row["psnr_db"], row["ssim"], row["mae_hu"], row["s_per_32px_slice"]]).all()
-    assert [r["nfe"] for r in report["rows"][3:5]] == [4, 2]
+    assert [r["nfe"] for r in report["rows"][4:6]] == [4, 2]
     assert any("window" in n for n in report["notes"]) and any("bridge vs DDIM" in n for n in report["notes"])
     assert all((out / f"panel_stage{k}.png").is_file() for k in (0, 5, 8))
     assert (out / "stage8" / "pretrain" / "pretrain.pt").is_file()
@@ -340,3 +340,13 @@ def test_non_finite_loss_stops_with_the_step_and_saves_no_nan(command, tmp_path)
     for ckpt in out.glob("*.pt"):
         state = torch.load(ckpt, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_attention_through_sdpa_equals_multihead_attention():
+    """`attend` runs nn.MultiheadAttention's own weights through F.scaled_dot_product_attention (faster kernels):
+    same result, so checkpoints trained either way load and behave the same."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    q, kv = torch.randn(2, 50, 32), torch.randn(2, 30, 32)
+    expected = mha(q, kv, kv, need_weights=False)[0]
+    assert torch.allclose(ld.attend(mha, q, kv), expected, atol=1e-5)
