@@ -933,9 +933,9 @@ def ablate(cfg: Config, out_dir: Path, device_name: str = "auto", stages: list[i
     per_stage = {}
     for k, ckpt in ckpts.items():
         model, cfg_k, _ = load_model(ckpt, device)
-        for from_low_dose in (False, True):  # DDIM `steps` from noise; the bridge sampler of upgrade.bridge_*
-            name, method = diffusion_method(model, cfg_k, device, "ddim", None if from_low_dose else steps,
-                                            from_low_dose)
+        for bridge in (False, True):  # DDIM `steps` from noise; the bridge sampler of this run's upgrade.bridge_*
+            name, method = diffusion_method(model, cfg_k, device, "ddim", cfg.upgrade.bridge_steps if bridge else steps,
+                                            bridge, cfg.upgrade.bridge_start if bridge else None)
             methods[f"stage {k}: {name}"] = method
             per_stage.setdefault(k, []).append(f"stage {k}: {name}")
     note = (f"every run: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, seed "

@@ -82,15 +82,19 @@ def _read_header(path: Path, stop_before_pixels: bool) -> Dataset | None:
 
 
 def check_modality(ds: Dataset, path: Path, modality: str | None) -> None:
+    """For commands that need one modality (CT: Hounsfield units): refuse others, and images too small to process.
+    Plain reads (modality None) accept any size: the I/O itself has no minimum."""
+    if modality is None:
+        return
     found = str(ds.get("Modality", "") or "").strip().upper()
-    if modality is not None and found and found != modality:
+    if found and found != modality:
         raise UserError(f"{path}: modality {found}, but this command needs {modality} images")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if "Rows" in ds and min(rows, cols) < MIN_SIZE:
+        raise UserError(f"{path}: image of {rows}x{cols} pixels is too small (under {MIN_SIZE} pixels a side)")
 
 
 def _physical_values(path: Path, ds: Dataset) -> np.ndarray:
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if min(rows, cols) < MIN_SIZE:
-        raise UserError(f"{path}: image of {rows}x{cols} pixels is too small (under {MIN_SIZE} pixels a side)")
     if "PixelData" not in ds:
         raise UserError(f"{path}: no PixelData (not an image, or the file is truncated)")
     photometric = str(ds.get("PhotometricInterpretation", ""))

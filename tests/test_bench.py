@@ -73,3 +73,4 @@ def test_quick_bench_writes_the_documented_schema(tmp_path):
     assert [row["processes"] for row in r["distributed"]["rows"]] == [1, 2]
     assert r["distributed"]["backend"] == "gloo" and r["distributed"]["scaling_efficiency"] > 0
     assert 0 < r["utilisation"]["fraction_of_matmul"] and r["utilisation"]["model_gflop_per_step"] > 0
+    assert r["attention"][0]["mha_s"] > 0 and r["attention"][0]["sdpa_s"] > 0
