@@ -86,6 +86,7 @@ class TrainConfig:
     amp: str = "auto"  # auto = bf16 on CUDA, off on CPU (35x slower there, see ENV.md)
     seed: int = 0
     log_every: int = 100
+    ckpt_every: int = 1000  # OUT/train_state.pt: `--resume` continues a killed run exactly
 
 
 @dataclass
@@ -391,8 +392,10 @@ def perceptual_status(cfg: TrainConfig) -> tuple[nn.Module | None, str]:
     return losses.PerceptualLoss(vgg), f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
 
 
-def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, run_dir: Path | None):
-    """Self-supervised training on the normalised image `x`; returns (model, schedule, info)."""
+def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, run_dir: Path | None,
+                resume: Path | None = None):
+    """Self-supervised training on the normalised image `x`; returns (model, schedule, info). `resume`: a
+    train_state.pt (model, optimiser, both RNGs, step) from which the run continues as if never stopped."""
     runtime.seed_everything(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model = UNet(cfg.model).to(device)
@@ -404,10 +407,26 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     amp = runtime.switch_on(cfg.train.amp, device)
     warmup = max(1, cfg.train.steps // 50)
+    step0, last_loss = 0, float("nan")
+    state_path = run_dir / "train_state.pt" if run_dir is not None else None
+    if resume is not None:
+        state = runtime.load_checkpoint(resume, SCRIPT)
+        try:
+            now = config_to_dict(cfg)  # sampling settings may change between runs; training ones may not
+            if state["factor"] != factor or any(state["config"][k] != now[k] for k in ("data", "model", "train")):
+                raise ValueError("another --upscale or training config")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(f"{resume}: not a training state of this run ({str(exc)[:120]})") from None
+        step0, last_loss = int(state["step"]), float(state["loss"])
+        gen.set_state(state["generator"])
+        runtime.set_rng_state(state["rng"])
     t0, cpu0 = time.perf_counter(), time.process_time()
     model.train()
-    with runtime.ProgressLogger(run_dir, cfg.train.steps, "train", log_every=cfg.train.log_every) as log:
-        for step in range(1, cfg.train.steps + 1):
+    with runtime.ProgressLogger(run_dir, cfg.train.steps, "train", log_every=cfg.train.log_every,
+                                start_step=step0) as log:
+        for step in range(step0 + 1, cfg.train.steps + 1):
             if cfg.train.lr_schedule == "cosine":
                 frac = min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.train.steps))
                 for group in optimizer.param_groups:
@@ -415,17 +434,26 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
             hr, cond = sample_batch(pairs, cfg.train.batch_size, patch, cfg.data, gen)
             with runtime.amp_autocast(device, amp):
                 terms = training_losses(model, schedule, hr, cond, cfg.train, perceptual_loss, gen)
+            if not torch.isfinite(terms["loss"]):  # stop before the update: NaN never reaches the weights
+                kept = state_path if state_path is not None and state_path.exists() else "none written"
+                raise UserError(f"non-finite loss ({terms['loss'].item()}) at step {step}; stopped; last state: {kept}")
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
+            last_loss = terms["loss"].item()
             log.log(step, **{k: v.item() for k, v in terms.items()}, lr=optimizer.param_groups[0]["lr"])
+            if state_path is not None and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps):
+                runtime.save_checkpoint(state_path, {
+                    "script": SCRIPT, "config": config_to_dict(cfg), "factor": factor, "step": step, "loss": last_loss,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(), "rng": runtime.rng_state()})
     model.eval()
     info = {
         "train_steps": cfg.train.steps,
         "train_patch": patch,
         "train_scales": len(pairs),
-        "final_loss": terms["loss"].item(),
+        "final_loss": last_loss,
         "perceptual": status,
         "train_wall_s": time.perf_counter() - t0,
         "train_cpu_s": time.process_time() - cpu0,
@@ -673,7 +701,8 @@ def report(info: dict, factor: int, title: str, json_path: Path, notes: list[str
 
 
 def run_train(
-    input_path: Path, factor: int, cfg: Config, out_dir: Path, device_name: str, argv: list[str], infer: bool
+    input_path: Path, factor: int, cfg: Config, out_dir: Path, device_name: str, argv: list[str], infer: bool,
+    resume: Path | None = None,
 ) -> dict:
     """`train` and `full`: read and check everything first, so bad input writes nothing."""
     check_config(cfg, factor)
@@ -682,7 +711,8 @@ def run_train(
     runtime.refuse_overwrite_input(out_dir / "model.pt", input_path)
     runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
     normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
-    model, schedule, info = train_model(normaliser.forward(fill_padding(values, pad)), factor, cfg, device, out_dir)
+    x = normaliser.forward(fill_padding(values, pad))
+    model, schedule, info = train_model(x, factor, cfg, device, out_dir, resume)
     save_model(out_dir / "model.pt", model, cfg, factor, info)
     if infer:
         info.update(infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device))
@@ -801,6 +831,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 SamplerOpt = typer.Option(None, "--sampler", help="ddpm (full schedule) | ddim (deterministic fast path)")
 StepsOpt = typer.Option(None, "--steps", help="DDIM steps")
 SamplesOpt = typer.Option(None, "--samples", help="samples per tile (mean + std uncertainty)")
+ResumeOpt = typer.Option(None, "--resume", help="OUT/train_state.pt of a stopped run: continue it exactly")
 
 
 def sample_flags(sampler: str | None, steps: int | None, samples: int | None) -> list[str]:
@@ -827,9 +858,11 @@ def full_cmd(
     sampler: str = SamplerOpt,
     steps: int = StepsOpt,
     samples: int = SamplesOpt,
+    resume: Path = ResumeOpt,
 ):
     """Train on the input image, then super-resolve it: DICOM + uncertainty (PNG, DICOM) + model.pt."""
-    run_train(input, upscale, build_config(config, preset, set_, sampler, steps, samples), out, device, sys.argv, True)
+    cfg = build_config(config, preset, set_, sampler, steps, samples)
+    run_train(input, upscale, cfg, out, device, sys.argv, True, resume)
 
 
 @app.command("train")
@@ -841,9 +874,10 @@ def train_cmd(
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
+    resume: Path = ResumeOpt,
 ):
-    """Train only; writes model.pt and the training log."""
-    run_train(input, upscale, build_config(config, preset, set_), out, device, sys.argv, False)
+    """Train only; writes model.pt, OUT/train_state.pt (for --resume) and the training log."""
+    run_train(input, upscale, build_config(config, preset, set_), out, device, sys.argv, False, resume)
 
 
 @app.command("inference")

@@ -262,3 +262,60 @@ def test_bad_input_one_line_nonzero_and_nothing_written(inputs, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
         assert not out.exists()
+
+
+def _tiny_cfg(*overrides):
+    from common.config import load_config
+
+    return load_config(zssr.Config, ROOT / "configs" / "dicom_zero_shot_sr.yaml", "tiny", list(overrides))
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_train_stopped_then_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Killed after its step-2 training state, `--resume` continues exactly: the same losses for steps 3-4 and
+    the same final weights as a run that was never stopped (CPU, fixed seed; dropout and cosine lr included)."""
+    from common import runtime
+
+    cfg = _tiny_cfg("train.steps=4", "train.ckpt_every=2", "train.lr_schedule=cosine", "model.dropout=0.1")
+    x = np.random.default_rng(0).uniform(-1, 1, (40, 36)).astype(np.float32)
+    for name in ("straight", "killed", "other"):
+        (tmp_path / name).mkdir()
+    straight, _, _ = zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    log = runtime.ProgressLogger.log
+
+    def killed_at_step_3(self, step, **scalars):
+        if step == 3:
+            raise Killed
+        return log(self, step, **scalars)
+
+    monkeypatch.setattr(runtime.ProgressLogger, "log", killed_at_step_3)
+    with pytest.raises(Killed):
+        zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "killed")
+    monkeypatch.setattr(runtime.ProgressLogger, "log", log)
+    state = tmp_path / "killed" / "train_state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 2
+    resumed, _, _ = zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "killed", resume=state)
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    assert [b[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], rel=1e-6, abs=1e-9)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
+    with pytest.raises(zssr.UserError, match="not a training state of this run"):
+        zssr.train_model(x, 3, cfg, torch.device("cpu"), tmp_path / "other", resume=state)  # another --upscale
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
+    cfg = _tiny_cfg("train.steps=3")
+    x = np.random.default_rng(0).uniform(-1, 1, (40, 36)).astype(np.float32)
+    nan = {"loss": torch.tensor(float("nan"), requires_grad=True)}
+    monkeypatch.setattr(zssr, "training_losses", lambda *a, **k: nan)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(zssr.UserError, match="non-finite loss .* at step 1; stopped; last state: none written"):
+        zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "run")
+    assert not (tmp_path / "run" / "train_state.pt").exists()
