@@ -184,35 +184,34 @@ def train_throughput(script: str, preset: str, batch: int, steps: int, device_na
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = mean_seconds(step, steps, device, warmup=2)
     return {"script": script, "preset": preset, "impl": name, "params_m": round(sum(
         p.numel() for p in model.parameters()) / 1e6, 3), "batch": batch, "input": list(target.shape[1:]),
         "samples_per_s": round(batch / seconds, 3), "s_per_step": round(seconds, 4), **peak_memory(device)}
 
 
-def seconds_per_nfe(make, n: int, device) -> float:
-    """Median-free mean over n calls after one warm-up (inference mode)."""
-    import torch
-
-    with torch.inference_mode():
-        make()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            make()
-        sync(device)
+def mean_seconds(fn, n: int, device, warmup: int = 1) -> float:
+    """Mean wall seconds of fn() over n calls after `warmup` untimed calls, synchronised with the device."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
     return (time.perf_counter() - t0) / n
 
 
+def seconds_per_nfe(make, n: int, device) -> float:
+    """One network evaluation (inference mode), mean of n after one warm-up."""
+    import torch
+
+    with torch.inference_mode():
+        return mean_seconds(make, n, device)
+
+
 def sampling_cost(size: int, preset: str, device_name: str, threads: int, real_steps: int) -> list[dict]:
-    """ldct: the real sampler end to end for DDIM-`real_steps` and the bridge (10 steps from 0.8 T); DDPM-1000 and
+    """ldct: the real sampler end to end for DDIM-`real_steps` and the preset's bridge sampler; DDPM-1000 and
     DDIM-50 as measured seconds per network evaluation x evaluations (stated). Latent samplers the same way."""
     import torch
 
@@ -330,22 +329,10 @@ def utilisation(device_name: str, threads: int, preset: str, batch: int) -> dict
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    steps = 5
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    step_s = (time.perf_counter() - t0) / steps
+    step_s = mean_seconds(step, 5, device, warmup=0)  # already warm: the counted step ran just before
     n = 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    sync(device)
-    matmul_flops = 5 * 2 * n**3 / (time.perf_counter() - t0)
+    matmul_flops = 2 * n**3 / mean_seconds(lambda: a @ b, 5, device)
     return {"job": f"ldct train step ({preset}, batch {batch})", "model_gflop_per_step": round(flops / 1e9, 3),
             "step_s": round(step_s, 4), "model_gflop_per_s": round(flops / step_s / 1e9, 2),
             "matmul_gflop_per_s": round(matmul_flops / 1e9, 2),

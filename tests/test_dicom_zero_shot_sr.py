@@ -275,31 +275,17 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_train_stopped_then_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_train_stopped_then_resumed_equals_the_uninterrupted_run(tmp_path, killed_at_step):
     """Killed after its step-2 training state, `--resume` continues exactly: the same losses for steps 3-4 and
     the same final weights as a run that was never stopped (CPU, fixed seed; dropout and cosine lr included)."""
-    from common import runtime
-
     cfg = _tiny_cfg("train.steps=4", "train.ckpt_every=2", "train.lr_schedule=cosine", "model.dropout=0.1")
     x = np.random.default_rng(0).uniform(-1, 1, (40, 36)).astype(np.float32)
     for name in ("straight", "killed", "other"):
         (tmp_path / name).mkdir()
     straight, _, _ = zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "straight")
 
-    class Killed(Exception):
-        pass
-
-    log = runtime.ProgressLogger.log
-
-    def killed_at_step_3(self, step, **scalars):
-        if step == 3:
-            raise Killed
-        return log(self, step, **scalars)
-
-    monkeypatch.setattr(runtime.ProgressLogger, "log", killed_at_step_3)
-    with pytest.raises(Killed):
+    with killed_at_step(3):
         zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "killed")
-    monkeypatch.setattr(runtime.ProgressLogger, "log", log)
     state = tmp_path / "killed" / "train_state.pt"
     assert torch.load(state, weights_only=True)["step"] == 2
     resumed, _, _ = zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "killed", resume=state)

@@ -296,29 +296,16 @@ def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "pretrain", "unet"])
-def test_interrupt_then_resume_reproduces_the_uninterrupted_run_for_every_training_kind(kind, tmp_path, monkeypatch):
+def test_interrupt_then_resume_reproduces_the_uninterrupted_run_for_every_training_kind(kind, tmp_path,
+                                                                                        killed_at_step):
     """In-process (fast): 4 steps straight vs a run killed after its step-2 checkpoint + --resume; the diffusion at
     stage 7 (bridge ramp, GAN from step 2, augmentations: every RNG path)."""
-    from common import runtime
-
     cfg = tiny_cfg(7 if kind == "diffusion" else 0, "upgrade.adv_start_fraction=0.5", "train.ckpt_every=2",
                    "train.max_steps=4", "upgrade.pretrain_steps=4")
     ckpt = ld.train(cfg, tmp_path / "straight", None, "cpu", kind=kind)
 
-    class Killed(Exception):
-        pass
-
-    log = runtime.ProgressLogger.log
-
-    def killed_at_step_3(self, step, **scalars):
-        if step == 3:
-            raise Killed
-        log(self, step, **scalars)
-
-    monkeypatch.setattr(runtime.ProgressLogger, "log", killed_at_step_3)
-    with pytest.raises(Killed):
+    with killed_at_step(3):
         ld.train(cfg, tmp_path / "resumed", None, "cpu", kind=kind)
-    monkeypatch.undo()
     ld.train(cfg, tmp_path / "resumed", tmp_path / "resumed" / ckpt.name, "cpu", kind=kind)
     straight, resumed = (jsonl(tmp_path / d / "metrics.jsonl") for d in ("straight", "resumed"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

@@ -653,11 +653,15 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path)
             "for step in range(1, 10_000):\n"
             "    runtime.save_checkpoint(sys.argv[2], {'script': 'x', 'step': step, 'w': w})\n")
     for attempt in range(5):
+        before = path.stat().st_mtime_ns
         proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(path)])
-        time.sleep(2.5 + 0.37 * attempt)  # land somewhere inside one of the ~32 MB writes
+        deadline = time.time() + 120
+        while path.stat().st_mtime_ns == before and time.time() < deadline:  # the writer is in its save loop
+            time.sleep(0.01)
+        time.sleep(0.013 * attempt)  # then land at different points of the next ~32 MB writes
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         state = runtime.load_checkpoint(path, "x")  # raises on a torn file
-        assert state["step"] >= 0
+        assert state["step"] >= 1  # a rewrite by the killed process landed: the kill hit a live save loop
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
     assert all(name.endswith(".tmp") for name in leftovers)  # a killed writer leaves at most its temp file
