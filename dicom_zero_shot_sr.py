@@ -10,8 +10,8 @@ standard deviation (uncertainty) as PNG and DICOM. Samplers: the full ancestral 
 deterministic DDIM fast path with few steps (`ddim`).
 
 Normalisation policy: physical values (stored x slope + intercept) are mapped to [-1, 1] by the 0.5/99.5
-percentiles of the image's non-padding pixels (values outside stay outside, nothing is clipped), computed in
-float64 and inverted exactly on output; no 8-bit anywhere. Outputs are clipped to the input's stored range.
+percentiles of the image's non-padding pixels (values outside stay outside, nothing is clipped), the mapping
+computed in float64 and inverted exactly on output; no 8-bit anywhere. Outputs are clipped to the input's stored range.
 
 Usage:
   python dicom_zero_shot_sr.py full --input MMG.dcm --upscale 2 --out runs/mmg_x2        # train, then infer
@@ -29,6 +29,7 @@ import json
 import math
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ class SampleConfig:
     n_samples: int = 3
     patch_size: int = 256  # inference tile in output pixels
     overlap: int = 128
-    tile_batch: int = 1  # tiles per forward pass (x n_samples); the full UNet needs ~0.7 GB per 256^2 tile x 3
+    tile_batch: int = 1  # tiles of one tile row per forward pass (x n_samples); full UNet: ~0.7 GB per 256^2 x 3
 
 
 @dataclass
@@ -135,11 +136,14 @@ class Normaliser:
 
     @classmethod
     def fit(cls, values: np.ndarray, percentiles: tuple[float, float]) -> Normaliser:
-        lo, hi = (float(v) for v in np.percentile(values.astype(np.float64), percentiles))
+        lo, hi = (float(v) for v in np.percentile(values, percentiles))  # no float64 copy of a 12 M-pixel image
         return cls(lo, hi if hi > lo else lo + 1.0)
 
     def forward(self, values: np.ndarray) -> np.ndarray:
-        return ((values.astype(np.float64) - self.lo) / (self.hi - self.lo) * 2.0 - 1.0).astype(np.float32)
+        out = np.empty(values.shape, np.float32)
+        for r in range(0, len(values), 256):  # row blocks: float64 temporaries stay small
+            out[r : r + 256] = (values[r : r + 256].astype(np.float64) - self.lo) / (self.hi - self.lo) * 2.0 - 1.0
+        return out
 
     def inverse(self, x: np.ndarray) -> np.ndarray:
         return (x.astype(np.float64) + 1.0) / 2.0 * (self.hi - self.lo) + self.lo
@@ -154,6 +158,7 @@ def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
     if values.ndim != 2 or min(values.shape) < 16:
         raise UserError(f"{path}: image of shape {values.shape} is too small (need at least 16x16 pixels)")
     pad = dicom_io.padding_mask(values, ds)
+    del ds.PixelData  # outputs need only the header: 25 MB fewer for a 4.5k x 2.8k input (twice, with the std's)
     if pad is not None and pad.all():
         raise UserError(f"{path}: every pixel is PixelPaddingValue; nothing to super-resolve")
     pad = pad if pad is not None and pad.any() else None
@@ -185,8 +190,32 @@ def degrade(hr: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
 
 
 def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bicubic upsampling: the conditioning of the model and the bicubic baseline."""
-    return resize(lr, (lr.shape[-2] * factor, lr.shape[-1] * factor), "bicubic")
+    """Bicubic upsampling by an integer factor: the conditioning of the model and the bicubic baseline.
+    The kernel of torch/OpenCV (Keys, a = -0.75, borders replicated), written as `factor` fixed 4-tap filters
+    per axis: each output pixel is the same sum wherever it lies, so any strip of rows computed alone equals
+    the same rows of the whole image bit for bit (F.interpolate's float32 source coordinates drift with the
+    position: up to 1e-3 apart at row 8,000 for x3)."""
+    for axis in (-2, -1):
+        n, a = lr.shape[axis], -0.75
+        edge = [lr.narrow(axis, 0, 1)] * 2, [lr.narrow(axis, n - 1, 1)] * 2
+        padded, phases = torch.cat([*edge[0], lr, *edge[1]], axis), []
+        for p in range(factor):
+            offset = (p + 0.5) / factor - 0.5  # source position of output pixel factor * i + p, minus i
+            first = math.floor(offset)
+            t = offset - first
+            out = 0.0
+            for k, u in enumerate((t + 1, t, 1 - t, 2 - t)):
+                w = ((a + 2) * u - (a + 3)) * u * u + 1 if u <= 1 else ((u - 5) * u + 8) * u * a - 4 * a
+                out = out + w * padded.narrow(axis, first + 1 + k, n)
+            phases.append(out)
+        lr = torch.stack(phases, axis).flatten(axis - 1, axis)
+    return lr
+
+
+def upsample_rows(lr: torch.Tensor, factor: int, y0: int, y1: int) -> torch.Tensor:
+    """Rows y0:y1 of upsample(lr, factor) from the only input rows they need (a 4-tap kernel: two each side)."""
+    a, b = max(0, y0 // factor - 2), min(lr.shape[-2], (y1 - 1) // factor + 3)
+    return upsample(lr[..., a:b, :], factor)[..., y0 - a * factor : y1 - a * factor, :]
 
 
 def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device) -> list[tuple]:
@@ -517,12 +546,14 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
     return w
 
 
-def blend_tiles(image: np.ndarray, tile_fn, tile: int, overlap: int, batch: int = 1):
-    """Run `tile_fn((N, th, tw) float32) -> (mean, var)` over overlapping tiles of `image` and blend them with a
-    smooth window. Memory: one float64 and one float32 accumulator plus one batch of tiles; the weight sum is
-    separable (tiles form a grid), so it is two vectors, not an image. Returns (mean, std) float32.
-    An identity tile_fn gives back `image` bit for bit."""
-    h, w = image.shape
+def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, batch: int = 1):
+    """Run `tile_fn((N, th, tw) float32) -> (mean, var)` over overlapping tiles of an image and blend them with a
+    smooth window. `rows(y0, y1)` gives the image's rows y0:y1, so the image itself need not exist in memory.
+    Yields (y0, mean rows, std rows) float32 top to bottom, as soon as no later tile touches those rows:
+    memory is one strip of tiles (a float64 and a float32 accumulator, tile height x width) whatever the
+    image size. The weight sum is separable (tiles form a grid): two vectors, not an image. An identity
+    tile_fn gives back the image bit for bit."""
+    h, w = shape
     th, tw, ov = min(tile, h), min(tile, w), min(overlap, tile - 1)
     wy, wx = blend_window(th, min(ov, th - 1)), blend_window(tw, min(ov, tw - 1))
     ys, xs = tile_starts(h, th, ov), tile_starts(w, tw, ov)
@@ -532,20 +563,29 @@ def blend_tiles(image: np.ndarray, tile_fn, tile: int, overlap: int, batch: int 
     for x in xs:
         wsum_x[x : x + tw] += wx
     window = np.outer(wy, wx)
-    acc_mean, acc_var = np.zeros((h, w)), np.zeros((h, w), np.float32)
-    corners = [(y, x) for y in ys for x in xs]
-    for i in range(0, len(corners), batch):
-        chunk = corners[i : i + batch]
-        tiles = np.stack([image[y : y + th, x : x + tw] for y, x in chunk]).astype(np.float32)
-        mean, var = tile_fn(tiles)
-        for (y, x), m, v in zip(chunk, mean, var):
-            acc_mean[y : y + th, x : x + tw] += window * m
-            acc_var[y : y + th, x : x + tw] += (window * v).astype(np.float32)
-    mean, std = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
-    for r in range(0, h, 256):  # row blocks: float64 temporaries stay small on a 9k x 6k output
-        weight = np.outer(wsum_y[r : r + 256], wsum_x)
-        mean[r : r + 256] = acc_mean[r : r + 256] / weight
-        std[r : r + 256] = np.sqrt(acc_var[r : r + 256] / weight)
+    top, acc_mean, acc_var = 0, np.zeros((0, w)), np.zeros((0, w), np.float32)  # accumulators start at row `top`
+    for i, y in enumerate(ys):
+        grow = y + th - top - len(acc_mean)
+        acc_mean = np.concatenate([acc_mean, np.zeros((grow, w))])
+        acc_var = np.concatenate([acc_var, np.zeros((grow, w), np.float32)])
+        strip = rows(y, y + th)
+        for j in range(0, len(xs), batch):
+            chunk = xs[j : j + batch]
+            mean, var = tile_fn(np.stack([strip[:, x : x + tw] for x in chunk]).astype(np.float32))
+            for x, m, v in zip(chunk, mean, var):
+                acc_mean[y - top : y - top + th, x : x + tw] += window * m
+                acc_var[y - top : y - top + th, x : x + tw] += (window * v).astype(np.float32)
+        done = ys[i + 1] - top if i + 1 < len(ys) else h - top  # rows above the next tile row are final
+        weight = np.outer(wsum_y[top : top + done], wsum_x)
+        yield top, (acc_mean[:done] / weight).astype(np.float32), np.sqrt(acc_var[:done] / weight).astype(np.float32)
+        top, acc_mean, acc_var = top + done, acc_mean[done:], acc_var[done:]
+
+
+def collect(strips, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The (y0, mean, std) strips of blend_tiles/super_resolve as two whole images (for images that fit)."""
+    mean, std = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    for y0, m, s in strips:
+        mean[y0 : y0 + len(m)], std[y0 : y0 + len(m)] = m, s
     return mean, std
 
 
@@ -554,6 +594,7 @@ def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: SampleConfig, device
     Perfectly flat tiles (mammogram background, detector edges) hold no detail: they are returned unchanged."""
     gen, d, n = torch.Generator().manual_seed(seed), model.divisor, cfg.n_samples
 
+    @torch.inference_mode()
     def tile_fn(tiles: np.ndarray):
         mean, var = tiles.copy(), np.zeros_like(tiles)
         busy = [i for i, t in enumerate(tiles) if np.ptp(t) > 1e-6]
@@ -578,28 +619,32 @@ def super_resolve(
     schedule,
     values: np.ndarray,
     pad: np.ndarray | None,
+    normaliser: Normaliser,
     factor: int,
     cfg: Config,
     device: torch.device,
     stored: tuple[float, float],
 ):
-    """Physical image -> (super-resolved physical image, per-pixel std in physical units, normaliser)."""
-    normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
-    cond = upsample(torch.from_numpy(normaliser.forward(fill_padding(values, pad))), factor).numpy()
+    """Physical image -> (y0, super-resolved rows, per-pixel std rows), both in physical units, top to bottom.
+    The bicubic conditioning is made strip by strip too, so nothing of output size is ever held: memory is
+    the input, the model and one strip of tiles."""
+    low = torch.from_numpy(normaliser.forward(fill_padding(values, pad)))
     amp = runtime.switch_on(cfg.train.amp, device)
     tile_fn = diffusion_tile_fn(model, schedule, cfg.sample, device, amp, cfg.train.seed)
-    with torch.inference_mode():
-        mean, std = blend_tiles(cond, tile_fn, cfg.sample.patch_size, cfg.sample.overlap, cfg.sample.tile_batch)
-    del cond
-    sr = mean  # in place, by row blocks: no full-size float64 copy
-    for r in range(0, sr.shape[0], 256):
-        sr[r : r + 256] = np.clip(normaliser.inverse(mean[r : r + 256]), *stored)
-    std *= normaliser.scale()
-    if pad is not None:  # padding is "no data": restored unchanged (nearest) and carries no uncertainty
-        pad_up = np.repeat(np.repeat(pad, factor, 0), factor, 1)
-        sr[pad_up] = np.repeat(np.repeat(values, factor, 0), factor, 1)[pad_up]
-        std[pad_up] = 0.0
-    return sr, std, normaliser
+    shape = (values.shape[0] * factor, values.shape[1] * factor)
+    strips = blend_tiles(
+        lambda y0, y1: upsample_rows(low, factor, y0, y1).numpy(),
+        shape, tile_fn, cfg.sample.patch_size, cfg.sample.overlap, cfg.sample.tile_batch,
+    )
+    for y0, mean, std in strips:
+        sr = np.clip(normaliser.inverse(mean), *stored).astype(np.float32)
+        std *= normaliser.scale()
+        if pad is not None:  # padding is "no data": restored unchanged (nearest) and carries no uncertainty
+            source = np.arange(y0, y0 + len(sr)) // factor
+            pad_up = np.repeat(pad[source], factor, 1)
+            sr[pad_up] = np.repeat(values[source], factor, 1)[pad_up]
+            std[pad_up] = 0.0
+        yield y0, sr, std
 
 
 # --- outputs and the commands' plain functions ---
@@ -612,18 +657,19 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-def display_map(std: np.ndarray, max_side: int = 2048) -> tuple[np.ndarray, int]:
-    """The map shrunk by a k x k block maximum to at most `max_side` pixels a side: a PNG cannot show more,
-    matplotlib would copy a 9k x 6k map several times in float64 (2.3 GB), and the maximum keeps isolated
-    uncertain pixels visible."""
+def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarray, int]:
+    """The map shrunk by a k x k block maximum to at most `max_side` pixels a side, read by row blocks: a PNG
+    cannot show more, matplotlib would copy a 9k x 6k map several times in float64 (2.3 GB), and the maximum
+    keeps isolated uncertain pixels visible."""
     k = math.ceil(max(std.shape) / max_side)
-    if k == 1:
-        return std, 1
-    return F.max_pool2d(torch.from_numpy(std)[None, None], k, ceil_mode=True)[0, 0].numpy(), k
+    pooled = [F.max_pool2d(torch.from_numpy(block)[None, None], k, ceil_mode=True)[0, 0]
+              for _, block in std.blocks(k * max(1, 256 // k))]  # blocks of whole k-row bands
+    return torch.cat(pooled).numpy(), k
 
 
 def write_outputs(
-    out_dir: Path, input_path: Path, ds, sr: np.ndarray, std: np.ndarray, factor: int, cfg: Config, stem: str
+    out_dir: Path, input_path: Path, ds, sr: dicom_io.RawImage, std: dicom_io.RawImage, std_max: float,
+    factor: int, cfg: Config, stem: str,
 ) -> dict:
     steps = cfg.sample.ddim_steps if cfg.sample.sampler == "ddim" else cfg.diffusion.timesteps
     sampler = f"{cfg.sample.sampler} {steps} steps"
@@ -643,7 +689,7 @@ def write_outputs(
         series_description=f"SR x{factor} zero-shot diffusion",
     )
     unc_template = copy.deepcopy(ds)
-    top = float(max(std.max(), 1.0))
+    top = max(std_max, 1.0)
     unc_template.WindowCenter, unc_template.WindowWidth = f"{top / 2:.6g}", f"{top:.6g}"
     for keyword in ("VOILUTSequence", "WindowCenterWidthExplanation", "VOILUTFunction"):
         unc_template.pop(keyword, None)  # the image's own VOI would hide a map of small standard deviations
@@ -662,32 +708,43 @@ def write_outputs(
     shown, k = display_map(std)
     title = f"std of {cfg.sample.n_samples} samples ({cfg.sample.sampler})" + (f", {k}x{k} block max" if k > 1 else "")
     viz.save_map_with_colorbar(out_dir / "uncertainty.png", shown, title, unit)
-    return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path), "uncertainty_mean": float(std.mean())}
+    return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path)}
 
 
 def infer_file(
     model, schedule, cfg: Config, factor: int, input_path: Path, values, ds, pad, out_dir: Path, device: torch.device
 ) -> dict:
+    """Super-resolve and write the outputs. Strips go to two anonymous temporary files beside the outputs and
+    the DICOMs are encoded from there, so a 9k x 6k result never sits in memory whole."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    sr, std, normaliser = super_resolve(model, schedule, values, pad, factor, cfg, device, dicom_io.stored_range(ds))
-    info = {
-        "infer_wall_s": time.perf_counter() - t0,
-        "infer_cpu_s": time.process_time() - cpu0,
-        "norm_lo": normaliser.lo,
-        "norm_hi": normaliser.hi,
-        "output_shape": list(sr.shape),
-    }
-    info.update(write_outputs(out_dir, input_path, ds, sr, std, factor, cfg, input_path.stem))
-    # preview: the central (up to) 64x64 input pixels, bicubic vs SR vs std (only the crop is upsampled)
-    (y0, y1), (x0, x1) = [(n // 2 - min(n, 64) // 2, n // 2 - min(n, 64) // 2 + min(n, 64)) for n in values.shape]
-    bicubic = np.clip(upsample(torch.from_numpy(values[y0:y1, x0:x1]), factor).numpy(), *dicom_io.stored_range(ds))
-    ys, xs = slice(y0 * factor, y1 * factor), slice(x0 * factor, x1 * factor)
-    viz.save_panel(
-        out_dir / "preview.png",
-        [bicubic, sr[ys, xs], std[ys, xs]],
-        ["bicubic", f"SR x{factor}", "std"],
-        window=(normaliser.lo, normaliser.hi),
-    )
+    normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
+    shape, stored = (values.shape[0] * factor, values.shape[1] * factor), dicom_io.stored_range(ds)
+    std_max, std_sum = 0.0, 0.0
+    with tempfile.TemporaryFile(dir=out_dir) as sr_file, tempfile.TemporaryFile(dir=out_dir) as std_file:
+        for _, sr, std in super_resolve(model, schedule, values, pad, normaliser, factor, cfg, device, stored):
+            sr_file.write(sr.astype("<f4").tobytes())
+            std_file.write(std.astype("<f4").tobytes())
+            std_max, std_sum = max(std_max, float(std.max())), std_sum + float(std.sum(dtype=np.float64))
+        sr, std = dicom_io.RawImage(sr_file, shape), dicom_io.RawImage(std_file, shape)
+        info = {
+            "infer_wall_s": time.perf_counter() - t0,
+            "infer_cpu_s": time.process_time() - cpu0,
+            "norm_lo": normaliser.lo,
+            "norm_hi": normaliser.hi,
+            "output_shape": list(shape),
+            "uncertainty_mean": std_sum / (shape[0] * shape[1]),
+        }
+        info.update(write_outputs(out_dir, input_path, ds, sr, std, std_max, factor, cfg, input_path.stem))
+        # preview: the central (up to) 64x64 input pixels, bicubic vs SR vs std (only the crop is upsampled)
+        (y0, y1), (x0, x1) = [(n // 2 - min(n, 64) // 2, n // 2 - min(n, 64) // 2 + min(n, 64)) for n in values.shape]
+        bicubic = np.clip(upsample(torch.from_numpy(values[y0:y1, x0:x1]), factor).numpy(), *stored)
+        xs = slice(x0 * factor, x1 * factor)
+        viz.save_panel(
+            out_dir / "preview.png",
+            [bicubic, sr.rows(y0 * factor, y1 * factor)[:, xs], std.rows(y0 * factor, y1 * factor)[:, xs]],
+            ["bicubic", f"SR x{factor}", "std"],
+            window=(normaliser.lo, normaliser.hi),
+        )
     return info
 
 
@@ -766,7 +823,7 @@ def run_evaluate(input_path: Path, factor: int, cfg: Config, out_dir: Path, devi
     model, schedule, info = train_model(normaliser.forward(low), factor, cfg, device, out_dir)
     save_model(out_dir / "model.pt", model, cfg, factor, info)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    sr, std, _ = super_resolve(model, schedule, low, None, factor, cfg, device, stored)
+    sr, std = collect(super_resolve(model, schedule, low, None, normaliser, factor, cfg, device, stored), (h, w))
     infer_wall, infer_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     t0 = time.perf_counter()
     bicubic = np.clip(upsample(torch.from_numpy(low), factor).numpy(), *stored)

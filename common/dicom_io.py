@@ -8,9 +8,12 @@ PhotometricInterpretation to outputs, so a derived image displays like its sourc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
+import tempfile
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -244,19 +247,58 @@ def _ds_number(x: float) -> float:
     return float(format_number_as_ds(float(x)))
 
 
-def _encode(values: np.ndarray, ds: Dataset) -> None:
+@dataclasses.dataclass(frozen=True)
+class RawImage:
+    """A float32 image held in an open binary file, row after row. A large derived image (a 9k x 6k
+    super-resolution) is written strip by strip and encoded from there, so it never sits in memory whole; a
+    np.memmap would not do, since the pages it touches count as resident memory."""
+
+    file: BinaryIO
+    shape: tuple[int, int]
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        width = self.shape[1]
+        self.file.seek(y0 * width * 4)
+        return np.frombuffer(self.file.read((y1 - y0) * width * 4), "<f4").reshape(y1 - y0, width).copy()
+
+    def blocks(self, rows: int = 256):
+        """(first row, float32 block of up to `rows` rows), top to bottom."""
+        for r in range(0, self.shape[0], rows):
+            yield r, self.rows(r, min(r + rows, self.shape[0]))
+
+
+def _blocks(values: np.ndarray | RawImage, rows: int = 256):
+    """(first row, float64 block) of an array or a RawImage: no full-size float64 copy is ever made."""
+    if isinstance(values, RawImage):
+        yield from ((r, block.astype(np.float64)) for r, block in values.blocks(rows))
+    else:
+        yield from ((r, np.asarray(values[r : r + rows], np.float64)) for r in range(0, values.shape[0], rows))
+
+
+def _value_range(values: np.ndarray | RawImage) -> tuple[float, float]:
+    """(min, max); NaN if any value is not finite."""
+    vmin, vmax = np.inf, -np.inf
+    for _, block in _blocks(values):
+        if not np.isfinite(block).all():
+            return np.nan, np.nan
+        vmin, vmax = min(vmin, float(block.min())), max(vmax, float(block.max()))
+    return vmin, vmax
+
+
+def _encode(values: np.ndarray | RawImage, ds: Dataset, pixel_file: BinaryIO | None = None) -> None:
     """Store `values` in 16-bit PixelData with slope/intercept that round-trip within half a stored unit.
 
     Candidates, first that fits wins: the template's bits and rescale; 16 bits; the template's slope with the
     intercept moved by whole stored units (integer data stays exact); a new slope. Templates whose IOD fixes the
-    rescale (DX/MG) or that have none are clipped to 16 bits instead of rescaled.
+    rescale (DX/MG) or that have none are clipped to 16 bits instead of rescaled. Encoded by row blocks; with a
+    `pixel_file`, PixelData is streamed through it rather than held in memory.
     """
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     slope, intercept = (_ds_number(v) for v in _rescale(ds))
     bits0 = int(ds.get("BitsStored", 16)) if int(ds.get("BitsAllocated", 16)) == 16 else 16
     fixed = "RescaleSlope" not in ds or str(ds.get("SOPClassUID", "")).startswith(FIXED_RESCALE_PREFIX)
     lo16, hi16 = _int_range(16, signed)
-    vmin, vmax = float(values.min()), float(values.max())
+    vmin, vmax = _value_range(values)
     shift = np.rint((vmin - intercept) / slope) - lo16
     new_slope = _ds_number(max((vmax - vmin) / (hi16 - lo16 - 2), np.finfo(np.float32).tiny))
     candidates = [(bits0, slope, intercept), (16, slope, intercept)]
@@ -266,11 +308,10 @@ def _encode(values: np.ndarray, ds: Dataset) -> None:
             (16, new_slope, _ds_number(vmin - (lo16 + 1) * new_slope)),
         ]
     for bits, s, b in candidates:
-        stored = np.rint((values - b) / s)
+        ends = np.rint((np.array([vmin, vmax]) - b) / s)  # rint((v - b) / s) is monotonic: the extremes decide
         lo, hi = _int_range(bits, signed)
-        if stored.min() >= lo and stored.max() <= hi:
+        if ends.min() >= lo and ends.max() <= hi:
             break
-    stored = np.clip(stored, lo, hi)  # only bites for fixed-rescale templates: "values clipped to the range"
     if (s, b) != (slope, intercept) or not lo <= int(ds.get("PixelPaddingValue", lo)) <= hi:
         for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
             ds.pop(keyword, None)  # stored padding no longer means the same physical value
@@ -279,12 +320,22 @@ def _encode(values: np.ndarray, ds: Dataset) -> None:
     ds.Rows, ds.Columns = values.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, int(signed)
     ds.SamplesPerPixel = 1
-    ds["PixelData"] = pydicom.DataElement(0x7FE00010, "OW", stored.astype("<i2" if signed else "<u2").tobytes())
+    dtype = "<i2" if signed else "<u2"
+    stored = None if pixel_file is not None else np.empty(values.shape, dtype)
+    for r, block in _blocks(values):
+        block = np.clip(np.rint((block - b) / s), lo, hi)  # clip only bites for fixed-rescale templates
+        if stored is None:
+            pixel_file.write(block.astype(dtype).tobytes())
+        else:
+            stored[r : r + len(block)] = block
+    if pixel_file is not None:
+        pixel_file.seek(0)
+    ds["PixelData"] = pydicom.DataElement(0x7FE00010, "OW", pixel_file if stored is None else stored.tobytes())
 
 
 def write_derived_dicom(
     template: Dataset,
-    values: np.ndarray,
+    values: np.ndarray | RawImage,
     out_path: str | Path,
     *,
     description: str,
@@ -296,14 +347,16 @@ def write_derived_dicom(
     slice_thickness_mm: float | None = None,
     spacing_between_slices_mm: float | None = None,
 ) -> Path:
-    """A new image in the template's study: new SOPInstanceUID, given or new SeriesInstanceUID, DERIVED."""
+    """A new image in the template's study: new SOPInstanceUID, given or new SeriesInstanceUID, DERIVED.
+    `values` in physical units, an array or a RawImage; the pixels are encoded by row blocks through an
+    anonymous temporary file beside `out_path`, so writing adds little memory even for a 9k x 6k image."""
     out_path = Path(out_path)
     if isinstance(getattr(template, "filename", None), (str, Path)):
         refuse_overwrite_input(out_path, template.filename)
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2:
+    values = values if isinstance(values, RawImage) else np.asarray(values)
+    if len(values.shape) != 2:
         raise ValueError(f"write_derived_dicom expects a 2-D image, got shape {values.shape}")
-    if not np.isfinite(values).all():
+    if not np.isfinite(_value_range(values)).all():
         raise UserError(f"{out_path}: values to write contain NaN/Inf; nothing written")
     # A fresh Dataset holds parsed values, so a big-endian or implicit-VR template can be written as explicit
     # little endian. Overlays/curves (60xx/50xx) lie on the old grid and group lengths (gggg,0000) go stale.
@@ -313,7 +366,6 @@ def write_derived_dicom(
             ds.add(copy.deepcopy(elem))
     if "ModalityLUTSequence" in template:  # its output values are stored through a plain rescale instead
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "US"
-    _encode(values, ds)
     now = datetime.datetime.now()
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = series_uid or generate_uid()
@@ -338,7 +390,10 @@ def write_derived_dicom(
         ds.SliceThickness = format_number_as_ds(float(slice_thickness_mm))
     if spacing_between_slices_mm is not None:
         ds.SpacingBetweenSlices = format_number_as_ds(float(spacing_between_slices_mm))
-    write_dataset(ds, out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_path.parent) as pixel_file:  # unlinked: gone even after a crash
+        _encode(values, ds, pixel_file)
+        write_dataset(ds, out_path)
     return out_path
 
 
@@ -436,7 +491,7 @@ def make_ct_dataset(
     ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored = 1, 16, 16
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     ds.WindowCenter, ds.WindowWidth, ds.WindowCenterWidthExplanation = 40, 400, "SOFT TISSUE"
-    _encode(np.asarray(hu, dtype=np.float64), ds)
+    _encode(np.asarray(hu), ds)
     return ds
 
 
@@ -472,7 +527,7 @@ def make_projection_dataset(
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
     ds.WindowCenter, ds.WindowWidth = (1 << bits_stored) // 2, 1 << bits_stored
     ds.LossyImageCompression = "00"
-    _encode(stored.astype(np.float64), ds)
+    _encode(stored, ds)
     return ds
 
 

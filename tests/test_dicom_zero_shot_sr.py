@@ -51,8 +51,18 @@ def test_blend_identity_reproduces_input_exactly_on_odd_sized_image():
         calls.append(tiles.shape)
         return tiles, np.zeros_like(tiles)
 
-    mean, std = zssr.blend_tiles(image, identity, tile=32, overlap=12, batch=3)
+    asked = []
+
+    def rows(y0, y1):
+        asked.append((y0, y1))
+        return image[y0:y1]
+
+    strips = list(zssr.blend_tiles(rows, image.shape, identity, tile=32, overlap=12, batch=3))
     assert len(calls) > 3 and all(c[1:] == (32, 32) for c in calls)  # really tiled, with overlapping tiles
+    assert all(y1 - y0 == 32 for y0, y1 in asked)  # the image is only ever read one tile row at a time
+    assert [y0 for y0, _, _ in strips] == list(np.cumsum([0] + [len(m) for _, m, _ in strips[:-1]]))
+    assert max(len(m) for _, m, _ in strips) <= 32  # finished rows leave as soon as they are final
+    mean, std = zssr.collect(strips, image.shape)
     assert np.array_equal(mean, image)
     assert np.array_equal(std, np.zeros_like(image))
 
@@ -68,8 +78,11 @@ def test_blend_has_no_seams_when_tiles_disagree():
     def max_jump(a):
         return max(np.abs(np.diff(a, axis=0)).max(), np.abs(np.diff(a, axis=1)).max())
 
-    blended, _ = zssr.blend_tiles(image, shifted, tile=40, overlap=16, batch=1)
-    hard, _ = zssr.blend_tiles(image, shifted, tile=40, overlap=0, batch=1)  # no overlap: butt-joined tiles
+    def blend(overlap):
+        strips = zssr.blend_tiles(lambda a, b: image[a:b], image.shape, shifted, 40, overlap)
+        return zssr.collect(strips, image.shape)[0]
+
+    blended, hard = blend(16), blend(0)  # no overlap: butt-joined tiles
     assert np.ptp(blended) > 0.3  # tiles did disagree
     assert max_jump(blended) < 0.15  # smooth cross-fade: about pi/(2*16) per pixel for a unit disagreement
     assert max_jump(hard) > 3 * max_jump(blended)
@@ -84,7 +97,9 @@ def test_tiled_inference_with_identity_model_reproduces_input_exactly():
     schedule = zssr.Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     values = np.random.default_rng(2).normal(300, 200, size=(15, 41)).astype(np.float32)  # 45 x 123 output
     stored = (-1024.0, 3071.0)
-    sr, std, normaliser = zssr.super_resolve(model, schedule, values, None, 3, cfg, torch.device("cpu"), stored)
+    normaliser = zssr.Normaliser.fit(values, cfg.data.percentiles)
+    strips = zssr.super_resolve(model, schedule, values, None, normaliser, 3, cfg, torch.device("cpu"), stored)
+    sr, std = zssr.collect(strips, (45, 123))
     cond = zssr.upsample(torch.from_numpy(normaliser.forward(values)), 3).numpy()
     assert sr.shape == (45, 123) and cfg.sample.patch_size < 123  # several tiles across
     assert np.array_equal(sr, np.clip(normaliser.inverse(cond), *stored).astype(np.float32))
@@ -97,7 +112,8 @@ def test_uncertainty_outputs_png_colour_bar_and_dicom(tmp_path):
     cfg = zssr.load_config(zssr.Config, zssr.default_config_path(zssr.__file__), "tiny", None)
     std = np.zeros((80, 64), np.float32)
     std[40, 30] = 7.0  # one uncertain pixel: a black map, so every colour in the PNG belongs to the colour bar
-    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, np.full_like(std, 500), std, 2, cfg, "in")
+    files = [raw_image(tmp_path / name, a) for name, a in (("sr.f32", np.full_like(std, 500)), ("std.f32", std))]
+    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, *files, 7.0, 2, cfg, "in")
     png = imread(tmp_path / "uncertainty.png")[..., :3]
     saturated = png.max(-1) - png.min(-1) > 0.3  # magma's purples, oranges and yellows
     assert len(np.unique(png.reshape(-1, 3), axis=0)) > 100 and saturated.sum() > 2000
@@ -105,6 +121,29 @@ def test_uncertainty_outputs_png_colour_bar_and_dicom(tmp_path):
     assert unc.shape == std.shape and unc[40, 30] == 7.0 and unc.sum() == 7.0
     assert unc_ds.PhotometricInterpretation == "MONOCHROME2" and unc_ds.PresentationLUTShape == "IDENTITY"
     assert [float(v) for v in unc_ds.ImagerPixelSpacing] == [0.035, 0.035]
+
+
+def raw_image(path: Path, values: np.ndarray) -> dicom_io.RawImage:
+    path.write_bytes(values.astype("<f4").tobytes())
+    return dicom_io.RawImage(open(path, "rb"), values.shape)  # noqa: SIM115 (closed with the test's tmp_path)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_upsample_is_torch_bicubic_and_any_row_strip_is_exact(factor):
+    low = torch.from_numpy(np.random.default_rng(factor).normal(size=(37, 29)).astype(np.float32))
+    full = zssr.upsample(low, factor)
+    # torch's kernel in float64 (its float32 source coordinates are off by 1e-5 at x3 already on 111 rows)
+    reference = torch.nn.functional.interpolate(low[None, None].double(), scale_factor=factor, mode="bicubic")[0, 0]
+    assert full.shape == (37 * factor, 29 * factor) and torch.allclose(full.double(), reference, atol=1e-6, rtol=0)
+    for y0, y1 in [(0, 5), (3, 40), (17, 18), (37 * factor - 9, 37 * factor), (0, 37 * factor)]:
+        assert torch.equal(zssr.upsample_rows(low, factor, y0, y1), full[y0:y1])  # bit for bit, not close
+
+
+def test_uncertainty_map_block_maximum_keeps_single_pixels(tmp_path):
+    std = np.zeros((700, 300), np.float32)
+    std[699, 5], std[3, 299] = 2.0, 1.0
+    shown, k = zssr.display_map(raw_image(tmp_path / "std.f32", std), max_side=100)
+    assert k == 7 and shown.shape == (100, 43) and shown[99, 0] == 2.0 and shown[0, 42] == 1.0 and shown.sum() == 3.0
 
 
 def test_normaliser_inverse_and_sampler_shapes():
