@@ -168,10 +168,13 @@ def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
     return values, ds, pad
 
 
-def fill_padding(values: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
+def fill_padding(values: np.ndarray, pad: np.ndarray | None, lowest: float | None = None) -> np.ndarray:
     """Padding (e.g. CT outside the FOV) set to the lowest real value, so its 2000-HU step neither dominates
-    training nor leaks into neighbours through the bicubic conditioning; outputs restore the padding."""
-    return values if pad is None else np.where(pad, values[~pad].min(), values).astype(np.float32)
+    training nor leaks into neighbours through the bicubic conditioning; outputs restore the padding.
+    `lowest`: the whole image's, when `values` are only some of its rows."""
+    if pad is None:
+        return values
+    return np.where(pad, values[~pad].min() if lowest is None else lowest, values).astype(np.float32)
 
 
 def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -212,10 +215,11 @@ def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
     return lr
 
 
-def upsample_rows(lr: torch.Tensor, factor: int, y0: int, y1: int) -> torch.Tensor:
-    """Rows y0:y1 of upsample(lr, factor) from the only input rows they need (a 4-tap kernel: two each side)."""
-    a, b = max(0, y0 // factor - 2), min(lr.shape[-2], (y1 - 1) // factor + 3)
-    return upsample(lr[..., a:b, :], factor)[..., y0 - a * factor : y1 - a * factor, :]
+def upsample_rows(rows, height: int, factor: int, y0: int, y1: int) -> torch.Tensor:
+    """Rows y0:y1 of the upsampled image from only the input rows they need (4 taps: two each side).
+    `rows(a, b)` gives input rows a:b of an image `height` rows high, so the input can be prepared per strip."""
+    a, b = max(0, y0 // factor - 2), min(height, (y1 - 1) // factor + 3)
+    return upsample(rows(a, b), factor)[..., y0 - a * factor : y1 - a * factor, :]
 
 
 def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device) -> list[tuple]:
@@ -626,14 +630,19 @@ def super_resolve(
     stored: tuple[float, float],
 ):
     """Physical image -> (y0, super-resolved rows, per-pixel std rows), both in physical units, top to bottom.
-    The bicubic conditioning is made strip by strip too, so nothing of output size is ever held: memory is
-    the input, the model and one strip of tiles."""
-    low = torch.from_numpy(normaliser.forward(fill_padding(values, pad)))
+    The normalised input and its bicubic upsampling are made strip by strip too, so nothing of output size is
+    ever held: memory is the input, the model and one strip of tiles."""
+    lowest = float(values[~pad].min()) if pad is not None else None
+
+    def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the whole input
+        return torch.from_numpy(normaliser.forward(fill_padding(values[a:b], pad[a:b] if pad is not None else None,
+                                                                lowest)))
+
     amp = runtime.switch_on(cfg.train.amp, device)
     tile_fn = diffusion_tile_fn(model, schedule, cfg.sample, device, amp, cfg.train.seed)
     shape = (values.shape[0] * factor, values.shape[1] * factor)
     strips = blend_tiles(
-        lambda y0, y1: upsample_rows(low, factor, y0, y1).numpy(),
+        lambda y0, y1: upsample_rows(low, len(values), factor, y0, y1).numpy(),
         shape, tile_fn, cfg.sample.patch_size, cfg.sample.overlap, cfg.sample.tile_batch,
     )
     for y0, mean, std in strips:

@@ -280,7 +280,7 @@ def zssr_inference(h: int, w: int, device_name: str, threads: int) -> dict:
     stored = np.random.default_rng(0).integers(0, 4096, (h, w), dtype=np.uint16)
     ds = dicom_io.make_projection_dataset(stored, bits_stored=12)  # MG: slope 1, intercept 0
     values = stored.astype(np.float32)
-    del stored
+    del stored, ds.PixelData  # as load_input: the header is the template, the values are in `values`
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         info = zs.infer_file(model, schedule, cfg, 2, Path(out) / "input.dcm", values, ds, None, Path(out), device)
@@ -559,11 +559,15 @@ unchanged (tested equal in `tests/test_ldct_stages.py`).
     r['seconds'] / r['nfe'] for r in results['sampling']):.0f} s per network evaluation here); DDPM-1000 rows are
   seconds per evaluation x 1000, measured, not run end to end.
 - Scaling: time grows about linearly with pixels/voxels (exponents {s['zero_shot_sr']['time_exponent']} and
-  {s['through_plane']['time_exponent']}). Network memory is bounded by the patch. Zero-shot SR streams: tile rows
-  are blended as they finish, the bicubic conditioning is made per strip and the SR and std images go to temporary
-  files from which the DICOMs are encoded, so its peak RSS grows by {per_px:.2f} bytes per extra output pixel
-  between {zs[1]['input']} and {zs[-1]['input']} (holding the SR image and its std map in float32 alone would
-  take 8): {'flat' if per_px < 1 else 'not flat'}. Through-plane holds its output volume.
+  {s['through_plane']['time_exponent']}). Network memory is bounded by the patch. Zero-shot SR streams: the
+  normalised input and its bicubic upsampling are made per row of tiles, rows are blended as they finish and the
+  SR and std rows go to temporary files from which the DICOMs are encoded. From {zs[1]['input']} to
+  {zs[-1]['input']} its peak RSS grows {zs[-1]['peak_rss_mb'] - zs[1]['peak_rss_mb']:.0f} MB
+  ({100 * (zs[-1]['peak_rss_mb'] / zs[1]['peak_rss_mb'] - 1):.0f}%) while the output grows
+  {zs[-1]['pixels'] / zs[1]['pixels']:.0f}x: {per_px:.2f} bytes per extra output pixel, where holding the SR
+  image and its std map in float32 would take 8 and the input's own float32 values take 1 (x2: four output
+  pixels per input pixel). What is left grows with the input and the image width (one row of tiles).
+  Through-plane holds its output volume.
 - Distributed on this 2-core machine: two 1-thread processes against one 2-thread process measure gloo's
   all-reduce overhead, not a speed-up; run it on a multi-GPU box for nccl scaling.
 """
