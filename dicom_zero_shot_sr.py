@@ -635,8 +635,8 @@ def super_resolve(
     lowest = float(values[~pad].min()) if pad is not None else None
 
     def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the whole input
-        return torch.from_numpy(normaliser.forward(fill_padding(values[a:b], pad[a:b] if pad is not None else None,
-                                                                lowest)))
+        rows_pad = pad[a:b] if pad is not None else None
+        return torch.from_numpy(normaliser.forward(fill_padding(values[a:b], rows_pad, lowest)))
 
     amp = runtime.switch_on(cfg.train.amp, device)
     tile_fn = diffusion_tile_fn(model, schedule, cfg.sample, device, amp, cfg.train.seed)
