@@ -1,6 +1,7 @@
 """dicom_zero_shot_sr.py: patch blending (unit), then the real CLI in subprocesses on tiny synthetic and real DICOM."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -112,8 +113,8 @@ def test_uncertainty_outputs_png_colour_bar_and_dicom(tmp_path):
     cfg = zssr.load_config(zssr.Config, zssr.default_config_path(zssr.__file__), "tiny", None)
     std = np.zeros((80, 64), np.float32)
     std[40, 30] = 7.0  # one uncertain pixel: a black map, so every colour in the PNG belongs to the colour bar
-    files = [raw_image(tmp_path / name, a) for name, a in (("sr.f32", np.full_like(std, 500)), ("std.f32", std))]
-    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, *files, 7.0, 2, cfg, "in")
+    sr, unc_map = raw_image(np.full_like(std, 500)), raw_image(std)
+    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, sr, unc_map, 7.0, 2, cfg, "in")
     png = imread(tmp_path / "uncertainty.png")[..., :3]
     saturated = png.max(-1) - png.min(-1) > 0.3  # magma's purples, oranges and yellows
     assert len(np.unique(png.reshape(-1, 3), axis=0)) > 100 and saturated.sum() > 2000
@@ -123,9 +124,8 @@ def test_uncertainty_outputs_png_colour_bar_and_dicom(tmp_path):
     assert [float(v) for v in unc_ds.ImagerPixelSpacing] == [0.035, 0.035]
 
 
-def raw_image(path: Path, values: np.ndarray) -> dicom_io.RawImage:
-    path.write_bytes(values.astype("<f4").tobytes())
-    return dicom_io.RawImage(open(path, "rb"), values.shape)  # noqa: SIM115 (closed with the test's tmp_path)
+def raw_image(values: np.ndarray) -> dicom_io.RawImage:
+    return dicom_io.RawImage(io.BytesIO(values.astype("<f4").tobytes()), values.shape)
 
 
 @pytest.mark.parametrize("factor", [2, 3, 4])
@@ -143,7 +143,7 @@ def test_upsample_is_torch_bicubic_and_any_row_strip_is_exact(factor):
 def test_uncertainty_map_block_maximum_keeps_single_pixels(tmp_path):
     std = np.zeros((700, 300), np.float32)
     std[699, 5], std[3, 299] = 2.0, 1.0
-    shown, k = zssr.display_map(raw_image(tmp_path / "std.f32", std), max_side=100)
+    shown, k = zssr.display_map(raw_image(std), max_side=100)
     assert k == 7 and shown.shape == (100, 43) and shown[99, 0] == 2.0 and shown[0, 42] == 1.0 and shown.sum() == 3.0
 
 
