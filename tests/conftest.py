@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -7,6 +8,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def run_cli(script, args, cwd=ROOT, ok=True, timeout=600, threads=1) -> subprocess.CompletedProcess:
+    """Run `python SCRIPT args...` (SCRIPT: a file name in the repo like "ldct_denoise.py", or a path) in a
+    subprocess, as a user would. With ok=True a non-zero exit fails the test and shows the tail of both streams."""
+    path = Path(script) if Path(script).is_absolute() else ROOT / script
+    cmd = [sys.executable, str(path), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0", "COLUMNS": "160"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if ok:
+        assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return proc
 
 
 @pytest.fixture(scope="session")
