@@ -177,6 +177,18 @@ def load_checkpoint(path: str | Path, script: str | None = None) -> dict:
     return state
 
 
+def stop_if_not_finite(loss: torch.Tensor, step: int, ckpt_path: str | Path) -> None:
+    """The non-finite-loss stop every training loop makes before its update, so no NaN ever reaches the weights
+    or a checkpoint. `step` is the number of updates done so far."""
+    if not torch.isfinite(loss).all():
+        ckpt_path = Path(ckpt_path)
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+        raise UserError(
+            f"non-finite loss ({loss.detach().float().mean().item()}) at step {step + 1}; training stopped before "
+            f"the update, {kept} (lower train.lr or check the data)"
+        )
+
+
 def prepare_run_dir(out_dir: str | Path, cfg: Any, script_file: str | Path, argv: list[str] | None = None) -> Path:
     """Every run folder is a record: resolved config, command line and the exact script that ran."""
     run_dir = Path(out_dir)
