@@ -1,4 +1,5 @@
-"""Config loading: dataclass defaults <- configs/<script>.yaml defaults <- preset <- `--set section.key=value`.
+"""Config loading: dataclass defaults <- configs/<script>.yaml defaults <- preset <- partial override files
+<- `--set section.key=value`.
 
 Configs are nested dataclasses (a top-level class whose fields are section dataclasses). Values are converted by
 the field's type because YAML reads `1e-4` as a string; unknown keys are errors, not silent typos.
@@ -87,31 +88,74 @@ def _apply(cfg: Any, updates: dict, where: str) -> None:
             setattr(cfg, key, _convert(value, hints[key], path))
 
 
-def load_config(cfg_cls: type, config_path: str | Path | None, preset: str | None, overrides: list[str] | None):
-    """Build a config: dataclass defaults <- yaml `defaults` <- `presets[preset]` <- overrides."""
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {path} must hold a mapping at the top level")
+    if set(raw) & {"defaults", "presets"} and not set(raw) <= {"defaults", "presets"}:
+        raise UserError(
+            f"config: {path} mixes 'defaults'/'presets' with sections ({', '.join(map(str, raw))}); use either "
+            "the full layout (defaults + presets) or a partial override file (sections only)"
+        )
+    return raw
+
+
+def _apply_from(cfg: Any, updates: dict, where: str) -> None:
+    """`_apply`, with the file (and preset) named in the error: with several configs around, "unknown key"
+    alone sends users hunting."""
+    try:
+        _apply(cfg, updates or {}, "")
+    except UserError as exc:
+        raise UserError(str(exc).replace("config:", f"config {where}:", 1)) from None
+
+
+def _as_paths(config_paths: str | Path | list | tuple | None) -> list[Path]:
+    if config_paths is None:
+        return []
+    if isinstance(config_paths, (str, Path)):
+        return [Path(config_paths)]
+    return [Path(p) for p in config_paths]
+
+
+def load_config(
+    cfg_cls: type,
+    config_paths: str | Path | list | None,
+    preset: str | None,
+    overrides: list[str] | None,
+    shipped: str | Path | None = None,
+):
+    """Build a config. Order (later wins): dataclass defaults <- `defaults` of the shipped file, then of each full
+    file given <- `presets[preset]` (the last file that defines it) <- each partial override file, in the order
+    given <- `--set` overrides.
+
+    A full file holds `defaults` and/or `presets`; a partial override file holds sections in the flat layout of
+    `defaults` (`train: {lr: 2.0e-6}`). `config_paths` is what `--config` gave (one path, several, or None);
+    `shipped` is the script's own configs/<stem>.yaml, applied first when it exists."""
+    given = [(path, _read_yaml(path)) for path in _as_paths(config_paths)]
+    full = [(path, raw) for path, raw in given if set(raw) & {"defaults", "presets"}]
+    partial = [(path, raw) for path, raw in given if not set(raw) & {"defaults", "presets"}]
+    if shipped is not None and (Path(shipped).is_file() or not full):
+        full.insert(0, (Path(shipped), _read_yaml(Path(shipped))))
     cfg = cfg_cls()
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise UserError(f"config: file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict) or not set(raw) <= {"defaults", "presets"}:
-            raise UserError(f"config: {path} must hold only 'defaults' and 'presets' at the top level")
-        presets = raw.get("presets") or {}
-        if preset is not None and preset not in presets:
-            raise UserError(f"config: unknown preset '{preset}' in {path} (known: {', '.join(presets)})")
-        try:  # the error names the file: with several configs around, "unknown key" alone sends users hunting
-            _apply(cfg, raw.get("defaults") or {}, "")
-            if preset is not None:
-                _apply(cfg, presets[preset] or {}, "")
-        except UserError as exc:
-            where = f"{path} (preset {preset})" if preset is not None else str(path)
-            raise UserError(str(exc).replace("config:", f"config {where}:", 1)) from None
+    presets: dict[str, tuple[Path, dict]] = {}
+    for path, raw in full:
+        _apply_from(cfg, raw.get("defaults") or {}, str(path))
+        presets |= {name: (path, values or {}) for name, values in (raw.get("presets") or {}).items()}
+    if preset is not None and preset in presets:
+        path, values = presets[preset]
+        _apply_from(cfg, values, f"{path} (preset {preset})")
     elif preset not in (None, "full"):
-        raise UserError(f"config: preset '{preset}' needs a config file")
+        where = ", ".join(str(path) for path, _ in full) or "no full config file"
+        raise UserError(
+            f"config: unknown preset '{preset}' in {where} (known: {', '.join(presets) or 'none'})"
+        )
+    for path, raw in partial:
+        _apply_from(cfg, raw, str(path))
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"config: --set expects section.key=value, got '{item}'")

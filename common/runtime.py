@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,16 +183,22 @@ def stop_if_not_finite(loss: torch.Tensor, step: int, ckpt_path: str | Path) -> 
     or a checkpoint. `step` is the number of updates done so far."""
     if not torch.isfinite(loss).all():
         ckpt_path = Path(ckpt_path)
-        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+        kept = (
+            f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+        )
         raise UserError(
             f"non-finite loss ({loss.detach().float().mean().item()}) at step {step + 1}; training stopped before "
             f"the update, {kept} (lower train.lr or check the data)"
         )
 
 
-def prepare_run_dir(out_dir: str | Path, cfg: Any, script_file: str | Path, argv: list[str] | None = None) -> Path:
+def prepare_run_dir(
+    out_dir: str | Path, cfg: Any, script_file: str | Path, argv: list[str] | None = None
+) -> Path:
     """Every run folder is a record: resolved config, command line and the exact script that ran."""
     run_dir = Path(out_dir)
+    if not run_dir.exists():
+        _created_run_dirs.append(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way, no permission, read-only disk: say so before any work starts
@@ -203,7 +210,36 @@ def prepare_run_dir(out_dir: str | Path, cfg: Any, script_file: str | Path, argv
     script = Path(script_file)
     with atomic_path(run_dir / script.name) as tmp:
         shutil.copyfile(script, tmp)
+    global _warning_log
+    _warning_log = run_dir / "train.log"
     return run_dir
+
+
+# Run folders this process created, and the train.log that warnings are copied to (see cli_main).
+_created_run_dirs: list[Path] = []
+_warning_log: Path | None = None
+_RECORD_ONLY = {"config.yaml", "command.txt", "train.log"}
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as users read them: `warning: <text>` on one line on stderr (and in the run's train.log), not
+    Python's `file.py:178: UserWarning:` followed by a source line."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+    if _warning_log is not None and _warning_log.parent.is_dir():
+        with open(_warning_log, "a") as fh:
+            fh.write(f"warning: {text}\n")
+
+
+def _remove_unfinished_run_dirs() -> None:
+    """A failed command leaves no output folder that holds nothing but its own record (config, command line,
+    the script copy): such a folder looks like a result and is not one. Folders that existed before are kept."""
+    for run_dir in _created_run_dirs:
+        if not run_dir.is_dir():
+            continue
+        names = {p.name for p in run_dir.iterdir()}
+        if all(name in _RECORD_ONLY or name.endswith(".py") or name.startswith(".") for name in names):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # --- progress and metrics ---
@@ -212,8 +248,15 @@ def prepare_run_dir(out_dir: str | Path, cfg: Any, script_file: str | Path, argv
 class ProgressLogger:
     """Rich bar for people, metrics.jsonl + plain log lines for records (a bar is no record in a log file)."""
 
-    def __init__(self, run_dir: str | Path | None, total_steps: int, desc: str, enabled: bool = True,
-                 log_every: int = 10, start_step: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        total_steps: int,
+        desc: str,
+        enabled: bool = True,
+        log_every: int = 10,
+        start_step: int = 0,
+    ):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.total, self.desc, self.enabled, self.log_every = total_steps, desc, enabled, max(1, log_every)
         self.start_step, self.progress, self.task = start_step, None, None
@@ -223,10 +266,17 @@ class ProgressLogger:
         if self.enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             self.progress.start()
-            self.task = self.progress.add_task(self.desc, total=self.total, completed=self.start_step, info="")
+            self.task = self.progress.add_task(
+                self.desc, total=self.total, completed=self.start_step, info=""
+            )
         return self
 
     def log(self, step: int, **scalars: float) -> None:
@@ -236,6 +286,8 @@ class ProgressLogger:
         rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
         record = {"step": step, "time_s": round(elapsed, 3), **{k: _plain(v) for k, v in scalars.items()}}
         info = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items()) + f" {rate:.2f} it/s"
+        if rate > 0 and step < self.total:
+            info += f" eta {format_duration((self.total - step) / rate)}"
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -255,6 +307,16 @@ class ProgressLogger:
         return False
 
 
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 9.3 -> '9s': a time left that people read at a glance."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.item()
@@ -270,8 +332,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def print_metrics_table(rows: list[dict], title: str, json_path: str | Path | None = None,
-                        notes: list[str] | tuple = ()) -> None:
+def print_metrics_table(
+    rows: list[dict], title: str, json_path: str | Path | None = None, notes: list[str] | tuple = ()
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -296,17 +359,24 @@ def print_metrics_table(rows: list[dict], title: str, json_path: str | Path | No
 
 def cli_main(app) -> None:
     """Run a Typer app; a UserError becomes one line on stderr and exit code 2, never a traceback.
-    Typer itself (standalone mode) handles usage errors and exit codes."""
+    Typer itself (standalone mode) handles usage errors and exit codes. Warnings print as one line."""
+    warnings.showwarning = _one_line_warning
     try:
         app()
     except UserError as exc:
+        _remove_unfinished_run_dirs()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as exc:  # disk full, permission denied mid-run: the file and the reason, not a traceback
+        _remove_unfinished_run_dirs()
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         sys.exit(1)
+    except SystemExit as exc:  # typer's standalone mode exits through here, failures included
+        if exc.code not in (0, None):
+            _remove_unfinished_run_dirs()
+        raise
     finally:
         cleanup_distributed()
