@@ -1,8 +1,9 @@
 """Config loading: dataclass defaults <- configs/<script>.yaml defaults <- preset <- partial override files
 <- `--set section.key=value`.
 
-Configs are nested dataclasses (a top-level class whose fields are section dataclasses). Values are converted by
-the field's type because YAML reads `1e-4` as a string; unknown keys are errors, not silent typos.
+Configs are nested dataclasses (a top-level class whose fields are section dataclasses). Values are
+converted by the field's type because YAML reads `1e-4` as a string; unknown keys are errors, not silent
+typos.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"config: {path} must hold a mapping at the top level")
     if set(raw) & {"defaults", "presets"} and not set(raw) <= {"defaults", "presets"}:
         raise UserError(
-            f"config: {path} mixes 'defaults'/'presets' with sections ({', '.join(map(str, raw))}); use either "
-            "the full layout (defaults + presets) or a partial override file (sections only)"
+            f"config: {path} mixes 'defaults'/'presets' with sections ({', '.join(map(str, raw))}); "
+            "use either the full layout (defaults + presets) or a partial override file (sections only)"
         )
     return raw
 
@@ -129,13 +130,13 @@ def load_config(
     overrides: list[str] | None,
     shipped: str | Path | None = None,
 ):
-    """Build a config. Order (later wins): dataclass defaults <- `defaults` of the shipped file, then of each full
-    file given <- `presets[preset]` (the last file that defines it) <- each partial override file, in the order
-    given <- `--set` overrides.
+    """Build a config. Order (later wins): dataclass defaults <- `defaults` of the shipped file, then of each
+    full file given <- `presets[preset]` (the last file that defines it) <- each partial override file, in the
+    order given <- `--set` overrides.
 
-    A full file holds `defaults` and/or `presets`; a partial override file holds sections in the flat layout of
-    `defaults` (`train: {lr: 2.0e-6}`). `config_paths` is what `--config` gave (one path, several, or None);
-    `shipped` is the script's own configs/<stem>.yaml, applied first when it exists."""
+    A full file holds `defaults` and/or `presets`; a partial override file holds sections in the flat layout
+    of `defaults` (`train: {lr: 2.0e-6}`). `config_paths` is what `--config` gave (one path, several, or
+    None); `shipped` is the script's own configs/<stem>.yaml, applied first when it exists."""
     given = [(path, _read_yaml(path)) for path in _as_paths(config_paths)]
     full = [(path, raw) for path, raw in given if set(raw) & {"defaults", "presets"}]
     partial = [(path, raw) for path, raw in given if not set(raw) & {"defaults", "presets"}]

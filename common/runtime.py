@@ -179,16 +179,16 @@ def load_checkpoint(path: str | Path, script: str | None = None) -> dict:
 
 
 def stop_if_not_finite(loss: torch.Tensor, step: int, ckpt_path: str | Path) -> None:
-    """The non-finite-loss stop every training loop makes before its update, so no NaN ever reaches the weights
-    or a checkpoint. `step` is the number of updates done so far."""
+    """The non-finite-loss stop every training loop makes before its update, so no NaN ever reaches the
+    weights or a checkpoint. `step` is the number of updates done so far."""
     if not torch.isfinite(loss).all():
         ckpt_path = Path(ckpt_path)
         kept = (
             f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
         )
         raise UserError(
-            f"non-finite loss ({loss.detach().float().mean().item()}) at step {step + 1}; training stopped before "
-            f"the update, {kept} (lower train.lr or check the data)"
+            f"non-finite loss ({loss.detach().float().mean().item()}) at step {step + 1}; "
+            f"training stopped before the update, {kept} (lower train.lr or check the data)"
         )
 
 
@@ -232,8 +232,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _remove_unfinished_run_dirs() -> None:
-    """A failed command leaves no output folder that holds nothing but its own record (config, command line,
-    the script copy): such a folder looks like a result and is not one. Folders that existed before are kept."""
+    """A failed command leaves no output folder that holds nothing but its own record (config, command
+    line, the script copy): such a folder looks like a result and is not one. Folders that existed before are
+    kept."""
     for run_dir in _created_run_dirs:
         if not run_dir.is_dir():
             continue

@@ -11,8 +11,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def run_cli(script, args, cwd=ROOT, ok=True, timeout=600, threads=1) -> subprocess.CompletedProcess:
-    """Run `python SCRIPT args...` (SCRIPT: a file name in the repo like "ldct_denoise.py", or a path) in a
-    subprocess, as a user would. With ok=True a non-zero exit fails the test and shows the tail of both streams."""
+    """Run `python SCRIPT args...` (SCRIPT: a file name in the repo like "ldct_denoise.py", or a path) in
+    a subprocess, as a user would. With ok=True a non-zero exit fails the test and shows the tail of both
+    streams."""
     path = Path(script) if Path(script).is_absolute() else ROOT / script
     cmd = [sys.executable, str(path), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0", "COLUMNS": "160"}
@@ -28,14 +29,15 @@ def root() -> Path:
 
 
 class SimulatedKill(Exception):
-    """Raised by `killed_at_step` where a kill -9 would land (in-process resume tests; the real SIGKILL test is in
-    test_robustness.py)."""
+    """Raised by `killed_at_step` where a kill -9 would land (in-process resume tests; the real SIGKILL test
+    is in test_robustness.py)."""
 
 
 @pytest.fixture
 def killed_at_step(monkeypatch):
-    """`with killed_at_step(n): train(...)`: training dies when it is about to log step n, i.e. after every
-    checkpoint of the earlier steps and before anything of step n is recorded. The context expects the death."""
+    """`with killed_at_step(n): train(...)`: training dies when it is about to log step n, i.e. after
+    every checkpoint of the earlier steps and before anything of step n is recorded. The context expects the
+    death."""
     import contextlib
 
     from common import runtime

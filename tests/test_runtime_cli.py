@@ -78,7 +78,7 @@ def test_failed_command_leaves_no_record_only_folder(tmp_path):
 
 
 def test_progress_lines_carry_an_eta(tmp_path):
-    proc = run_app(tmp_path, tmp_path / "out", "--steps", "3")
+    run_app(tmp_path, tmp_path / "out", "--steps", "3")
     log = (tmp_path / "out" / "train.log").read_text()
     assert "eta " in log.splitlines()[1] and "train step 3/3" in log
 
