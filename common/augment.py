@@ -38,7 +38,9 @@ def physics_noise(
     """
     lo, hi = dose_range
     if not 0 < lo <= hi < 1:
-        raise ValueError(f"dose_range must satisfy 0 < lo <= hi < 1 (fractions of the full dose), got {dose_range}")
+        raise ValueError(
+            f"dose_range must satisfy 0 < lo <= hi < 1 (fractions of the full dose), got {dose_range}"
+        )
     hu = np.asarray(full_dose_hu, np.float32)
     if hu.ndim == 3:
         dose = float(rng.uniform(lo, hi))
@@ -56,7 +58,10 @@ def physics_noise(
 
 
 def gamma_jitter(
-    pair: Pair, rng: np.random.Generator, window: tuple[float, float], gamma_range: tuple[float, float] = (0.8, 1.2)
+    pair: Pair,
+    rng: np.random.Generator,
+    window: tuple[float, float],
+    gamma_range: tuple[float, float] = (0.8, 1.2),
 ) -> Pair:
     """Gamma curve on the low-dose image inside `window` (mapped to [0, 1]); HU outside the window are kept, so
     the curve is continuous and monotone and bone/air values are not clipped. The target is unchanged."""
@@ -83,10 +88,14 @@ def scale_bias_jitter(
 
 def histogram_match(low_dose: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """`low_dose` with its grey-level histogram matched to `reference` (e.g. another scanner's images)."""
-    return match_histograms(np.asarray(low_dose, np.float32), np.asarray(reference, np.float32)).astype(np.float32)
+    return match_histograms(np.asarray(low_dose, np.float32), np.asarray(reference, np.float32)).astype(
+        np.float32
+    )
 
 
-def mixup(pair_a: Pair, pair_b: Pair, rng: np.random.Generator, lam_range: tuple[float, float] = (0.3, 0.7)) -> Pair:
+def mixup(
+    pair_a: Pair, pair_b: Pair, rng: np.random.Generator, lam_range: tuple[float, float] = (0.3, 0.7)
+) -> Pair:
     """lam * a + (1 - lam) * b with ONE lam for input and target, so the mixed target is the mixed input's target."""
     (a_low, a_full), (b_low, b_full) = _check_pair(pair_a), _check_pair(pair_b)
     if a_low.shape != b_low.shape:

@@ -24,8 +24,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from common import UserError
-from common.nifti_io import Volume
-from common.runtime import atomic_path, refuse_overwrite_input
+from common.files import atomic_path, refuse_overwrite_input
+from common.volume import Volume
 
 DECODER_PACKAGES = "pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg"
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -33,6 +33,28 @@ DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 MIN_SIZE = 8  # no restoration method here means anything on a smaller image (and 3x3 convs need room)
 # DX, MG and intra-oral IODs fix RescaleSlope 1 / RescaleIntercept 0, so derived values are clipped, never rescaled.
 FIXED_RESCALE_PREFIX = "1.2.840.10008.5.1.4.1.1.1."
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# The single-frame storage class of each modality, for sources whose SOPClassUID an anonymiser emptied.
+SOP_CLASS_BY_MODALITY = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "MG": MAMMO_FOR_PRESENTATION,
+    "DX": DX_FOR_PRESENTATION,
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "IO": "1.2.840.10008.5.1.4.1.1.1.3",
+    "PT": "1.2.840.10008.5.1.4.1.1.128",
+    "NM": "1.2.840.10008.5.1.4.1.1.20",
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "XA": "1.2.840.10008.5.1.4.1.1.12.1",
+    "RF": "1.2.840.10008.5.1.4.1.1.12.2",
+}
+# Study-level values every slice of a series shares: with the source folder they name the (unknown) study
+# when an anonymiser emptied its UIDs, so all slices of one derived series get the same generated UIDs.
+SHARED_BY_SERIES = (
+    "PatientID PatientName PatientBirthDate StudyDate StudyTime AccessionNumber StudyID StudyDescription "
+    "SeriesInstanceUID SeriesNumber SeriesDate SeriesTime SeriesDescription FrameOfReferenceUID Modality"
+).split()
+_reported_sources: set[str] = set()  # one warning per source series, not one per slice
 # Wrong once the pixels change: histogram extremes, thumbnail, old pixel encodings (overlays are dropped too).
 STALE_KEYWORDS = (
     "SmallestImagePixelValue LargestImagePixelValue SmallestPixelValueInSeries LargestPixelValueInSeries "
@@ -73,7 +95,9 @@ def _read_header(path: Path, stop_before_pixels: bool) -> Dataset | None:
     except Exception as e:  # pydicom raises many types on damaged files; the user needs one line
         raise UserError(f"{path}: unreadable DICOM ({_one_line(e)})") from None
     try:
-        with warnings.catch_warnings():  # pydicom warns per odd value (a UID with a space...): noise, not errors
+        with (
+            warnings.catch_warnings()
+        ):  # pydicom warns per odd value (a UID with a space...): noise, not errors
             warnings.simplefilter("ignore", UserWarning)
             for _ in ds.iterall():
                 pass
@@ -94,7 +118,9 @@ def check_modality(ds: Dataset, path: Path, modality: str | None) -> None:
         raise UserError(f"{path}: modality {found}, but this command needs {modality} images")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if "Rows" in ds and min(rows, cols) < MIN_SIZE:
-        raise UserError(f"{path}: image of {rows}x{cols} pixels is too small (under {MIN_SIZE} pixels a side)")
+        raise UserError(
+            f"{path}: image of {rows}x{cols} pixels is too small (under {MIN_SIZE} pixels a side)"
+        )
 
 
 def _physical_values(path: Path, ds: Dataset) -> np.ndarray:
@@ -102,18 +128,26 @@ def _physical_values(path: Path, ds: Dataset) -> np.ndarray:
         raise UserError(f"{path}: no PixelData (not an image, or the file is truncated)")
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UserError(f"{path}: colour image ({photometric or 'SamplesPerPixel > 1'}); only greyscale is supported")
+        raise UserError(
+            f"{path}: colour image ({photometric or 'SamplesPerPixel > 1'}); only greyscale is supported"
+        )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise UserError(f"{path}: multi-frame image ({frames} frames); split it into single-frame files first")
+        raise UserError(
+            f"{path}: multi-frame image ({frames} frames); split it into single-frame files first"
+        )
     syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
     if not syntax.is_transfer_syntax:
-        raise UserError(f"{path}: unknown transfer syntax {syntax}; convert the file to uncompressed (e.g. dcmdjpeg)")
+        raise UserError(
+            f"{path}: unknown transfer syntax {syntax}; convert the file to uncompressed (e.g. dcmdjpeg)"
+        )
     if syntax.is_compressed:
         try:
             available = get_decoder(syntax).is_available
         except NotImplementedError:  # video and other syntaxes pydicom has no decoder plugins for at all
-            raise UserError(f"{path}: compressed ({syntax.name}) and no decoder exists for it in pydicom") from None
+            raise UserError(
+                f"{path}: compressed ({syntax.name}) and no decoder exists for it in pydicom"
+            ) from None
         if not available:
             raise UserError(
                 f"{path}: compressed ({syntax.name}) and no decoder installed: pip install {DECODER_PACKAGES}"
@@ -186,7 +220,9 @@ def _read_series(folder: Path, modality: str | None) -> Volume:
     headers = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         header = _read_header(path, stop_before_pixels=True)
-        if header is not None and "Rows" in header:  # README/.DS_Store (not DICOM), DICOMDIR, reports: no image
+        if (
+            header is not None and "Rows" in header
+        ):  # README/.DS_Store (not DICOM), DICOMDIR, reports: no image
             headers.append((path, header))
     if not headers:
         raise UserError(f"{folder}: no DICOM images in this folder")
@@ -194,17 +230,25 @@ def _read_series(folder: Path, modality: str | None) -> Volume:
     for path, header in headers:
         series.setdefault(str(header.get("SeriesInstanceUID", "?")), []).append(path)
     if len(series) > 1:
-        listing = ", ".join(f"{uid} ({len(paths)} files, e.g. {paths[0].name})" for uid, paths in series.items())
-        raise UserError(f"{folder}: {len(series)} series in one folder ({listing}); put each series in its own folder")
+        listing = ", ".join(
+            f"{uid} ({len(paths)} files, e.g. {paths[0].name})" for uid, paths in series.items()
+        )
+        raise UserError(
+            f"{folder}: {len(series)} series in one folder ({listing}); put each series in its own folder"
+        )
     check_modality(headers[0][1], headers[0][0], modality)
     try:
         orientation = np.array([float(v) for v in headers[0][1].ImageOrientationPatient]).reshape(2, 3)
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
         orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for _, h in headers])
     except (AttributeError, TypeError, ValueError):
-        raise UserError(f"{folder}: no ImagePositionPatient/ImageOrientationPatient; cannot order slices") from None
+        raise UserError(
+            f"{folder}: no ImagePositionPatient/ImageOrientationPatient; cannot order slices"
+        ) from None
     if not (np.isfinite(positions).all() and np.isfinite(orientations).all()):
-        raise UserError(f"{folder}: non-numeric ImagePositionPatient/ImageOrientationPatient; cannot order slices")
+        raise UserError(
+            f"{folder}: non-numeric ImagePositionPatient/ImageOrientationPatient; cannot order slices"
+        )
     if np.abs(orientations - orientation.ravel()).max() > 1e-4:
         raise UserError(f"{folder}: slices have different ImageOrientationPatient; not one volume")
     normal = np.cross(orientation[0], orientation[1])
@@ -214,12 +258,16 @@ def _read_series(folder: Path, modality: str | None) -> Volume:
     order = np.argsort(along, kind="stable")
     gaps = np.diff(along[order])
     if len(gaps) and gaps.min() < 1e-3:
-        raise UserError(f"{folder}: two slices share a position (repeated acquisitions or echoes?); not one volume")
+        raise UserError(
+            f"{folder}: two slices share a position (repeated acquisitions or echoes?); not one volume"
+        )
     slices, datasets = [], []
     for index in order:
         values, ds = read_dicom(headers[index][0])
         if slices and values.shape != slices[0].shape:
-            raise UserError(f"{headers[index][0]}: {values.shape} pixels, other slices have {slices[0].shape}")
+            raise UserError(
+                f"{headers[index][0]}: {values.shape} pixels, other slices have {slices[0].shape}"
+            )
         del ds.PixelData  # keep headers as templates, not a second copy of the volume
         slices.append(values)
         datasets.append(ds)
@@ -228,7 +276,9 @@ def _read_series(folder: Path, modality: str | None) -> Volume:
         raise UserError(f"{headers[order[0]][0]}: no valid PixelSpacing; cannot build the volume geometry")
     if len(gaps) and np.ptp(gaps) > max(0.01 * gaps.mean(), 0.011):  # positions are often rounded to 0.01 mm
         gap_range = f"{gaps.min():.3f} to {gaps.max():.3f} mm"
-        warnings.warn(f"{folder}: uneven slice gaps ({gap_range}); volume assumes {gaps.mean():.3f} mm", stacklevel=2)
+        warnings.warn(
+            f"{folder}: uneven slice gaps ({gap_range}); volume assumes {gaps.mean():.3f} mm", stacklevel=2
+        )
     # The step between first and last position (not normal * spacing) keeps gantry-tilted stacks exact.
     first, last = positions[order[0]], positions[order[-1]]
     thickness = float(datasets[0].get("SliceThickness") or 1.0)  # one slice: z spacing only labels the file
@@ -272,7 +322,9 @@ def _blocks(values: np.ndarray | RawImage, rows: int = 256):
     if isinstance(values, RawImage):
         yield from ((r, block.astype(np.float64)) for r, block in values.blocks(rows))
     else:
-        yield from ((r, np.asarray(values[r : r + rows], np.float64)) for r in range(0, values.shape[0], rows))
+        yield from (
+            (r, np.asarray(values[r : r + rows], np.float64)) for r in range(0, values.shape[0], rows)
+        )
 
 
 def _value_range(values: np.ndarray | RawImage) -> tuple[float, float]:
@@ -308,7 +360,9 @@ def _encode(values: np.ndarray | RawImage, ds: Dataset, pixel_file: BinaryIO | N
             (16, new_slope, _ds_number(vmin - (lo16 + 1) * new_slope)),
         ]
     for bits, s, b in candidates:
-        ends = np.rint((np.array([vmin, vmax]) - b) / s)  # rint((v - b) / s) is monotonic: the extremes decide
+        ends = np.rint(
+            (np.array([vmin, vmax]) - b) / s
+        )  # rint((v - b) / s) is monotonic: the extremes decide
         lo, hi = _int_range(bits, signed)
         if ends.min() >= lo and ends.max() <= hi:
             break
@@ -330,7 +384,9 @@ def _encode(values: np.ndarray | RawImage, ds: Dataset, pixel_file: BinaryIO | N
             stored[r : r + len(block)] = block
     if pixel_file is not None:
         pixel_file.seek(0)
-    ds["PixelData"] = pydicom.DataElement(0x7FE00010, "OW", pixel_file if stored is None else stored.tobytes())
+    ds["PixelData"] = pydicom.DataElement(
+        0x7FE00010, "OW", pixel_file if stored is None else stored.tobytes()
+    )
 
 
 def write_derived_dicom(
@@ -362,7 +418,11 @@ def write_derived_dicom(
     # little endian. Overlays/curves (60xx/50xx) lie on the old grid and group lengths (gggg,0000) go stale.
     ds = Dataset()
     for elem in template:
-        if elem.keyword not in STALE_KEYWORDS and elem.tag.group & 0xFF00 not in (0x5000, 0x6000) and elem.tag.element:
+        if (
+            elem.keyword not in STALE_KEYWORDS
+            and elem.tag.group & 0xFF00 not in (0x5000, 0x6000)
+            and elem.tag.element
+        ):
             ds.add(copy.deepcopy(elem))
     if "ModalityLUTSequence" in template:  # its output values are stored through a plain rescale instead
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "US"
@@ -373,15 +433,20 @@ def write_derived_dicom(
     ds.DerivationDescription = description[:1024]
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
-    if "SOPInstanceUID" in template and "SOPClassUID" in template:
+    if _uid(template, "SOPInstanceUID") and _uid(template, "SOPClassUID"):
         ds.SourceImageSequence = [Dataset()]
         ds.SourceImageSequence[0].ReferencedSOPClassUID = template.SOPClassUID
         ds.SourceImageSequence[0].ReferencedSOPInstanceUID = template.SOPInstanceUID
+    else:
+        ds.pop("SourceImageSequence", None)  # the source's own sources are not ours
+    _fill_identifiers(ds, template)
     if series_description is not None:
         ds.SeriesDescription = series_description[:64]
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         if keyword in ds:
-            ds[keyword].value = [format_number_as_ds(float(v) * k) for v, k in zip(ds[keyword].value, spacing_scale)]
+            ds[keyword].value = [
+                format_number_as_ds(float(v) * k) for v, k in zip(ds[keyword].value, spacing_scale)
+            ]
     if image_position is not None:
         ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in image_position]
     if instance_number is not None:
@@ -395,6 +460,65 @@ def write_derived_dicom(
         _encode(values, ds, pixel_file)
         write_dataset(ds, out_path)
     return out_path
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """The UID value, "" when missing or empty (anonymisers often blank type-1 UIDs rather than remove them)."""
+    return str(ds.get(keyword, "") or "").strip()
+
+
+def _sop_class(template: Dataset) -> tuple[str, str]:
+    """(SOP Class UID, where it came from) for a source without one: its file meta, else its modality's
+    single-frame storage class, else Secondary Capture (valid for any image)."""
+    media = str(getattr(template, "file_meta", Dataset()).get("MediaStorageSOPClassUID", "") or "").strip()
+    if media:
+        return media, "the file meta"
+    modality = str(template.get("Modality", "") or "").strip().upper()
+    if modality in SOP_CLASS_BY_MODALITY:
+        return SOP_CLASS_BY_MODALITY[modality], f"Modality {modality}"
+    return SECONDARY_CAPTURE, "no usable Modality"
+
+
+def _secondary_capture_attributes(ds: Dataset) -> None:
+    """What the SC Image IOD requires and an image of another modality need not have."""
+    ds.ConversionType = "WSD"  # workstation
+    if not str(ds.get("Modality", "") or "").strip():
+        ds.Modality = "OT"
+    if "RescaleSlope" in ds and not ds.get("RescaleType"):
+        ds.RescaleType = "US"  # unspecified units
+    if "PatientOrientation" not in ds:
+        ds.PatientOrientation = ""  # type 2: present, value unknown
+
+
+def _source_name(template: Dataset) -> str:
+    filename = getattr(template, "filename", None)
+    if isinstance(filename, (str, Path)):
+        return str(Path(filename).resolve().parent)  # the series folder: shared by all its slices
+    return "<dataset in memory>"
+
+
+def _fill_identifiers(ds: Dataset, template: Dataset) -> None:
+    """Empty or missing type-1 identifiers of the source (SOPClassUID, Study, FrameOfReference) filled in. The
+    study-level UIDs are derived from what a series shares, so every slice lands in the same generated study."""
+    filled = []
+    if not _uid(ds, "SOPClassUID"):
+        ds.SOPClassUID, origin = _sop_class(template)
+        filled.append(f"SOPClassUID {pydicom.uid.UID(ds.SOPClassUID).name} (from {origin})")
+        if ds.SOPClassUID == SECONDARY_CAPTURE:
+            _secondary_capture_attributes(ds)
+    key = [_source_name(template), *(str(template.get(k, "") or "") for k in SHARED_BY_SERIES)]
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
+        needed = keyword == "StudyInstanceUID" or "ImagePositionPatient" in ds
+        if needed and not _uid(ds, keyword):
+            setattr(ds, keyword, generate_uid(entropy_srcs=[*key, keyword]))
+            filled.append(f"a generated {keyword} (one per source series)")
+    report = f"{key[0]}: {', '.join(filled)}"
+    if filled and report not in _reported_sources:
+        _reported_sources.add(report)
+        warnings.warn(
+            f"{key[0]}: source DICOM has empty or missing identifiers; derived files get {', '.join(filled)}",
+            stacklevel=3,
+        )
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:
@@ -457,7 +581,12 @@ def _base_dataset(sop_class: str, modality: str, patient_id: str, study_uid=None
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.AccessionNumber, ds.Modality, ds.Manufacturer = "SYNTH", modality, "medgen-restore synthetic"
     ds.ReferringPhysicianName, ds.StudyDescription = "", "synthetic phantom"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Phantom", patient_id, "", "O"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "Synthetic^Phantom",
+        patient_id,
+        "",
+        "O",
+    )
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), series_uid or generate_uid()
     ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber = "1", 1, 1
     ds.SamplesPerPixel = 1
@@ -496,7 +625,12 @@ def make_ct_dataset(
 
 
 def make_projection_dataset(
-    stored_uint16: np.ndarray, *, modality="MG", bits_stored=14, monochrome1=False, imager_pixel_spacing_mm=(0.07, 0.07)
+    stored_uint16: np.ndarray,
+    *,
+    modality="MG",
+    bits_stored=14,
+    monochrome1=False,
+    imager_pixel_spacing_mm=(0.07, 0.07),
 ) -> Dataset:
     """Digital Mammography (MG) or Digital X-Ray (DX) For Presentation with the given stored values."""
     stored = np.asarray(stored_uint16)
@@ -531,7 +665,9 @@ def make_projection_dataset(
     return ds
 
 
-def write_ct_series(hu_zyx: np.ndarray, folder: str | Path, spacing_mm_zyx, shuffle_names=False) -> list[Path]:
+def write_ct_series(
+    hu_zyx: np.ndarray, folder: str | Path, spacing_mm_zyx, shuffle_names=False
+) -> list[Path]:
     """One CT file per slice (z along +normal); with shuffle_names, file names do not follow slice order."""
     folder = Path(folder)
     n_z, n_y, n_x = hu_zyx.shape
@@ -544,7 +680,9 @@ def write_ct_series(hu_zyx: np.ndarray, folder: str | Path, spacing_mm_zyx, shuf
     paths = []
     for k in range(n_z):
         position = (-n_x * sx / 2, -n_y * sy / 2, k * sz)  # x/y centred like a scanner's field of view
-        ds = make_ct_dataset(hu_zyx[k], pixel_spacing_mm=(sy, sx), position_mm=position, slice_thickness_mm=sz, **uids)
+        ds = make_ct_dataset(
+            hu_zyx[k], pixel_spacing_mm=(sy, sx), position_mm=position, slice_thickness_mm=sz, **uids
+        )
         ds.InstanceNumber = k + 1
         paths.append(write_dataset(ds, folder / f"IM{names[k] + 1:04d}.dcm"))
     return paths

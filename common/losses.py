@@ -27,9 +27,13 @@ def _gaussian_blur_valid(x: torch.Tensor) -> torch.Tensor:
 def ssim_loss(pred: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """1 - mean SSIM for (B, C, H, W) or (B, C, D, H, W) tensors (Gaussian window as in metrics.ssim)."""
     if pred.shape != ref.shape or pred.ndim not in (4, 5):
-        raise ValueError(f"ssim_loss expects equal (B,C,H,W) or (B,C,D,H,W) shapes, got {pred.shape}, {ref.shape}")
+        raise ValueError(
+            f"ssim_loss expects equal (B,C,H,W) or (B,C,D,H,W) shapes, got {pred.shape}, {ref.shape}"
+        )
     if min(pred.shape[2:]) < 2 * SSIM_RADIUS + 1:
-        raise ValueError(f"ssim_loss needs at least {2 * SSIM_RADIUS + 1} pixels along every axis, got {pred.shape}")
+        raise ValueError(
+            f"ssim_loss needs at least {2 * SSIM_RADIUS + 1} pixels along every axis, got {pred.shape}"
+        )
     # variances are differences of near-equal blurred moments: bf16/fp16 (AMP) would cancel them to noise
     with torch.autocast(pred.device.type, enabled=False):
         if pred.dtype in (torch.float16, torch.bfloat16):
@@ -58,7 +62,9 @@ class PerceptualLoss(nn.Module):
     def __init__(self, vgg: nn.Module, layers: tuple[int, ...] = (3, 8, 15, 22)):
         super().__init__()
         if not isinstance(vgg, nn.Sequential):
-            raise TypeError(f"PerceptualLoss needs the pretrained VGG16 `features` (nn.Sequential), got {type(vgg)}")
+            raise TypeError(
+                f"PerceptualLoss needs the pretrained VGG16 `features` (nn.Sequential), got {type(vgg)}"
+            )
         self.vgg = vgg[: max(layers) + 1].eval()
         for p in self.vgg.parameters():
             p.requires_grad_(False)
@@ -79,7 +85,9 @@ class PerceptualLoss(nn.Module):
 
     def forward(self, pred01: torch.Tensor, ref01: torch.Tensor) -> torch.Tensor:
         if pred01.shape != ref01.shape or pred01.shape[1] != 1:
-            raise ValueError(f"PerceptualLoss expects equal (B, 1, ...) shapes, got {pred01.shape}, {ref01.shape}")
+            raise ValueError(
+                f"PerceptualLoss expects equal (B, 1, ...) shapes, got {pred01.shape}, {ref01.shape}"
+            )
         with torch.no_grad():
             ref_feats = self.features(ref01)
         return sum(F.l1_loss(p, r) for p, r in zip(self.features(pred01), ref_feats)) / len(ref_feats)

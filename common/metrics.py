@@ -15,7 +15,9 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
 def convention(window: tuple[float, float], masked: bool = False) -> str:
-    text = f"window [{window[0]:g}, {window[1]:g}] HU -> [0,1], data_range 1, SSIM gaussian sigma {SSIM_SIGMA:g}"
+    text = (
+        f"window [{window[0]:g}, {window[1]:g}] HU -> [0,1], data_range 1, SSIM gaussian sigma {SSIM_SIGMA:g}"
+    )
     return text + (", PSNR/SSIM/MAE inside the mask" if masked else "")
 
 
@@ -73,7 +75,9 @@ def ssim_map(pred: np.ndarray, ref: np.ndarray, data_range: float) -> np.ndarray
     """Per-pixel SSIM (2-D or 3-D). Pixels within SSIM_RADIUS of the border see padding; `ssim` leaves them out."""
     pred, ref = _check(pred, ref, None)
     if min(pred.shape) < 2 * SSIM_RADIUS + 1:
-        raise ValueError(f"SSIM needs at least {2 * SSIM_RADIUS + 1} pixels along every axis, got {pred.shape}")
+        raise ValueError(
+            f"SSIM needs at least {2 * SSIM_RADIUS + 1} pixels along every axis, got {pred.shape}"
+        )
 
     def blur(a: np.ndarray) -> np.ndarray:
         return ndimage.gaussian_filter(a, SSIM_SIGMA, truncate=3.5, mode="reflect")

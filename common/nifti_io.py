@@ -1,33 +1,20 @@
-"""NIfTI volumes in and out with nibabel, the `Volume` type shared with DICOM series, and affine helpers.
-
-`Volume.hu` is (z, y, x); `Volume.affine` is nibabel's: voxel (i, j, k) = (x/col, y/row, z/slice) to RAS mm,
-so `nib.load(p).get_fdata()` equals `hu.transpose(2, 1, 0)`.
+"""NIfTI volumes in and out with nibabel, `read_volume` (a NIfTI file or a DICOM series folder) and affine
+helpers. `Volume` (common.volume) is re-exported here: `nifti_io.Volume`.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from common import UserError
-from common.runtime import atomic_path, refuse_overwrite_input
+from common import UserError, dicom_io
+from common.files import atomic_path, refuse_overwrite_input
+from common.volume import Volume
 
-
-@dataclass
-class Volume:
-    hu: np.ndarray  # (z, y, x) float32
-    affine: np.ndarray  # 4x4, voxel (i, j, k) -> RAS mm
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def spacing_mm(self) -> tuple[float, float, float]:
-        """(z, y, x) voxel size: lengths of the affine's k, j, i columns."""
-        i, j, k = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
-        return float(k), float(j), float(i)
+__all__ = ["Volume", "read_nifti", "read_volume", "scale_z_affine", "write_nifti"]
 
 
 def read_nifti(path: str | Path) -> Volume:
@@ -41,7 +28,9 @@ def read_nifti(path: str | Path) -> Volume:
     except UserError:
         raise
     except Exception as e:  # nibabel raises many types on damaged or non-image files; the user needs one line
-        raise UserError(f"{path}: unreadable NIfTI ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        raise UserError(
+            f"{path}: unreadable NIfTI ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -51,7 +40,9 @@ def read_nifti(path: str | Path) -> Volume:
         raise UserError(f"{path}: {bad} NaN/Inf voxels")
     affine = np.array(image.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise UserError(f"{path}: affine (sform/qform) is singular or not finite; voxel size and orientation unknown")
+        raise UserError(
+            f"{path}: affine (sform/qform) is singular or not finite; voxel size and orientation unknown"
+        )
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))
     return Volume(hu, affine, {"nifti_header": image.header.copy(), "source": str(path)})
 
@@ -91,8 +82,6 @@ def write_nifti(path: str | Path, volume: Volume) -> Path:
 
 def read_volume(path: str | Path, modality: str | None = None) -> Volume:
     """A `.nii`/`.nii.gz` file or a folder holding one DICOM series (of `modality`, when given)."""
-    from common import dicom_io  # here, not at the top: dicom_io imports Volume from this module
-
     path = Path(path)
     if path.is_dir():
         return dicom_io.read_dicom_series(path, modality)

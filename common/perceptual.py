@@ -86,7 +86,9 @@ def _pretrained_features(net: str) -> tuple[nn.Sequential, str] | None:
         else:
             _copy_flax_convs(load_numpy_pickle(path)["AlexNet_0" if net == "alex" else "VGG16_0"], features)
     except Exception as exc:  # torch.load and pickle raise assorted types for a truncated or foreign file
-        raise UserError(f"{path}: cannot load pretrained {net} weights ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"{path}: cannot load pretrained {net} weights ({str(exc).splitlines()[0][:160]})"
+        ) from None
     return features, str(path)
 
 
@@ -163,7 +165,8 @@ def lpips_distance(model: nn.Module, pred01: torch.Tensor, ref01: torch.Tensor, 
     total = 0.0
     for start in range(0, pred01.shape[0], batch_size):  # bounded memory for whole volumes
         a, b = (
-            t[start : start + batch_size].to(device, torch.float32).repeat(1, 3, 1, 1) * 2 - 1 for t in (pred01, ref01)
+            t[start : start + batch_size].to(device, torch.float32).repeat(1, 3, 1, 1) * 2 - 1
+            for t in (pred01, ref01)
         )
         total += float(model(a, b).sum())
     return total / pred01.shape[0]

@@ -10,12 +10,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.runtime import atomic_path  # noqa: E402
+from common.files import atomic_path  # noqa: E402
 
 
-def save_panel(path: str | Path, images: list[np.ndarray], titles: list[str],
-               window: tuple[float, float] | None = None, error_index: list[int] | int | None = None,
-               error_range: float | None = None, suptitle: str | None = None) -> Path:
+def save_panel(
+    path: str | Path,
+    images: list[np.ndarray],
+    titles: list[str],
+    window: tuple[float, float] | None = None,
+    error_index: list[int] | int | None = None,
+    error_range: float | None = None,
+    suptitle: str | None = None,
+) -> Path:
     """A row of grayscale images shown in one display window (so they compare fairly); the panels listed in
     `error_index` are signed differences shown in a diverging map, symmetric around 0."""
     errors = {error_index} if isinstance(error_index, int) else set(error_index or [])
@@ -42,7 +48,9 @@ def save_panel(path: str | Path, images: list[np.ndarray], titles: list[str],
     return path
 
 
-def save_map_with_colorbar(path: str | Path, array: np.ndarray, title: str, unit: str, cmap: str = "magma") -> Path:
+def save_map_with_colorbar(
+    path: str | Path, array: np.ndarray, title: str, unit: str, cmap: str = "magma"
+) -> Path:
     fig, ax = plt.subplots(figsize=(6, 6 * array.shape[0] / max(array.shape[1], 1) + 0.5))
     im = ax.imshow(np.asarray(array, dtype=np.float32), cmap=cmap)
     ax.set_title(title, fontsize=10)

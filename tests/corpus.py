@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+from fixtures import make_ct_dataset, make_projection_dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MRImageStorage, generate_uid
@@ -64,7 +65,7 @@ def _compressed(path: Path, syntax: str) -> Path:
         data = _compressed(path, MPEG2_SYNTAX).read_bytes()
         path.write_bytes(data.replace(MPEG2_SYNTAX.encode(), JPEG_XL_SYNTAX.encode(), 1))
         return path
-    ds = dicom_io.make_ct_dataset(ct_hu())
+    ds = make_ct_dataset(ct_hu())
     ds.PixelData = encapsulate([b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
@@ -72,7 +73,7 @@ def _compressed(path: Path, syntax: str) -> Path:
 
 
 def _colour(path: Path, photometric: str) -> Path:
-    ds = dicom_io.make_ct_dataset(ct_hu())
+    ds = make_ct_dataset(ct_hu())
     rows, cols = 48, 48
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PhotometricInterpretation = photometric
@@ -89,18 +90,39 @@ def _colour(path: Path, photometric: str) -> Path:
     return dicom_io.write_dataset(ds, path)
 
 
-def _series(folder: Path, hu_zyx: np.ndarray, z_positions, *, modality="CT", series_uid=None, study_uid=None,
-            patient_id="SYNTH001", series_description="corpus") -> Path:
+def _series(
+    folder: Path,
+    hu_zyx: np.ndarray,
+    z_positions,
+    *,
+    modality="CT",
+    series_uid=None,
+    study_uid=None,
+    patient_id="SYNTH001",
+    series_description="corpus",
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     series_uid, study_uid = series_uid or generate_uid(), study_uid or generate_uid()
     for k, (hu, z) in enumerate(zip(hu_zyx, z_positions)):
-        ds = dicom_io.make_ct_dataset(hu, pixel_spacing_mm=(0.8, 0.8), position_mm=(-19.2, -19.2, z),
-                                      slice_thickness_mm=2.0, instance_number=k + 1, patient_id=patient_id,
-                                      study_uid=study_uid, series_uid=series_uid)
+        ds = make_ct_dataset(
+            hu,
+            pixel_spacing_mm=(0.8, 0.8),
+            position_mm=(-19.2, -19.2, z),
+            slice_thickness_mm=2.0,
+            instance_number=k + 1,
+            patient_id=patient_id,
+            study_uid=study_uid,
+            series_uid=series_uid,
+        )
         ds.SeriesDescription = series_description
         if modality == "MR":
             ds.SOPClassUID, ds.Modality = MRImageStorage, "MR"
-            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = (
+                "SE",
+                "NONE",
+                "",
+                "2D",
+            )
             ds.RescaleType = "US"
         dicom_io.write_dataset(ds, folder / f"{series_uid[-6:]}_{k:03d}.dcm")
     return folder
@@ -124,14 +146,22 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
         cases[name] = Case(name, Path(path), kind, problem)
 
     # valid references (the mutations below start from these)
-    ct = dicom_io.write_dataset(dicom_io.make_ct_dataset(ct_hu()), root / "ct_valid.dcm")
+    ct = dicom_io.write_dataset(make_ct_dataset(ct_hu()), root / "ct_valid.dcm")
     add("ct_valid", ct, "dicom", "none (valid CT)")
-    add("mg_valid", dicom_io.write_dataset(dicom_io.make_projection_dataset(mg_stored()), root / "mg_valid.dcm"),
-        "dicom", "none for mammo commands; an MG image given to a CT-only command")
+    add(
+        "mg_valid",
+        dicom_io.write_dataset(make_projection_dataset(mg_stored()), root / "mg_valid.dcm"),
+        "dicom",
+        "none for mammo commands; an MG image given to a CT-only command",
+    )
     vol = np.stack([ct_hu(seed=k) for k in range(6)])
     add("series_valid", _series(root / "series_valid", vol, [2.0 * k for k in range(6)]), "series", "none")
-    add("nifti_valid", _nifti(root / "valid.nii.gz", vol.transpose(2, 1, 0), np.diag([0.8, 0.8, 2.0, 1.0])),
-        "nifti", "none")
+    add(
+        "nifti_valid",
+        _nifti(root / "valid.nii.gz", vol.transpose(2, 1, 0), np.diag([0.8, 0.8, 2.0, 1.0])),
+        "nifti",
+        "none",
+    )
 
     # single DICOM files
     data = ct.read_bytes()
@@ -141,29 +171,55 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     add("truncated_header", root / "header_only.dcm", "dicom", "file cut inside the header")
     (root / "not_dicom.dcm").write_text("this is a README, not an image\n")
     add("not_dicom", root / "not_dicom.dcm", "dicom", "text file with a .dcm name")
-    ds = dicom_io.make_ct_dataset(ct_hu())
+    ds = make_ct_dataset(ct_hu())
     del ds.PixelData
-    add("no_pixeldata", dicom_io.write_dataset(ds, root / "no_pixeldata.dcm"), "dicom", "no PixelData element")
+    add(
+        "no_pixeldata", dicom_io.write_dataset(ds, root / "no_pixeldata.dcm"), "dicom", "no PixelData element"
+    )
     add("rgb", _colour(root / "rgb.dcm", "RGB"), "dicom", "RGB colour (SamplesPerPixel 3)")
     add("ybr_full", _colour(root / "ybr_full.dcm", "YBR_FULL"), "dicom", "YBR_FULL colour")
     add("palette", _colour(root / "palette.dcm", "PALETTE COLOR"), "dicom", "PALETTE COLOR")
-    add("compressed_no_decoder", _compressed(root / "mpeg2.dcm", MPEG2_SYNTAX), "dicom",
-        "MPEG2 transfer syntax: no decoder exists")
-    add("unknown_syntax", _compressed(root / "jpegxl.dcm", JPEG_XL_SYNTAX), "dicom",
-        "transfer syntax unknown to pydicom (JPEG XL)")
-    add("corrupt_codestream", _compressed(root / "jpegls_garbage.dcm", JPEG_LS_SYNTAX), "dicom",
-        "JPEG-LS with a garbage codestream")
-    ds = dicom_io.make_ct_dataset(ct_hu())
+    add(
+        "compressed_no_decoder",
+        _compressed(root / "mpeg2.dcm", MPEG2_SYNTAX),
+        "dicom",
+        "MPEG2 transfer syntax: no decoder exists",
+    )
+    add(
+        "unknown_syntax",
+        _compressed(root / "jpegxl.dcm", JPEG_XL_SYNTAX),
+        "dicom",
+        "transfer syntax unknown to pydicom (JPEG XL)",
+    )
+    add(
+        "corrupt_codestream",
+        _compressed(root / "jpegls_garbage.dcm", JPEG_LS_SYNTAX),
+        "dicom",
+        "JPEG-LS with a garbage codestream",
+    )
+    ds = make_ct_dataset(ct_hu())
     ds.NumberOfFrames = 3
     ds.PixelData = ds.PixelData * 3
     add("multiframe", dicom_io.write_dataset(ds, root / "multiframe.dcm"), "dicom", "3 frames in one file")
-    add("one_pixel", dicom_io.write_dataset(dicom_io.make_ct_dataset(np.zeros((1, 1))), root / "one_pixel.dcm"),
-        "dicom", "1x1 image")
-    add("constant", dicom_io.write_dataset(dicom_io.make_ct_dataset(np.full((48, 48), 40.0)), root / "constant.dcm"),
-        "dicom", "every pixel 40 HU")
-    extreme = dicom_io.make_projection_dataset(np.full((96, 80), 65535), bits_stored=16)
-    add("extreme_65535", dicom_io.write_dataset(extreme, root / "extreme_65535.dcm"), "dicom",
-        "16-bit MG, every pixel 65535")
+    add(
+        "one_pixel",
+        dicom_io.write_dataset(make_ct_dataset(np.zeros((1, 1))), root / "one_pixel.dcm"),
+        "dicom",
+        "1x1 image",
+    )
+    add(
+        "constant",
+        dicom_io.write_dataset(make_ct_dataset(np.full((48, 48), 40.0)), root / "constant.dcm"),
+        "dicom",
+        "every pixel 40 HU",
+    )
+    extreme = make_projection_dataset(np.full((96, 80), 65535), bits_stored=16)
+    add(
+        "extreme_65535",
+        dicom_io.write_dataset(extreme, root / "extreme_65535.dcm"),
+        "dicom",
+        "16-bit MG, every pixel 65535",
+    )
     mr_folder = _series(root / "series_mr", vol[:3], [0.0, 2.0, 4.0], modality="MR")
     add("mr", sorted(mr_folder.iterdir())[0], "dicom", "MR image given to a CT-only command")
     add("series_mr", mr_folder, "series", "MR series given to a CT-only command")
@@ -173,8 +229,12 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     _series(root / "series_two", vol[:3], [0.0, 2.0, 4.0], study_uid=study)
     _series(root / "series_two", vol[:3], [0.0, 2.0, 4.0], study_uid=study)
     add("series_two", root / "series_two", "series", "two SeriesInstanceUIDs in one folder")
-    add("series_gap", _series(root / "series_gap", vol[[0, 1, 2, 4, 5]], [0.0, 2.0, 4.0, 8.0, 10.0]), "series",
-        "slice at z=6 mm missing (gap 4 mm among 2 mm steps)")
+    add(
+        "series_gap",
+        _series(root / "series_gap", vol[[0, 1, 2, 4, 5]], [0.0, 2.0, 4.0, 8.0, 10.0]),
+        "series",
+        "slice at z=6 mm missing (gap 4 mm among 2 mm steps)",
+    )
     (root / "empty").mkdir(exist_ok=True)
     add("empty_folder", root / "empty", "folder", "empty folder")
     junk = root / "junk_folder"
@@ -185,24 +245,47 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     # NIfTI
     bad = vol.transpose(2, 1, 0).copy()
     bad[3, 4, 2] = np.nan
-    add("nifti_nan", _nifti(root / "nan.nii.gz", bad, np.diag([0.8, 0.8, 2.0, 1.0])), "nifti", "one NaN voxel")
+    add(
+        "nifti_nan", _nifti(root / "nan.nii.gz", bad, np.diag([0.8, 0.8, 2.0, 1.0])), "nifti", "one NaN voxel"
+    )
     bad[3, 4, 2] = np.inf
-    add("nifti_inf", _nifti(root / "inf.nii.gz", bad, np.diag([0.8, 0.8, 2.0, 1.0])), "nifti", "one +Inf voxel")
+    add(
+        "nifti_inf",
+        _nifti(root / "inf.nii.gz", bad, np.diag([0.8, 0.8, 2.0, 1.0])),
+        "nifti",
+        "one +Inf voxel",
+    )
     four_d = np.stack([vol.transpose(2, 1, 0)] * 3, axis=-1)
-    add("nifti_4d", _nifti(root / "four_d.nii.gz", four_d, np.diag([0.8, 0.8, 2.0, 1.0])), "nifti",
-        "4-D (3 time points)")
+    add(
+        "nifti_4d",
+        _nifti(root / "four_d.nii.gz", four_d, np.diag([0.8, 0.8, 2.0, 1.0])),
+        "nifti",
+        "4-D (3 time points)",
+    )
     sheared = np.array([[0.8, 0.0, 0.5, 0.0], [0.0, 0.8, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0, 0, 0, 1.0]])
-    add("nifti_sheared", _nifti(root / "sheared.nii.gz", vol.transpose(2, 1, 0), sheared), "nifti",
-        "non-orthogonal (sheared, gantry-tilt-like) affine")
-    add("nifti_singular", _nifti(root / "singular.nii.gz", vol.transpose(2, 1, 0), np.diag([0.8, 0.8, 0.0, 1.0])),
-        "nifti", "singular affine (zero slice spacing)")
+    add(
+        "nifti_sheared",
+        _nifti(root / "sheared.nii.gz", vol.transpose(2, 1, 0), sheared),
+        "nifti",
+        "non-orthogonal (sheared, gantry-tilt-like) affine",
+    )
+    add(
+        "nifti_singular",
+        _nifti(root / "singular.nii.gz", vol.transpose(2, 1, 0), np.diag([0.8, 0.8, 0.0, 1.0])),
+        "nifti",
+        "singular affine (zero slice spacing)",
+    )
     (root / "garbage.nii.gz").write_bytes(b"\x1f\x8b" + bytes(range(200)))
     add("nifti_garbage", root / "garbage.nii.gz", "nifti", "not a NIfTI (broken gzip)")
 
     # configs
-    (root / "unknown_key.yaml").write_text("defaults:\n  train: {no_such_key: 1}\npresets:\n  full: {}\n  tiny: {}\n")
+    (root / "unknown_key.yaml").write_text(
+        "defaults:\n  train: {no_such_key: 1}\npresets:\n  full: {}\n  tiny: {}\n"
+    )
     add("yaml_unknown_key", root / "unknown_key.yaml", "yaml", "unknown key train.no_such_key")
-    (root / "wrong_type.yaml").write_text("defaults:\n  train: {lr: fast}\npresets:\n  full: {}\n  tiny: {}\n")
+    (root / "wrong_type.yaml").write_text(
+        "defaults:\n  train: {lr: fast}\npresets:\n  full: {}\n  tiny: {}\n"
+    )
     add("yaml_wrong_type", root / "wrong_type.yaml", "yaml", "train.lr: 'fast' is not a number")
     (root / "python_tag.yaml").write_text("defaults: !!python/object/apply:os.system ['touch PWNED']\n")
     add("yaml_python_tag", root / "python_tag.yaml", "yaml", "!!python/object tag (unsafe YAML)")

@@ -92,7 +92,9 @@ def test_histogram_match_takes_reference_distribution(pairs):
     np.testing.assert_allclose(np.quantile(matched, q), np.quantile(reference, q), atol=1.0)
     assert np.abs(np.quantile(low, q) - np.quantile(reference, q)).max() > 100  # it did have to move
     # ranks of the low-dose image are kept (it is a monotone remapping)
-    assert np.corrcoef(np.argsort(np.argsort(matched.ravel())), np.argsort(np.argsort(low.ravel())))[0, 1] > 0.99
+    assert (
+        np.corrcoef(np.argsort(np.argsort(matched.ravel())), np.argsort(np.argsort(low.ravel())))[0, 1] > 0.99
+    )
 
 
 def test_physics_noise_inserts_only_the_missing_dose_noise():

@@ -30,8 +30,13 @@ def write(tmp_path, content):
 
 
 def test_precedence_defaults_preset_overrides(tmp_path):
-    p = write(tmp_path, {"defaults": {"train": {"lr": "1e-4", "steps": 100}},
-                         "presets": {"full": {}, "tiny": {"train": {"steps": 5, "mults": [1]}}}})
+    p = write(
+        tmp_path,
+        {
+            "defaults": {"train": {"lr": "1e-4", "steps": 100}},
+            "presets": {"full": {}, "tiny": {"train": {"steps": 5, "mults": [1]}}},
+        },
+    )
     assert load_config(Cfg, p, "full", []).train.lr == 1e-4  # YAML reads 1e-4 as a string: converted
     tiny = load_config(Cfg, p, "tiny", ["train.steps=7", "train.flag=true", "train.window=[-1000, 1000]"])
     assert (tiny.train.steps, tiny.train.mults, tiny.train.flag) == (7, [1], True)
@@ -40,14 +45,17 @@ def test_precedence_defaults_preset_overrides(tmp_path):
     assert load_config(Cfg, p, "tiny", ["train.path=null"]).train.path is None
 
 
-@pytest.mark.parametrize("override, message", [
-    (["train.nope=1"], "unknown key 'train.nope'"),
-    (["nosection.lr=1"], "unknown key 'nosection'"),
-    (["train.steps=abc"], "not a valid int"),
-    (["train.steps=1.5"], "not a valid int"),
-    (["train.flag=maybe"], "not a valid bool"),
-    (["train.lr"], "section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.nope=1"], "unknown key 'train.nope'"),
+        (["nosection.lr=1"], "unknown key 'nosection'"),
+        (["train.steps=abc"], "not a valid int"),
+        (["train.steps=1.5"], "not a valid int"),
+        (["train.flag=maybe"], "not a valid bool"),
+        (["train.lr"], "section.key=value"),
+    ],
+)
 def test_bad_overrides_are_clear_errors(tmp_path, override, message):
     p = write(tmp_path, {"defaults": {}, "presets": {"full": {}}})
     with pytest.raises(UserError, match=message):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from fixtures import make_ct_dataset, make_projection_dataset, write_ct_series
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -56,13 +57,17 @@ def ct_hu(shape=(24, 20), seed=0) -> np.ndarray:
 
 def test_ct_fixture_round_trips_exact_hu_with_realistic_header(tmp_path):
     hu = ct_hu()
-    ds = dicom_io.make_ct_dataset(hu, pixel_spacing_mm=(0.6, 0.8), position_mm=(1, 2, 3), patient_id="P7")
+    ds = make_ct_dataset(hu, pixel_spacing_mm=(0.6, 0.8), position_mm=(1, 2, 3), patient_id="P7")
     path = dicom_io.write_dataset(ds, tmp_path / "ct.dcm")
     values, back = dicom_io.read_dicom(path)
     assert values.dtype == np.float32 and values.shape == hu.shape
     np.testing.assert_array_equal(values, hu)
     assert back.SOPClassUID == pydicom.uid.CTImageStorage and back.Modality == "CT" and back.PatientID == "P7"
-    assert (back.PixelRepresentation, float(back.RescaleSlope), float(back.RescaleIntercept)) == (1, 1.0, -1024.0)
+    assert (back.PixelRepresentation, float(back.RescaleSlope), float(back.RescaleIntercept)) == (
+        1,
+        1.0,
+        -1024.0,
+    )
     assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert dicom_io.pixel_spacing_mm(back) == (0.6, 0.8)
 
@@ -71,12 +76,12 @@ def test_ct_fixture_round_trips_exact_hu_with_realistic_header(tmp_path):
 def test_fixture_writers_pass_dciodvfy(tmp_path):
     stored = np.random.default_rng(1).integers(0, 1 << 14, (40, 30)).astype(np.uint16)
     paths = [
-        dicom_io.write_dataset(dicom_io.make_ct_dataset(ct_hu()), tmp_path / "ct.dcm"),
-        dicom_io.write_dataset(dicom_io.make_projection_dataset(stored), tmp_path / "mg.dcm"),
+        dicom_io.write_dataset(make_ct_dataset(ct_hu()), tmp_path / "ct.dcm"),
+        dicom_io.write_dataset(make_projection_dataset(stored), tmp_path / "mg.dcm"),
         dicom_io.write_dataset(
-            dicom_io.make_projection_dataset(stored, modality="DX", monochrome1=True), tmp_path / "dx.dcm"
+            make_projection_dataset(stored, modality="DX", monochrome1=True), tmp_path / "dx.dcm"
         ),
-        *dicom_io.write_ct_series(np.stack([ct_hu(seed=s) for s in range(2)]), tmp_path / "series", (2.0, 0.7, 0.7)),
+        *write_ct_series(np.stack([ct_hu(seed=s) for s in range(2)]), tmp_path / "series", (2.0, 0.7, 0.7)),
     ]
     for path in paths:
         assert_valid_dicom(path)
@@ -89,7 +94,7 @@ def test_bits_stored_masks_high_bits_and_sign_extends(tmp_path):
     garbage = np.array([[0xA, 0x5, 0xF, 0x1]], dtype=np.int64) << 12
     raw = ((stored_12bit & 0xFFF) | garbage).astype(np.uint16)
     for signed, expected in ((1, stored_12bit), (0, stored_12bit & 0xFFF)):
-        ds = dicom_io.make_ct_dataset(np.zeros((1, 4)))
+        ds = make_ct_dataset(np.zeros((1, 4)))
         ds.PixelRepresentation, ds.BitsStored, ds.HighBit = signed, 12, 11
         ds.RescaleSlope, ds.RescaleIntercept = 2, -10
         ds.PixelData = raw.astype("<u2").tobytes()
@@ -99,7 +104,7 @@ def test_bits_stored_masks_high_bits_and_sign_extends(tmp_path):
 
 def test_monochrome1_is_never_inverted_and_is_copied(tmp_path):
     stored = np.random.default_rng(2).integers(0, 1 << 12, (16, 12)).astype(np.uint16)
-    ds = dicom_io.make_projection_dataset(stored, modality="DX", bits_stored=12, monochrome1=True)
+    ds = make_projection_dataset(stored, modality="DX", bits_stored=12, monochrome1=True)
     values, template = dicom_io.read_dicom(dicom_io.write_dataset(ds, tmp_path / "in.dcm"))
     np.testing.assert_array_equal(values, stored)
     out = dicom_io.write_derived_dicom(template, values, tmp_path / "out.dcm", description="identity")
@@ -127,7 +132,7 @@ def test_modality_lut_gives_its_output_values():
 
 
 def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
-    good = dicom_io.write_dataset(dicom_io.make_ct_dataset(ct_hu((64, 64))), tmp_path / "good.dcm")
+    good = dicom_io.write_dataset(make_ct_dataset(ct_hu((64, 64))), tmp_path / "good.dcm")
     raw = good.read_bytes()
     cases = {"truncated": (raw[: len(raw) - 3000], "truncated"), "header_only": (raw[:200], "")}
     files = {name: (tmp_path / f"{name}.dcm", word) for name, (_, word) in cases.items()}
@@ -160,7 +165,7 @@ def test_bad_inputs_raise_one_line_user_error_naming_the_file(tmp_path):
 @given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=6))
 def test_corrupted_bytes_only_ever_raise_user_error(edits):
     with tempfile.TemporaryDirectory() as tmp:
-        path = dicom_io.write_dataset(dicom_io.make_ct_dataset(ct_hu((16, 16))), Path(tmp) / "ct.dcm")
+        path = dicom_io.write_dataset(make_ct_dataset(ct_hu((16, 16))), Path(tmp) / "ct.dcm")
         raw = bytearray(path.read_bytes())
         for offset, byte in edits:
             raw[offset % len(raw)] = byte
@@ -185,7 +190,9 @@ def test_compressed_syntax_decodes_with_decoder():
 def test_compressed_syntax_without_decoder_names_the_packages(monkeypatch):
     path = real("693_J2KR.dcm")
     decoder = get_decoder(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    monkeypatch.setattr(decoder, "_available", {})  # as if neither pylibjpeg nor pillow/openjpeg were installed
+    monkeypatch.setattr(
+        decoder, "_available", {}
+    )  # as if neither pylibjpeg nor pillow/openjpeg were installed
     with pytest.raises(UserError, match="pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg") as err:
         dicom_io.read_dicom(path)
     assert str(path) in str(err.value) and "JPEG 2000" in str(err.value)
@@ -202,8 +209,10 @@ def test_stored_range_padding_mask_and_spacing():
         dicom_io.padding_mask(values, ds), (ds.pixel_array >= -2000) & (ds.pixel_array <= -1990)
     )
     assert dicom_io.pixel_spacing_mm(ds) == (0.478516, 0.478516)
-    mg = dicom_io.make_projection_dataset(np.zeros((4, 4), np.uint16), imager_pixel_spacing_mm=(0.05, 0.06))
-    assert dicom_io.pixel_spacing_mm(mg) == (0.05, 0.06) and dicom_io.padding_mask(np.zeros((4, 4)), mg) is None
+    mg = make_projection_dataset(np.zeros((4, 4), np.uint16), imager_pixel_spacing_mm=(0.05, 0.06))
+    assert (
+        dicom_io.pixel_spacing_mm(mg) == (0.05, 0.06) and dicom_io.padding_mask(np.zeros((4, 4)), mg) is None
+    )
     assert dicom_io.stored_range(mg) == (0.0, 16383.0)
     del mg.ImagerPixelSpacing
     assert dicom_io.pixel_spacing_mm(mg) is None
@@ -245,7 +254,7 @@ def test_derived_from_raw_file_equals_derived_from_array(tmp_path):
     """A RawImage (float32 rows in a file, for outputs too big to hold) encodes exactly like the array, with 600
     rows so the 256-row blocks meet a partial one; no temporary file is left beside the output; NaN refused."""
     values = np.random.default_rng(5).normal(40, 300, size=(600, 70)).astype(np.float32)
-    template = dicom_io.make_ct_dataset(np.zeros((8, 8)))
+    template = make_ct_dataset(np.zeros((8, 8)))
     from_array = dicom_io.write_derived_dicom(template, values, tmp_path / "array" / "a.dcm", description="a")
     with tempfile.TemporaryFile() as f:
         f.write(values.astype("<f4").tobytes())
@@ -258,7 +267,10 @@ def test_derived_from_raw_file_equals_derived_from_array(tmp_path):
         with pytest.raises(UserError, match="NaN/Inf; nothing written"):
             dicom_io.write_derived_dicom(template, raw, tmp_path / "raw" / "nan.dcm", description="a")
     a, b = pydicom.dcmread(from_array), pydicom.dcmread(from_raw)
-    assert a.PixelData == b.PixelData and (a.RescaleSlope, a.RescaleIntercept) == (b.RescaleSlope, b.RescaleIntercept)
+    assert a.PixelData == b.PixelData and (a.RescaleSlope, a.RescaleIntercept) == (
+        b.RescaleSlope,
+        b.RescaleIntercept,
+    )
     half_step = float(a.RescaleSlope) / 2 + 1e-3
     np.testing.assert_allclose(dicom_io.read_dicom(from_raw)[0][:599], values[:599], atol=half_step)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["r.dcm"]
@@ -285,9 +297,12 @@ def test_derived_x2_resample_updates_geometry(tmp_path, name):
 
 def test_derived_projection_updates_imager_pixel_spacing_and_clips_to_fixed_rescale(tmp_path):
     stored = np.random.default_rng(3).integers(0, 1 << 14, (20, 16)).astype(np.uint16)
-    template = dicom_io.make_projection_dataset(stored, imager_pixel_spacing_mm=(0.1, 0.1))
+    template = make_projection_dataset(stored, imager_pixel_spacing_mm=(0.1, 0.1))
     values = np.kron(stored.astype(np.float64), np.ones((2, 2)))
-    values[0, 0], values[0, 1] = -50.0, 70000.0  # outside any unsigned 16-bit range: the MG IOD fixes the rescale
+    values[0, 0], values[0, 1] = (
+        -50.0,
+        70000.0,
+    )  # outside any unsigned 16-bit range: the MG IOD fixes the rescale
     out = dicom_io.write_derived_dicom(
         template, values, tmp_path / "mg.dcm", description="x2", spacing_scale=(0.5, 0.5)
     )
@@ -314,7 +329,7 @@ def test_derived_rescales_when_values_do_not_fit_and_drops_stale_padding(tmp_pat
 
 
 def test_derived_refuses_to_overwrite_input_and_is_atomic(tmp_path, monkeypatch):
-    source = dicom_io.write_dataset(dicom_io.make_ct_dataset(ct_hu()), tmp_path / "in.dcm")
+    source = dicom_io.write_dataset(make_ct_dataset(ct_hu()), tmp_path / "in.dcm")
     before = sha(source)
     values, template = dicom_io.read_dicom(source)
     with pytest.raises(UserError, match="overwrite"):
@@ -340,7 +355,7 @@ def test_derived_refuses_non_finite_values(tmp_path):
     assert not (tmp_path / "out.dcm").exists()
 
 
-_template = dicom_io.make_ct_dataset(np.zeros((2, 2)))
+_template = make_ct_dataset(np.zeros((2, 2)))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -373,7 +388,7 @@ def test_any_float_array_round_trips_within_half_a_stored_unit(values):
 
 def test_series_is_sorted_by_position_not_name_with_ras_affine(tmp_path):
     hu = np.stack([ct_hu((6, 5), seed=s) for s in range(5)])
-    paths = dicom_io.write_ct_series(hu, tmp_path, (2.5, 0.6, 0.8), shuffle_names=True)
+    paths = write_ct_series(hu, tmp_path, (2.5, 0.6, 0.8), shuffle_names=True)
     assert [p.name for p in paths] != sorted(p.name for p in paths)
     (tmp_path / "README.txt").write_text("not DICOM, ignored")
     volume = dicom_io.read_dicom_series(tmp_path)
@@ -387,16 +402,25 @@ def test_series_is_sorted_by_position_not_name_with_ras_affine(tmp_path):
     assert [int(d.InstanceNumber) for d in volume.meta["datasets"]] == [1, 2, 3, 4, 5]
 
 
-def _oblique_series(folder: Path, positions_along: list[float], thickness=3.0, tilt=0.0) -> tuple[np.ndarray, list]:
+def _oblique_series(
+    folder: Path, positions_along: list[float], thickness=3.0, tilt=0.0
+) -> tuple[np.ndarray, list]:
     angle = np.deg2rad(20)
-    row, col = np.array([np.cos(angle), np.sin(angle), 0.0]), np.array([0.0, 0.0, -1.0])  # sagittal-ish oblique
+    row, col = (
+        np.array([np.cos(angle), np.sin(angle), 0.0]),
+        np.array([0.0, 0.0, -1.0]),
+    )  # sagittal-ish oblique
     normal = np.cross(row, col)
     hu = np.stack([ct_hu((4, 7), seed=i) for i in range(len(positions_along))])
     study, series, positions = pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), []
     for i, along in enumerate(positions_along):
         position = np.array([10.0, -20.0, 30.0]) + along * normal + along * tilt * col  # tilt: gantry shear
-        ds = dicom_io.make_ct_dataset(
-            hu[i], pixel_spacing_mm=(0.9, 0.7), slice_thickness_mm=thickness, study_uid=study, series_uid=series
+        ds = make_ct_dataset(
+            hu[i],
+            pixel_spacing_mm=(0.9, 0.7),
+            slice_thickness_mm=thickness,
+            study_uid=study,
+            series_uid=series,
         )
         ds.ImageOrientationPatient = [*row, *col]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
@@ -442,8 +466,8 @@ def test_gantry_tilted_series_keeps_every_slice_position(tmp_path):
 
 def test_series_refuses_mixed_series_and_duplicates(tmp_path):
     hu = np.stack([ct_hu((4, 4), seed=s) for s in range(2)])
-    dicom_io.write_ct_series(hu, tmp_path / "a", (1.0, 0.7, 0.7))
-    dicom_io.write_ct_series(hu, tmp_path / "b", (1.0, 0.7, 0.7))
+    write_ct_series(hu, tmp_path / "a", (1.0, 0.7, 0.7))
+    write_ct_series(hu, tmp_path / "b", (1.0, 0.7, 0.7))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     uids = set()
@@ -453,7 +477,11 @@ def test_series_refuses_mixed_series_and_duplicates(tmp_path):
             shutil.copy(f, mixed / f"{sub}_{f.name}")
     with pytest.raises(UserError) as err:
         dicom_io.read_dicom_series(mixed)
-    assert "2 series" in str(err.value) and all(uid in str(err.value) for uid in uids) and "\n" not in str(err.value)
+    assert (
+        "2 series" in str(err.value)
+        and all(uid in str(err.value) for uid in uids)
+        and "\n" not in str(err.value)
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no DICOM images"):
         dicom_io.read_dicom_series(tmp_path / "empty")
@@ -474,7 +502,7 @@ def test_series_warns_on_uneven_gaps(tmp_path):
 
 def test_write_dicom_series_round_trip_and_z_upsampled(tmp_path):
     hu = np.stack([ct_hu((6, 5), seed=s) for s in range(4)])
-    dicom_io.write_ct_series(hu, tmp_path / "in", (2.0, 0.6, 0.8), shuffle_names=True)
+    write_ct_series(hu, tmp_path / "in", (2.0, 0.6, 0.8), shuffle_names=True)
     volume = dicom_io.read_dicom_series(tmp_path / "in")
     paths = dicom_io.write_dicom_series(volume, volume.meta["datasets"], tmp_path / "out", description="copy")
     again = dicom_io.read_dicom_series(tmp_path / "out")
@@ -494,3 +522,80 @@ def test_write_dicom_series_round_trip_and_z_upsampled(tmp_path):
     assert float(first.SliceThickness) == 1.0 and float(first.SpacingBetweenSlices) == 1.0
     if shutil.which("dciodvfy") and shutil.which("dcmdump"):
         assert_valid_dicom(tmp_path / "fine" / "0004.dcm")
+
+
+# --- anonymised sources: empty type-1 identifiers ---
+
+
+def _anonymised_series(
+    folder: Path, name: str, n: int = 3, modality: str | None = None, keep_meta=False
+) -> Path:
+    """`n` slices of a real file, as an anonymiser leaves them: SOPClassUID and the Study/Series/SOP Instance
+    UIDs empty, FrameOfReferenceUID removed (and, unless `keep_meta`, the file meta's class emptied too)."""
+    folder.mkdir(parents=True)
+    for k in range(n):
+        ds = pydicom.dcmread(real(name))
+        ds.SOPClassUID = ds.SOPInstanceUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+        ds.pop("FrameOfReferenceUID", None)
+        if not keep_meta:
+            ds.file_meta.MediaStorageSOPClassUID = ds.file_meta.MediaStorageSOPInstanceUID = ""
+        if modality is not None:
+            ds.Modality = modality
+        ds.ImagePositionPatient = [0, 0, 2.5 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = k + 1
+        ds.save_as(folder / f"slice{k}.dcm")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, modality, keep_meta, sop_class",
+    [
+        ("CT_small.dcm", None, False, "CT Image Storage"),
+        ("CT_small.dcm", None, True, "CT Image Storage"),
+        ("MR_small.dcm", None, False, "MR Image Storage"),
+        ("CT_small.dcm", "", False, "Secondary Capture Image Storage"),
+    ],
+)
+def test_derived_from_source_with_empty_uids(tmp_path, name, modality, keep_meta, sop_class):
+    source = _anonymised_series(tmp_path / "in", name, modality=modality, keep_meta=keep_meta)
+    volume = dicom_io.read_dicom_series(source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = dicom_io.write_dicom_series(
+            volume, volume.meta["datasets"], tmp_path / "out", description="x"
+        )
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "\n" not in messages[0], messages  # one line for the series, not per slice
+    assert str(source) in messages[0] and "SOPClassUID" in messages[0] and "StudyInstanceUID" in messages[0]
+    assert ("file meta" in messages[0]) == keep_meta
+    derived = [pydicom.dcmread(p) for p in paths]
+    assert {d.SOPClassUID.name for d in derived} == {sop_class}
+    assert {d.file_meta.MediaStorageSOPClassUID for d in derived} == {derived[0].SOPClassUID}
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesInstanceUID"):
+        uids = {str(d[keyword].value) for d in derived}
+        assert len(uids) == 1 and pydicom.uid.UID(uids.pop()).is_valid, keyword
+    assert len({d.SOPInstanceUID for d in derived}) == len(paths)
+    assert "SourceImageSequence" not in derived[0]  # nothing to reference: the source has no instance UID
+    np.testing.assert_array_equal(dicom_io.read_dicom_series(tmp_path / "out").hu, volume.hu)
+    if shutil.which("dciodvfy") and shutil.which("dcmdump"):
+        for path in paths:
+            assert_valid_dicom(path, allowed_errors=dciodvfy_errors(real(name)))
+
+
+def test_slice_by_slice_derived_files_share_one_generated_study(tmp_path):
+    """The scripts write a series one write_derived_dicom call per slice: the generated Study and Frame of
+    Reference must still be one per source series, and differ between two series."""
+    studies = []
+    for series in ("a", "b"):
+        source = _anonymised_series(tmp_path / series, "CT_small.dcm")
+        derived, series_uid = [], pydicom.uid.generate_uid()
+        with pytest.warns(UserWarning, match="empty or missing identifiers"):
+            for k, path in enumerate(sorted(source.iterdir())):
+                values, template = dicom_io.read_dicom(path)
+                out = tmp_path / f"out_{series}" / f"{k}.dcm"
+                dicom_io.write_derived_dicom(template, values, out, description="x", series_uid=series_uid)
+                derived.append(pydicom.dcmread(out))
+        assert len({(d.StudyInstanceUID, d.FrameOfReferenceUID) for d in derived}) == 1
+        studies.append(derived[0].StudyInstanceUID)
+    assert studies[0] != studies[1]

@@ -26,7 +26,9 @@ def test_ssim_loss_matches_numpy_ssim(shape):
     hu_range = losses.ssim_loss(torch.from_numpy(pred) * 400, torch.from_numpy(ref) * 400, data_range=400.0)
     assert hu_range.item() == pytest.approx(got.item(), abs=1e-9)
     half = losses.ssim_loss(torch.from_numpy(pred).bfloat16(), torch.from_numpy(ref).bfloat16())
-    assert half.dtype == torch.float32 and half.item() == pytest.approx(1.0 - expected, abs=0.02)  # input rounding
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(
+        1.0 - expected, abs=0.02
+    )  # input rounding
     with pytest.raises(ValueError, match="11 pixels"):
         losses.ssim_loss(torch.zeros(1, 1, 10, 32), torch.zeros(1, 1, 10, 32))
 
@@ -45,10 +47,14 @@ def test_ssim_loss_gradients_flow_and_minimum_at_target():
 
 def test_gradient_loss_matches_finite_differences():
     pred, ref = (torch.from_numpy(a) for a in _pair((2, 1, 16, 12), seed=2))
-    expected = sum(np.abs(np.diff(pred.numpy(), axis=a) - np.diff(ref.numpy(), axis=a)).mean() for a in (2, 3))
+    expected = sum(
+        np.abs(np.diff(pred.numpy(), axis=a) - np.diff(ref.numpy(), axis=a)).mean() for a in (2, 3)
+    )
     assert losses.gradient_loss(pred, ref).item() == pytest.approx(expected)
     pred3, ref3 = (torch.from_numpy(a) for a in _pair((1, 1, 6, 8, 10), seed=3))
-    expected3 = sum(np.abs(np.diff(pred3.numpy(), axis=a) - np.diff(ref3.numpy(), axis=a)).mean() for a in (2, 3, 4))
+    expected3 = sum(
+        np.abs(np.diff(pred3.numpy(), axis=a) - np.diff(ref3.numpy(), axis=a)).mean() for a in (2, 3, 4)
+    )
     assert losses.gradient_loss(pred3, ref3).item() == pytest.approx(expected3)
     # blind to a constant offset (edges only), and differentiable
     assert losses.gradient_loss(ref + 0.3, ref).item() == pytest.approx(0.0, abs=1e-12)
@@ -60,7 +66,9 @@ def test_gradient_loss_matches_finite_differences():
 def test_lsgan_losses_match_mse_references():
     real, fake = torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5, requires_grad=True)
     d = losses.lsgan_d_loss(real, fake)
-    expected_d = 0.5 * F.mse_loss(real, torch.ones_like(real)) + 0.5 * F.mse_loss(fake, torch.zeros_like(fake))
+    expected_d = 0.5 * F.mse_loss(real, torch.ones_like(real)) + 0.5 * F.mse_loss(
+        fake, torch.zeros_like(fake)
+    )
     torch.testing.assert_close(d, expected_d)
     g = losses.lsgan_g_loss(fake)
     torch.testing.assert_close(g, 0.5 * F.mse_loss(fake, torch.ones_like(fake)))

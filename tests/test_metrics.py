@@ -25,7 +25,9 @@ def test_unmasked_agrees_with_skimage(shape, dtype):
     rng = np.random.default_rng(0)
     ref = _smooth(shape, rng).astype(dtype)
     pred = np.clip(ref + rng.normal(0, 0.1, shape), 0, 1).astype(dtype)
-    assert metrics.psnr(pred, ref, 1.0) == pytest.approx(peak_signal_noise_ratio(ref, pred, data_range=1.0), abs=1e-4)
+    assert metrics.psnr(pred, ref, 1.0) == pytest.approx(
+        peak_signal_noise_ratio(ref, pred, data_range=1.0), abs=1e-4
+    )
     expected = structural_similarity(
         ref, pred, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
     )
@@ -115,7 +117,9 @@ def test_noise_std_recovers_gaussian_noise(shape):
 
 
 images = arrays(
-    np.float64, st.tuples(st.integers(11, 16), st.integers(11, 16)), elements=st.floats(0, 1, allow_nan=False, width=32)
+    np.float64,
+    st.tuples(st.integers(11, 16), st.integers(11, 16)),
+    elements=st.floats(0, 1, allow_nan=False, width=32),
 )
 
 

@@ -6,11 +6,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from fixtures import write_ct_series
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common import UserError, dicom_io, nifti_io
+from common import UserError, nifti_io
 
 
 def oblique_affine() -> np.ndarray:
@@ -21,7 +22,9 @@ def oblique_affine() -> np.ndarray:
     return affine.astype(np.float32).astype(np.float64)  # what a NIfTI file can hold exactly
 
 
-def save(path: Path, data_xyz: np.ndarray, affine: np.ndarray, sform_code=2, qform_code=1, slope=None) -> Path:
+def save(
+    path: Path, data_xyz: np.ndarray, affine: np.ndarray, sform_code=2, qform_code=1, slope=None
+) -> Path:
     image = nib.Nifti1Image(data_xyz, affine)
     image.set_sform(affine, code=sform_code)
     image.set_qform(affine, code=qform_code)
@@ -49,7 +52,11 @@ def test_read_follows_nibabel_axes_and_round_trips_exactly(tmp_path):
         assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 1)
         assert header.get_data_dtype() == np.int16  # integer HU in range: stored as int16
         np.testing.assert_array_equal(header.get_qform(), nib.load(source).header.get_qform())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz", "out.nii", "out.nii.gz"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.nii.gz",
+        "out.nii",
+        "out.nii.gz",
+    ]  # no temp files
 
 
 def test_qform_only_file_keeps_codes_and_float_values_stay_float32(tmp_path):
@@ -92,7 +99,9 @@ def test_scaled_input_gives_physical_values_and_writes_them_back(tmp_path):
 
 
 def test_changed_affine_is_written_with_the_original_codes(tmp_path):
-    volume = nifti_io.read_nifti(save(tmp_path / "in.nii", np.zeros((4, 4, 3), np.int16), oblique_affine(), 1, 1))
+    volume = nifti_io.read_nifti(
+        save(tmp_path / "in.nii", np.zeros((4, 4, 3), np.int16), oblique_affine(), 1, 1)
+    )
     fine = nifti_io.Volume(
         np.zeros((5, 4, 4), np.float32), nifti_io.scale_z_affine(volume.affine, 0.5, -0.25), volume.meta
     )
@@ -106,7 +115,7 @@ def test_changed_affine_is_written_with_the_original_codes(tmp_path):
 
 def test_dicom_volume_writes_scanner_codes_and_read_volume_dispatches(tmp_path):
     hu = np.random.default_rng(2).integers(-1000, 2000, (3, 6, 5)).astype(np.float32)
-    dicom_io.write_ct_series(hu, tmp_path / "series", (2.0, 0.5, 0.625), shuffle_names=True)
+    write_ct_series(hu, tmp_path / "series", (2.0, 0.5, 0.625), shuffle_names=True)
     volume = nifti_io.read_volume(tmp_path / "series")
     np.testing.assert_array_equal(volume.hu, hu)
     out = nifti_io.write_nifti(tmp_path / "ct.nii.gz", volume)

@@ -73,12 +73,16 @@ def test_lpips_from_pickles_is_pretrained_and_behaves(fresh_cache, no_hub_cache)
         np.testing.assert_allclose(getattr(model, f"lin{i}").model[-1].weight.numpy(), head, atol=1e-7)
     # the backbone is the pickle's, not the random init lpips built it with
     conv1 = model.net.slice1[0]
-    np.testing.assert_array_equal(conv1.weight.numpy(), tree["AlexNet_0"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(
+        conv1.weight.numpy(), tree["AlexNet_0"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1)
+    )
     x = _phantom01()
     assert perceptual.lpips_distance(model, x, x) == pytest.approx(0.0, abs=1e-6)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=g)
-    distances = [perceptual.lpips_distance(model, x, (x + s * noise).clamp(0, 1)) for s in (0.02, 0.05, 0.1, 0.2)]
+    distances = [
+        perceptual.lpips_distance(model, x, (x + s * noise).clamp(0, 1)) for s in (0.02, 0.05, 0.1, 0.2)
+    ]
     assert all(a < b for a, b in zip(distances, distances[1:])), distances
     assert 0.02 < distances[-1] < 1.0
     batch = torch.stack([x, (x + 0.1 * noise).clamp(0, 1)])[:, None]
@@ -118,7 +122,9 @@ def test_vgg16_features_and_image_metrics_lpips(fresh_cache, no_hub_cache):
     assert isinstance(vgg, torch.nn.Sequential) and len(vgg) == 31
     assert not any(p.requires_grad for p in vgg.parameters()) and not vgg.training
     tree = perceptual.load_numpy_pickle(WEIGHTS_DIR / "vgg16.ckpt")
-    np.testing.assert_array_equal(vgg[28].weight.numpy(), tree["VGG16_0"]["Conv_12"]["kernel"].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(
+        vgg[28].weight.numpy(), tree["VGG16_0"]["Conv_12"]["kernel"].transpose(3, 2, 0, 1)
+    )
     hu = synthetic.ct_phantom(48, np.random.default_rng(3))
     noisy = hu + np.random.default_rng(4).normal(0, 60, hu.shape).astype(np.float32)
     model = perceptual.load_lpips("alex")

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import build_corpus, ct_hu  # noqa: E402
+from fixtures import make_ct_dataset, write_ct_series  # noqa: E402
 
 from common import UserError, dicom_io, nifti_io  # noqa: E402
 
@@ -39,73 +40,296 @@ SCRIPTS = ["ldct_denoise", "mammo_vqvae", "mammo_ldm", "dicom_zero_shot_sr", "ct
 
 # --- the commands, with the fewest steps that still reach the data ---
 
-LDCT = ["--preset", "tiny", "--device", "cpu", "--set", "data.phantom_size=32", "--set", "data.crop_size=32",
-        "--set", "data.phantom_train=1", "--set", "data.phantom_val=1", "--set", "train.batch_size=1",
-        "--set", "sample.steps=1"]
-MAMMO = ["--preset", "tiny", "--device", "cpu", "--set", "train.max_steps=1", "--set", "data.synthetic_train=1",
-         "--set", "data.synthetic_test=1", "--set", "train.batch_size=1"]
+LDCT = [
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--set",
+    "data.phantom_size=32",
+    "--set",
+    "data.crop_size=32",
+    "--set",
+    "data.phantom_train=1",
+    "--set",
+    "data.phantom_val=1",
+    "--set",
+    "train.batch_size=1",
+    "--set",
+    "sample.steps=1",
+]
+MAMMO = [
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--set",
+    "train.max_steps=1",
+    "--set",
+    "data.synthetic_train=1",
+    "--set",
+    "data.synthetic_test=1",
+    "--set",
+    "train.batch_size=1",
+]
 ZSSR = ["--preset", "tiny", "--device", "cpu"]
 CT = ["--preset", "tiny", "--device", "cpu", "--set", "data.phantom_train=1", "--set", "data.phantom_val=1"]
 
 # id: (script, argv, input kinds it reads, has --config, valid input used for yaml/ckpt cases)
 # {input} {out} {ck} {vq} are filled per case; {ck} is the checkpoint a ckpt case replaces.
 COMMANDS = {
-    "ldct.train": ("ldct_denoise", ["train", "--data", "{input}", "--out", "{out}", "--max-steps", "1", *LDCT],
-                   {"series", "nifti", "folder"}, True, "series_valid"),
-    "ldct.pretrain": ("ldct_denoise", ["pretrain", "--data", "{input}", "--out", "{out}", "--max-steps", "1", *LDCT],
-                      {"series", "nifti", "folder"}, True, "series_valid"),
-    "ldct.baseline": ("ldct_denoise", ["baseline", "--kind", "nlm", "--data", "{input}", "--out", "{out}",
-                                       "--max-slices", "1", *LDCT], {"series", "nifti", "folder"}, True,
-                      "series_valid"),
-    "ldct.ablate": ("ldct_denoise", ["ablate", "--data", "{input}", "--out", "{out}", "--max-steps", "1",
-                                     "--stages", "0", "--steps", "1", "--max-slices", "1", "--time-size", "0",
-                                     *LDCT, "--set", "upgrade.bridge_steps=1"], {"series", "nifti", "folder"}, True,
-                    "series_valid"),
-    "ldct.denoise": ("ldct_denoise", ["denoise", "--checkpoint", "{ck}", "--input", "{input}", "--output", "{out}",
-                                      "--steps", "1", "--device", "cpu"], {"dicom", "series", "nifti", "folder"},
-                     False, "ct_valid"),
-    "ldct.eval": ("ldct_denoise", ["eval", "--checkpoint", "{ck}", "--data", "{input}", "--out", "{out}", "--steps",
-                                   "1", "--max-slices", "1", "--device", "cpu"], {"series", "nifti", "folder"},
-                  False, "series_valid"),
-    "vqvae.train": ("mammo_vqvae", ["train", "--data", "{input}", "--out", "{out}", *MAMMO], {"dicom", "folder"},
-                    True, "mg_valid"),
-    "vqvae.evaluate": ("mammo_vqvae", ["evaluate", "--checkpoint", "{ck}", "--data", "{input}", "--out", "{out}",
-                                       "--device", "cpu"], {"dicom", "folder"}, False, "mg_valid"),
-    "vqvae.extract-latents": ("mammo_vqvae", ["extract-latents", "--checkpoint", "{ck}", "--data", "{input}",
-                                              "--out", "{out}", "--device", "cpu"], {"dicom", "folder"}, False,
-                              "mg_valid"),
-    "ldm.train": ("mammo_ldm", ["train", "--vqvae", "{vq}", "--data", "{input}", "--out", "{out}", *MAMMO,
-                                "--set", "sample.steps=1"], {"dicom", "folder"}, True, "mg_valid"),
-    "ldm.restore": ("mammo_ldm", ["restore", "--vqvae", "{vq}", "--checkpoint", "{ck}", "--input", "{input}",
-                                  "--output", "{out}", "--steps", "1", "--device", "cpu"], {"dicom", "folder"},
-                    False, "mg_valid"),
-    "ldm.evaluate": ("mammo_ldm", ["evaluate", "--vqvae", "{vq}", "--checkpoint", "{ck}", "--data", "{input}",
-                                   "--out", "{out}", "--steps", "1", "--device", "cpu"], {"dicom", "folder"}, False,
-                     "mg_valid"),
-    "zssr.full": ("dicom_zero_shot_sr", ["full", "--input", "{input}", "--out", "{out}", *ZSSR], {"dicom", "folder"},
-                  True, "ct_valid"),
-    "zssr.train": ("dicom_zero_shot_sr", ["train", "--input", "{input}", "--out", "{out}", *ZSSR],
-                   {"dicom", "folder"}, True, "ct_valid"),
-    "zssr.evaluate": ("dicom_zero_shot_sr", ["evaluate", "--input", "{input}", "--out", "{out}", *ZSSR],
-                      {"dicom", "folder"}, True, "ct_valid"),
-    "zssr.inference": ("dicom_zero_shot_sr", ["inference", "--input", "{input}", "--model-path", "{ck}", "--out",
-                                              "{out}", "--device", "cpu"], {"dicom", "folder"}, True, "ct_valid"),
-    "ct.prepare": ("ct_throughplane_sr", ["prepare", "--input", "{input}", "--out", "{out}", "--preset", "tiny"],
-                   {"series", "folder"}, True, "series_valid"),
-    "ct.train": ("ct_throughplane_sr", ["train", "--model", "unet3d", "--data", "{input}", "--out", "{out}",
-                                        "--max-steps", "1", *CT], {"nifti", "series", "folder"}, True, "nifti_valid"),
-    "ct.train-vae": ("ct_throughplane_sr", ["train-vae", "--data", "{input}", "--out", "{out}", "--max-steps", "1",
-                                            *CT], {"nifti", "series", "folder"}, True, "nifti_valid"),
-    "ct.upsample": ("ct_throughplane_sr", ["upsample", "--checkpoint", "{ck}", "--input", "{input}", "--output",
-                                           "{out}/sr.nii.gz", *CT], {"nifti", "series", "folder"}, True,
-                    "nifti_valid"),
-    "ct.evaluate": ("ct_throughplane_sr", ["evaluate", "--hr", "{input}", "--out", "{out}", *CT],
-                    {"nifti", "series", "folder"}, True, "nifti_valid"),
+    "ldct.train": (
+        "ldct_denoise",
+        ["train", "--data", "{input}", "--out", "{out}", "--max-steps", "1", *LDCT],
+        {"series", "nifti", "folder"},
+        True,
+        "series_valid",
+    ),
+    "ldct.pretrain": (
+        "ldct_denoise",
+        ["pretrain", "--data", "{input}", "--out", "{out}", "--max-steps", "1", *LDCT],
+        {"series", "nifti", "folder"},
+        True,
+        "series_valid",
+    ),
+    "ldct.baseline": (
+        "ldct_denoise",
+        ["baseline", "--kind", "nlm", "--data", "{input}", "--out", "{out}", "--max-slices", "1", *LDCT],
+        {"series", "nifti", "folder"},
+        True,
+        "series_valid",
+    ),
+    "ldct.ablate": (
+        "ldct_denoise",
+        [
+            "ablate",
+            "--data",
+            "{input}",
+            "--out",
+            "{out}",
+            "--max-steps",
+            "1",
+            "--stages",
+            "0",
+            "--steps",
+            "1",
+            "--max-slices",
+            "1",
+            "--time-size",
+            "0",
+            *LDCT,
+            "--set",
+            "upgrade.bridge_steps=1",
+        ],
+        {"series", "nifti", "folder"},
+        True,
+        "series_valid",
+    ),
+    "ldct.denoise": (
+        "ldct_denoise",
+        [
+            "denoise",
+            "--checkpoint",
+            "{ck}",
+            "--input",
+            "{input}",
+            "--output",
+            "{out}",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        {"dicom", "series", "nifti", "folder"},
+        False,
+        "ct_valid",
+    ),
+    "ldct.eval": (
+        "ldct_denoise",
+        [
+            "eval",
+            "--checkpoint",
+            "{ck}",
+            "--data",
+            "{input}",
+            "--out",
+            "{out}",
+            "--steps",
+            "1",
+            "--max-slices",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        {"series", "nifti", "folder"},
+        False,
+        "series_valid",
+    ),
+    "vqvae.train": (
+        "mammo_vqvae",
+        ["train", "--data", "{input}", "--out", "{out}", *MAMMO],
+        {"dicom", "folder"},
+        True,
+        "mg_valid",
+    ),
+    "vqvae.evaluate": (
+        "mammo_vqvae",
+        ["evaluate", "--checkpoint", "{ck}", "--data", "{input}", "--out", "{out}", "--device", "cpu"],
+        {"dicom", "folder"},
+        False,
+        "mg_valid",
+    ),
+    "vqvae.extract-latents": (
+        "mammo_vqvae",
+        ["extract-latents", "--checkpoint", "{ck}", "--data", "{input}", "--out", "{out}", "--device", "cpu"],
+        {"dicom", "folder"},
+        False,
+        "mg_valid",
+    ),
+    "ldm.train": (
+        "mammo_ldm",
+        [
+            "train",
+            "--vqvae",
+            "{vq}",
+            "--data",
+            "{input}",
+            "--out",
+            "{out}",
+            *MAMMO,
+            "--set",
+            "sample.steps=1",
+        ],
+        {"dicom", "folder"},
+        True,
+        "mg_valid",
+    ),
+    "ldm.restore": (
+        "mammo_ldm",
+        [
+            "restore",
+            "--vqvae",
+            "{vq}",
+            "--checkpoint",
+            "{ck}",
+            "--input",
+            "{input}",
+            "--output",
+            "{out}",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        {"dicom", "folder"},
+        False,
+        "mg_valid",
+    ),
+    "ldm.evaluate": (
+        "mammo_ldm",
+        [
+            "evaluate",
+            "--vqvae",
+            "{vq}",
+            "--checkpoint",
+            "{ck}",
+            "--data",
+            "{input}",
+            "--out",
+            "{out}",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        {"dicom", "folder"},
+        False,
+        "mg_valid",
+    ),
+    "zssr.full": (
+        "dicom_zero_shot_sr",
+        ["full", "--input", "{input}", "--out", "{out}", *ZSSR],
+        {"dicom", "folder"},
+        True,
+        "ct_valid",
+    ),
+    "zssr.train": (
+        "dicom_zero_shot_sr",
+        ["train", "--input", "{input}", "--out", "{out}", *ZSSR],
+        {"dicom", "folder"},
+        True,
+        "ct_valid",
+    ),
+    "zssr.evaluate": (
+        "dicom_zero_shot_sr",
+        ["evaluate", "--input", "{input}", "--out", "{out}", *ZSSR],
+        {"dicom", "folder"},
+        True,
+        "ct_valid",
+    ),
+    "zssr.inference": (
+        "dicom_zero_shot_sr",
+        ["inference", "--input", "{input}", "--model-path", "{ck}", "--out", "{out}", "--device", "cpu"],
+        {"dicom", "folder"},
+        True,
+        "ct_valid",
+    ),
+    "ct.prepare": (
+        "ct_throughplane_sr",
+        ["prepare", "--input", "{input}", "--out", "{out}", "--preset", "tiny"],
+        {"series", "folder"},
+        True,
+        "series_valid",
+    ),
+    "ct.train": (
+        "ct_throughplane_sr",
+        ["train", "--model", "unet3d", "--data", "{input}", "--out", "{out}", "--max-steps", "1", *CT],
+        {"nifti", "series", "folder"},
+        True,
+        "nifti_valid",
+    ),
+    "ct.train-vae": (
+        "ct_throughplane_sr",
+        ["train-vae", "--data", "{input}", "--out", "{out}", "--max-steps", "1", *CT],
+        {"nifti", "series", "folder"},
+        True,
+        "nifti_valid",
+    ),
+    "ct.upsample": (
+        "ct_throughplane_sr",
+        ["upsample", "--checkpoint", "{ck}", "--input", "{input}", "--output", "{out}/sr.nii.gz", *CT],
+        {"nifti", "series", "folder"},
+        True,
+        "nifti_valid",
+    ),
+    "ct.evaluate": (
+        "ct_throughplane_sr",
+        ["evaluate", "--hr", "{input}", "--out", "{out}", *CT],
+        {"nifti", "series", "folder"},
+        True,
+        "nifti_valid",
+    ),
 }
-CKPT_OF = {"ldct_denoise": "ldct", "mammo_vqvae": "vq", "mammo_ldm": "ldm", "dicom_zero_shot_sr": "zssr",
-           "ct_throughplane_sr": "ct"}
-CT_ONLY = {"ldct.train", "ldct.pretrain", "ldct.baseline", "ldct.ablate", "ldct.denoise", "ldct.eval", "ct.prepare",
-           "ct.train", "ct.train-vae", "ct.upsample", "ct.evaluate"}
+CKPT_OF = {
+    "ldct_denoise": "ldct",
+    "mammo_vqvae": "vq",
+    "mammo_ldm": "ldm",
+    "dicom_zero_shot_sr": "zssr",
+    "ct_throughplane_sr": "ct",
+}
+CT_ONLY = {
+    "ldct.train",
+    "ldct.pretrain",
+    "ldct.baseline",
+    "ldct.ablate",
+    "ldct.denoise",
+    "ldct.eval",
+    "ct.prepare",
+    "ct.train",
+    "ct.train-vae",
+    "ct.upsample",
+    "ct.evaluate",
+}
 
 # What the one error line must say (regex, case-insensitive); None: proceeding is right (the command succeeds).
 EXPECT = {
@@ -147,30 +371,81 @@ EXPECT = {
     "out_unwritable": r"writ|director|permission|not a folder|exists",
 }
 # case -> commands for which it is a problem (default: every command that reads its kind)
-ONLY = {"constant": {"zssr.full", "zssr.train", "zssr.evaluate", "zssr.inference", "ldm.restore", "vqvae.train",
-                     "vqvae.evaluate", "vqvae.extract-latents", "ldm.train", "ldm.evaluate"},
-        "extreme_65535": {"ldm.restore", "vqvae.train", "vqvae.evaluate", "vqvae.extract-latents", "ldm.train",
-                          "ldm.evaluate", "zssr.full", "zssr.train", "zssr.evaluate"},
-        "mr": CT_ONLY, "series_mr": CT_ONLY, "mg_valid": CT_ONLY, "one_pixel": None}
+ONLY = {
+    "constant": {
+        "zssr.full",
+        "zssr.train",
+        "zssr.evaluate",
+        "zssr.inference",
+        "ldm.restore",
+        "vqvae.train",
+        "vqvae.evaluate",
+        "vqvae.extract-latents",
+        "ldm.train",
+        "ldm.evaluate",
+    },
+    "extreme_65535": {
+        "ldm.restore",
+        "vqvae.train",
+        "vqvae.evaluate",
+        "vqvae.extract-latents",
+        "ldm.train",
+        "ldm.evaluate",
+        "zssr.full",
+        "zssr.train",
+        "zssr.evaluate",
+    },
+    "mr": CT_ONLY,
+    "series_mr": CT_ONLY,
+    "mg_valid": CT_ONLY,
+    "one_pixel": None,
+}
 
 # The default selection: (command, case). Every case >= once, every command >= once.
 DEFAULT = [
-    ("zssr.full", "truncated"), ("zssr.full", "compressed_no_decoder"), ("zssr.full", "one_pixel"),
-    ("zssr.full", "constant"), ("zssr.full", "out_unwritable"), ("zssr.full", "yaml_python_tag"),
-    ("zssr.train", "no_pixeldata"), ("zssr.train", "rgb"), ("zssr.train", "not_dicom"), ("zssr.evaluate", "multiframe"),
-    ("zssr.evaluate", "unknown_syntax"), ("zssr.inference", "ckpt_pickle_payload"),
+    ("zssr.full", "truncated"),
+    ("zssr.full", "compressed_no_decoder"),
+    ("zssr.full", "one_pixel"),
+    ("zssr.full", "constant"),
+    ("zssr.full", "out_unwritable"),
+    ("zssr.full", "yaml_python_tag"),
+    ("zssr.train", "no_pixeldata"),
+    ("zssr.train", "rgb"),
+    ("zssr.train", "not_dicom"),
+    ("zssr.evaluate", "multiframe"),
+    ("zssr.evaluate", "unknown_syntax"),
+    ("zssr.inference", "ckpt_pickle_payload"),
     ("zssr.inference", "ckpt_other_script"),
-    ("ldct.denoise", "palette"), ("ldct.denoise", "mr"), ("ldct.denoise", "series_two"),
-    ("ldct.denoise", "nifti_inf"), ("ldct.denoise", "nifti_sheared"), ("ldct.denoise", "out_is_input"),
-    ("ldct.denoise", "ckpt_other_arch"), ("ldct.denoise", "mg_valid"), ("ldct.denoise", "one_pixel"),
-    ("ldct.train", "empty_folder"), ("ldct.train", "yaml_unknown_key"), ("ldct.pretrain", "nifti_nan"),
-    ("ldct.baseline", "series_mr"), ("ldct.ablate", "yaml_wrong_type"), ("ldct.eval", "nifti_4d"),
-    ("vqvae.train", "extreme_65535"), ("vqvae.evaluate", "truncated_header"), ("vqvae.extract-latents", "ybr_full"),
-    ("ldm.train", "ckpt_garbage"), ("ldm.restore", "corrupt_codestream"), ("ldm.restore", "ckpt_other_arch"),
+    ("ldct.denoise", "palette"),
+    ("ldct.denoise", "mr"),
+    ("ldct.denoise", "series_two"),
+    ("ldct.denoise", "nifti_inf"),
+    ("ldct.denoise", "nifti_sheared"),
+    ("ldct.denoise", "out_is_input"),
+    ("ldct.denoise", "ckpt_other_arch"),
+    ("ldct.denoise", "mg_valid"),
+    ("ldct.denoise", "one_pixel"),
+    ("ldct.train", "empty_folder"),
+    ("ldct.train", "yaml_unknown_key"),
+    ("ldct.pretrain", "nifti_nan"),
+    ("ldct.baseline", "series_mr"),
+    ("ldct.ablate", "yaml_wrong_type"),
+    ("ldct.eval", "nifti_4d"),
+    ("vqvae.train", "extreme_65535"),
+    ("vqvae.evaluate", "truncated_header"),
+    ("vqvae.extract-latents", "ybr_full"),
+    ("ldm.train", "ckpt_garbage"),
+    ("ldm.restore", "corrupt_codestream"),
+    ("ldm.restore", "ckpt_other_arch"),
     ("ldm.evaluate", "ckpt_other_script"),
-    ("ct.prepare", "series_gap"), ("ct.prepare", "no_dicom_folder"), ("ct.upsample", "nifti_singular"),
-    ("ct.upsample", "series_mr"), ("ct.upsample", "out_is_input"), ("ct.evaluate", "nifti_garbage"),
-    ("ct.train", "nifti_nan"), ("ct.train-vae", "nifti_4d"),
+    ("ct.prepare", "series_gap"),
+    ("ct.prepare", "no_dicom_folder"),
+    ("ct.upsample", "nifti_singular"),
+    ("ct.upsample", "series_mr"),
+    ("ct.upsample", "out_is_input"),
+    ("ct.evaluate", "nifti_garbage"),
+    ("ct.train", "nifti_nan"),
+    ("ct.train-vae", "nifti_4d"),
 ]
 
 
@@ -190,7 +465,12 @@ def applies(command: str, case: str, kind: str) -> bool:
 def full_selection(corpus_cases) -> list[tuple[str, str]]:
     kinds = {name: c.kind for name, c in corpus_cases.items()}
     kinds.update(ckpt_other_script="ckpt", ckpt_other_arch="ckpt", out_is_input="out", out_unwritable="out")
-    return [(cmd, case) for cmd in COMMANDS for case in EXPECT if case in kinds and applies(cmd, case, kinds[case])]
+    return [
+        (cmd, case)
+        for cmd in COMMANDS
+        for case in EXPECT
+        if case in kinds and applies(cmd, case, kinds[case])
+    ]
 
 
 # --- fixtures ---
@@ -223,7 +503,9 @@ class Checkpoints:
         if name not in self.paths:
             out = self.root / name
             if name == "ldct":
-                self.paths[name] = self._train(name, "ldct_denoise", ["train", "--out", out, "--max-steps", 1, *LDCT])
+                self.paths[name] = self._train(
+                    name, "ldct_denoise", ["train", "--out", out, "--max-steps", 1, *LDCT]
+                )
             elif name == "vq":
                 self.paths[name] = self._train(name, "mammo_vqvae", ["train", "--out", out, *MAMMO])
             elif name == "ldm":
@@ -231,12 +513,16 @@ class Checkpoints:
                 self.paths[name] = self._train(name, "mammo_ldm", args)
             elif name == "zssr":
                 src = self.root / "zssr_input.dcm"
-                dicom_io.write_dataset(dicom_io.make_ct_dataset(ct_hu()), src)
-                self.paths[name] = self._train(name, "dicom_zero_shot_sr", ["train", "--input", src, "--out", out,
-                                                                            *ZSSR])
+                dicom_io.write_dataset(make_ct_dataset(ct_hu()), src)
+                self.paths[name] = self._train(
+                    name, "dicom_zero_shot_sr", ["train", "--input", src, "--out", out, *ZSSR]
+                )
             elif name == "ct":
-                self.paths[name] = self._train(name, "ct_throughplane_sr", ["train", "--model", "unet3d", "--out",
-                                                                            out, "--max-steps", 1, *CT])
+                self.paths[name] = self._train(
+                    name,
+                    "ct_throughplane_sr",
+                    ["train", "--model", "unet3d", "--out", out, "--max-steps", 1, *CT],
+                )
             else:
                 raise KeyError(name)
         return self.paths[name]
@@ -261,8 +547,11 @@ def ckpts(tmp_path_factory):
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 RECORD = {"config.yaml", "command.txt", "train.log", "metrics.jsonl"} | {f"{s}.py" for s in SCRIPTS}
@@ -350,7 +639,9 @@ def check(command: str, case: str, corpus, ckpts, tmp_path: Path) -> None:
     existed = out.exists()
     proc = run_cli(script, args, tmp_path)
     assert digest(root) == before, "an input file changed"
-    assert not (root / "PWNED_BY_PICKLE").exists() and not (tmp_path / "PWNED").exists(), "code ran from a file"
+    assert not (root / "PWNED_BY_PICKLE").exists() and not (tmp_path / "PWNED").exists(), (
+        "code ran from a file"
+    )
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name], "temporary files left behind"
     pattern = EXPECT[case]
     if pattern is None:  # proceeding is right: success, and a stated warning for a slice gap
@@ -394,8 +685,12 @@ def test_corpus_cli_full(corpus, ckpts, tmp_path):
 def test_selection_covers_everything(corpus):
     """Every corpus case is fed to at least one command, every command gets at least one case."""
     used_cases = {case for _, case in DEFAULT}
-    wanted = {n for n in corpus[1] if n in EXPECT} | {"ckpt_other_script", "ckpt_other_arch", "out_is_input",
-                                                      "out_unwritable"}
+    wanted = {n for n in corpus[1] if n in EXPECT} | {
+        "ckpt_other_script",
+        "ckpt_other_arch",
+        "out_is_input",
+        "out_unwritable",
+    }
     assert wanted <= used_cases, sorted(wanted - used_cases)
     assert set(COMMANDS) == {c for c, _ in DEFAULT}
     assert all(case in EXPECT for _, case in DEFAULT)
@@ -403,8 +698,18 @@ def test_selection_covers_everything(corpus):
 
 # --- the readers on every corpus file, in-process (fast) ---
 
-READER_OK = {"ct_valid", "mg_valid", "series_valid", "nifti_valid", "one_pixel", "constant", "extreme_65535", "mr",
-             "series_mr", "nifti_sheared"}
+READER_OK = {
+    "ct_valid",
+    "mg_valid",
+    "series_valid",
+    "nifti_valid",
+    "one_pixel",
+    "constant",
+    "extreme_65535",
+    "mr",
+    "series_mr",
+    "nifti_sheared",
+}
 
 
 def test_readers_on_corpus(corpus):
@@ -419,7 +724,9 @@ def test_readers_on_corpus(corpus):
                 read(case.path)
             elif name == "series_gap":
                 read(case.path)
-                assert any("uneven slice gaps" in str(w.message) and "series_gap" in str(w.message) for w in caught)
+                assert any(
+                    "uneven slice gaps" in str(w.message) and "series_gap" in str(w.message) for w in caught
+                )
             else:
                 with pytest.raises(UserError) as info:
                     read(case.path)
@@ -430,9 +737,15 @@ def test_readers_on_corpus(corpus):
 
 # --- fuzz: random byte mutations of valid files; only UserError may escape ---
 
-MUTATIONS = st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8)
-FUZZ = settings(max_examples=int(os.environ.get("ROBUSTNESS_FUZZ_EXAMPLES", 200)), deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+MUTATIONS = st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8
+)
+FUZZ = settings(
+    max_examples=int(os.environ.get("ROBUSTNESS_FUZZ_EXAMPLES", 200)),
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 def mutate(data: bytes, changes, cut: float | None, header_bytes: int | None = None) -> bytes:
@@ -456,8 +769,8 @@ def only_user_error(read, path: Path) -> None:
 @pytest.fixture(scope="module")
 def fuzz_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    dicom_io.write_dataset(dicom_io.make_ct_dataset(ct_hu((24, 24))), root / "ct.dcm")
-    dicom_io.write_ct_series(np.stack([ct_hu((16, 16), seed=k) for k in range(3)]), root / "series", (2.0, 0.8, 0.8))
+    dicom_io.write_dataset(make_ct_dataset(ct_hu((24, 24))), root / "ct.dcm")
+    write_ct_series(np.stack([ct_hu((16, 16), seed=k) for k in range(3)]), root / "series", (2.0, 0.8, 0.8))
     vol = np.stack([ct_hu((16, 16), seed=k) for k in range(4)]).transpose(2, 1, 0)
     import nibabel as nib
 
@@ -503,8 +816,11 @@ def test_fuzz_read_nifti(fuzz_dir, changes, cut, gz):
 
 # --- security ---
 
-SHIPPED = [*sorted(ROOT.glob("*.py")), *sorted((ROOT / "common").glob("*.py")),
-           *sorted(p for p in (ROOT / "tests").glob("*.py") if p.name not in ("corpus.py", "test_robustness.py"))]
+SHIPPED = [
+    *sorted(ROOT.glob("*.py")),
+    *sorted((ROOT / "common").glob("*.py")),
+    *sorted(p for p in (ROOT / "tests").glob("*.py") if p.name not in ("corpus.py", "test_robustness.py")),
+]
 
 
 def _calls(tree, dotted: str):
@@ -526,7 +842,14 @@ def test_no_unsafe_loading():
             kw = {k.arg: k.value for k in call.keywords}
             if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                 problems.append(f"{path.name}:{call.lineno}: torch.load without weights_only=True")
-        for bad in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "np.load", "numpy.load"):
+        for bad in (
+            "yaml.load",
+            "yaml.unsafe_load",
+            "yaml.full_load",
+            "yaml.load_all",
+            "np.load",
+            "numpy.load",
+        ):
             for call in _calls(tree, bad):
                 kw = {k.arg: k.value for k in call.keywords}
                 if bad.endswith("np.load") or bad.endswith("numpy.load"):
@@ -540,10 +863,16 @@ def test_no_unsafe_loading():
             for func in ("load", "loads", "Unpickler", "open"):
                 for call in _calls(tree, f"{module}.{func}"):
                     problems.append(f"{path.name}:{call.lineno}: {module}.{func} (unpickling runs code)")
-        for node in ast.walk(tree):  # the one allowed form: an Unpickler subclass whose find_class is an allow-list
-            if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Unpickler") for b in node.bases):
+        for node in ast.walk(
+            tree
+        ):  # the one allowed form: an Unpickler subclass whose find_class is an allow-list
+            if isinstance(node, ast.ClassDef) and any(
+                ast.unparse(b).endswith("Unpickler") for b in node.bases
+            ):
                 if not any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
-                    problems.append(f"{path.name}:{node.lineno}: Unpickler subclass without a find_class allow-list")
+                    problems.append(
+                        f"{path.name}:{node.lineno}: Unpickler subclass without a find_class allow-list"
+                    )
     assert not problems, "\n".join(problems)
 
 
@@ -572,14 +901,16 @@ def test_tag_derived_names_are_sanitised(tmp_path):
     src = tmp_path / "deep" / "in"
     for i, pid in enumerate(EVIL_IDS):
         folder = src / f"s{i}"
-        dicom_io.write_ct_series(np.stack([ct_hu((16, 16), seed=k) for k in range(3)]), folder, (2.0, 0.8, 0.8))
+        write_ct_series(np.stack([ct_hu((16, 16), seed=k) for k in range(3)]), folder, (2.0, 0.8, 0.8))
         for f in folder.iterdir():
             ds = dicom_io.pydicom.dcmread(f)
             ds.PatientID, ds.SeriesDescription = pid, "../../../series_escape"
             ds.save_as(f)
     out = tmp_path / "deep" / "prepared"
     before = {p for p in tmp_path.rglob("*")}
-    proc = run_cli("ct_throughplane_sr", ["prepare", "--input", src, "--out", out, "--preset", "tiny"], tmp_path)
+    proc = run_cli(
+        "ct_throughplane_sr", ["prepare", "--input", src, "--out", out, "--preset", "tiny"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     new = {p for p in tmp_path.rglob("*")} - before
     assert new and all(p == out or out in p.parents for p in new), sorted(map(str, new))
@@ -609,14 +940,29 @@ def test_kill_9_during_training_then_resume_replays_the_uninterrupted_losses(tmp
 
     import torch
 
-    args = ["train", "--max-steps", 8, *LDCT, "--set", "train.ckpt_every=4", "--set", "train.log_every=1",
-            "--set", "data.phantom_train=4"]
+    args = [
+        "train",
+        "--max-steps",
+        8,
+        *LDCT,
+        "--set",
+        "train.ckpt_every=4",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "data.phantom_train=4",
+    ]
     straight = tmp_path / "straight"
     assert run_cli("ldct_denoise", [*args, "--out", straight], tmp_path).returncode == 0
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args), "--out", str(killed)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args), "--out", str(killed)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (killed / "checkpoint.pt").exists() and max(_losses(killed), default=0) >= 5:
@@ -627,7 +973,9 @@ def test_kill_9_during_training_then_resume_replays_the_uninterrupted_losses(tmp
     proc.wait()
     state = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 4
-    resumed = run_cli("ldct_denoise", [*args, "--out", killed, "--resume", killed / "checkpoint.pt"], tmp_path)
+    resumed = run_cli(
+        "ldct_denoise", [*args, "--out", killed, "--resume", killed / "checkpoint.pt"], tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _losses(straight), _losses(killed)
     assert all(b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-9) for s in range(5, 9)), (a, b)
@@ -648,10 +996,12 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path)
 
     path = tmp_path / "checkpoint.pt"
     runtime.save_checkpoint(path, {"script": "x", "step": 0, "w": torch.zeros(4)})
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from common import runtime\n"
-            "w = torch.randn(8_000_000)\n"
-            "for step in range(1, 10_000):\n"
-            "    runtime.save_checkpoint(sys.argv[2], {'script': 'x', 'step': step, 'w': w})\n")
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); from common import runtime\n"
+        "w = torch.randn(8_000_000)\n"
+        "for step in range(1, 10_000):\n"
+        "    runtime.save_checkpoint(sys.argv[2], {'script': 'x', 'step': step, 'w': w})\n"
+    )
     for attempt in range(5):
         before = path.stat().st_mtime_ns
         proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(path)])

@@ -23,8 +23,13 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
 
 def test_checkpoint_round_trip_and_rng(tmp_path):
     runtime.seed_everything(1)
-    state = {"script": "demo", "model": {"w": torch.randn(3)}, "step": 5, "rng": runtime.rng_state(),
-             "gen": np.random.default_rng(3).bit_generator.state}
+    state = {
+        "script": "demo",
+        "model": {"w": torch.randn(3)},
+        "step": 5,
+        "rng": runtime.rng_state(),
+        "gen": np.random.default_rng(3).bit_generator.state,
+    }
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     runtime.save_checkpoint(tmp_path / "c.pt", state)
     loaded = runtime.load_checkpoint(tmp_path / "c.pt", "demo")
@@ -77,7 +82,9 @@ def test_progress_logger_and_table(tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["loss"] == 0.25
     assert "step 4/4" in (tmp_path / "train.log").read_text()
-    runtime.print_metrics_table([{"method": "a", "psnr_db": 30.0}], "t", tmp_path / "m.json", ["window [0, 1]"])
+    runtime.print_metrics_table(
+        [{"method": "a", "psnr_db": 30.0}], "t", tmp_path / "m.json", ["window [0, 1]"]
+    )
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["rows"][0]["psnr_db"] == 30.0 and saved["notes"] == ["window [0, 1]"]
     assert "psnr_db" in capsys.readouterr().out
