@@ -1,7 +1,8 @@
-"""Image-quality metrics with one stated convention (see CONVENTION): window -> [0, 1], data range 1, Gaussian SSIM.
+"""Image-quality metrics with one stated convention (`convention`): window -> [0, 1], data range 1, Gaussian SSIM.
 
 Unmasked PSNR/SSIM equal `skimage.metrics` (gaussian_weights=True, sigma=1.5, use_sample_covariance=False);
-masked variants average the same per-pixel quantities over the mask only.
+masked variants average the same per-pixel quantities over the mask only. Inputs too short for the 11-px SSIM
+window (a 6-slice volume) are measured per 2-D slice or with a smaller window; `ssim_convention` says which.
 """
 
 from __future__ import annotations
@@ -71,16 +72,39 @@ def mae(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> fl
     return _masked_mean(np.abs(pred - ref), mask)
 
 
+def ssim_plan(shape: tuple[int, ...]) -> tuple[bool, int]:
+    """(per_slice, radius) of the Gaussian window that fits `shape`: the full 11-px window along every axis when
+    it fits; a volume with fewer than 11 slices is measured per 2-D slice (along axis 0); an image or slice
+    under 11 px gets the largest window that fits (radius >= 1, i.e. at least 3 px)."""
+    full = 2 * SSIM_RADIUS + 1
+    if len(shape) not in (2, 3):
+        raise ValueError(f"SSIM expects a 2-D image or a 3-D volume, got shape {tuple(shape)}")
+    per_slice = len(shape) == 3 and min(shape) < full
+    plane = shape[1:] if per_slice else shape
+    radius = min(SSIM_RADIUS, (min(plane) - 1) // 2)
+    if radius < 1:
+        raise ValueError(f"SSIM needs at least 3 pixels along every image axis, got shape {tuple(shape)}")
+    return per_slice, radius
+
+
+def ssim_convention(shape: tuple[int, ...]) -> str:
+    """How `ssim` measures an image of `shape`, for table notes (it differs from 3-D only for short inputs)."""
+    per_slice, radius = ssim_plan(shape)
+    window = f"{2 * radius + 1}-px window" + ("" if radius == SSIM_RADIUS else " (image too small for 11)")
+    if per_slice:
+        return f"SSIM 2-D per slice, {window} (only {shape[0]} slices: too few for a 3-D window)"
+    return f"SSIM {len(shape)}-D, {window}"
+
+
 def ssim_map(pred: np.ndarray, ref: np.ndarray, data_range: float) -> np.ndarray:
-    """Per-pixel SSIM (2-D or 3-D). Pixels within SSIM_RADIUS of the border see padding; `ssim` leaves them out."""
+    """Per-pixel SSIM with the window of `ssim_plan` (per 2-D slice for short volumes). Pixels within the
+    window radius of an image border see padding; `ssim` leaves them out."""
     pred, ref = _check(pred, ref, None)
-    if min(pred.shape) < 2 * SSIM_RADIUS + 1:
-        raise ValueError(
-            f"SSIM needs at least {2 * SSIM_RADIUS + 1} pixels along every axis, got {pred.shape}"
-        )
+    per_slice, radius = ssim_plan(pred.shape)
+    sigma = [0.0] * int(per_slice) + [SSIM_SIGMA] * (pred.ndim - int(per_slice))  # 0: no blur across slices
 
     def blur(a: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(a, SSIM_SIGMA, truncate=3.5, mode="reflect")
+        return ndimage.gaussian_filter(a, sigma, truncate=(radius + 0.25) / SSIM_SIGMA, mode="reflect")
 
     ux, uy = blur(pred), blur(ref)
     vx, vy, vxy = blur(pred * pred) - ux * ux, blur(ref * ref) - uy * uy, blur(pred * ref) - ux * uy
@@ -89,9 +113,12 @@ def ssim_map(pred: np.ndarray, ref: np.ndarray, data_range: float) -> np.ndarray
 
 
 def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float, mask: np.ndarray | None = None) -> float:
+    """Mean SSIM over the pixels whose window lies inside the image (and inside `mask`); the window and
+    dimensionality follow `ssim_plan`, and `ssim_convention(shape)` says which were used."""
     s = ssim_map(pred, ref, data_range)
+    skip, radius = (int(v) for v in ssim_plan(s.shape))  # skip: the slice axis has no window and no border
     interior = np.zeros(s.shape, bool)
-    interior[tuple(slice(SSIM_RADIUS, n - SSIM_RADIUS) for n in s.shape)] = True
+    interior[(slice(None),) * skip + tuple(slice(radius, n - radius) for n in s.shape[skip:])] = True
     if mask is not None:
         _check(pred, ref, mask)
         interior &= np.asarray(mask, bool)
@@ -125,7 +152,7 @@ def image_metrics(
         "psnr_db": psnr(pred01, ref01, 1.0, mask),
         "ssim": ssim(pred01, ref01, 1.0, mask),
         "mae_hu": mae(pred_hu, ref_hu, mask),
-        "convention": convention(window, mask is not None),
+        "convention": f"{convention(window, mask is not None)}, {ssim_convention(pred01.shape)}",
     }
     if lpips_model is not None:
         import torch

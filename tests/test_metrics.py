@@ -46,9 +46,43 @@ def test_ssim_with_hu_data_range_agrees_with_skimage():
     assert metrics.ssim(pred, ref, 400.0) == pytest.approx(expected, abs=1e-4)
 
 
+def test_short_volume_ssim_is_2d_per_slice_and_says_so():
+    """A 6-slice volume cannot hold the 11-px 3-D window: SSIM is the mean of skimage's 2-D SSIM per slice."""
+    rng = np.random.default_rng(6)
+    ref = _smooth((6, 40, 36), rng)
+    pred = np.clip(ref + rng.normal(0, 0.08, ref.shape), 0, 1)
+    per_slice = [
+        structural_similarity(
+            r, p, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+        for r, p in zip(ref, pred)
+    ]
+    assert metrics.ssim(pred, ref, 1.0) == pytest.approx(np.mean(per_slice), abs=1e-4)
+    assert "2-D per slice" in metrics.ssim_convention(ref.shape) and "6 slices" in metrics.ssim_convention(
+        ref.shape
+    )
+    assert metrics.ssim_convention((16, 24, 20)) == "SSIM 3-D, 11-px window"
+    mask = np.zeros(ref.shape, bool)
+    mask[:, 10:30, 10:30] = True
+    assert metrics.ssim(pred, ref, 1.0, mask) == pytest.approx(metrics.ssim_map(pred, ref, 1.0)[mask].mean())
+    hu = ref * 400 - 160
+    out = metrics.image_metrics(hu, hu + 10 * rng.normal(size=hu.shape), (-160, 240), metrics.body_mask(hu))
+    assert "2-D per slice" in out["convention"] and 0 < out["ssim"] < 1
+
+
+@pytest.mark.parametrize("shape, window", [((7, 30), "7-px"), ((4, 9, 30), "9-px"), ((3, 3), "3-px")])
+def test_small_images_get_a_smaller_window_and_say_so(shape, window):
+    rng = np.random.default_rng(7)
+    ref = rng.random(shape)
+    assert window in metrics.ssim_convention(shape) and "too small" in metrics.ssim_convention(shape)
+    assert metrics.ssim(ref, ref, 1.0) == pytest.approx(1.0)
+    assert 0 < metrics.ssim(np.clip(ref + 0.1 * rng.normal(size=shape), 0, 1), ref, 1.0) < 1
+
+
 def test_ssim_too_small_image_is_refused():
-    with pytest.raises(ValueError, match="11 pixels"):
-        metrics.ssim(np.zeros((10, 30)), np.zeros((10, 30)), 1.0)
+    for shape in [(2, 30), (5, 30, 2)]:
+        with pytest.raises(ValueError, match="at least 3 pixels"):
+            metrics.ssim(np.zeros(shape), np.zeros(shape), 1.0)
 
 
 def test_masked_metrics_ignore_pixels_outside_the_mask():
@@ -97,7 +131,9 @@ def test_image_metrics_keys_values_and_convention():
     window = (-160, 240)
     out = metrics.image_metrics(pred, ref, window)
     assert set(out) == {"psnr_db", "ssim", "mae_hu", "convention"}
-    assert out["convention"] == "window [-160, 240] HU -> [0,1], data_range 1, SSIM gaussian sigma 1.5"
+    assert out["convention"] == (
+        "window [-160, 240] HU -> [0,1], data_range 1, SSIM gaussian sigma 1.5, SSIM 2-D, 11-px window"
+    )
     p01, r01 = metrics.to_unit_window(pred, window), metrics.to_unit_window(ref, window)
     assert out["psnr_db"] == pytest.approx(peak_signal_noise_ratio(r01, p01, data_range=1.0), abs=1e-4)
     assert out["mae_hu"] == pytest.approx(np.abs(pred - ref).mean(), rel=1e-5)  # unclipped HU
