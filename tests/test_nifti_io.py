@@ -1,5 +1,8 @@
 """NIfTI I/O: exact affine, codes and values through round trips; bad inputs; read_volume; scale_z_affine."""
 
+import ast
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -196,3 +199,44 @@ def test_any_volume_and_affine_round_trip(hu, spacing, origin, integer):
     np.testing.assert_array_equal(first.affine, affine)  # float32-representable values are stored exactly
     np.testing.assert_array_equal(second.affine, first.affine)
     assert on_disk == (np.int16 if np.array_equal(hu, np.rint(hu)) else np.float32)
+
+
+def test_io_modules_import_without_torch(root):
+    """Reading and writing images needs no deep-learning stack: with torch blocked, the I/O modules (and the
+    metrics and panels a report uses) still import, and one of them is not imported by the other's reader."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import common.dicom_io, common.nifti_io, common.files, common.metrics, common.viz\n"
+        "assert 'common.runtime' not in sys.modules, 'runtime (torch) was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _common_imports(path: Path) -> set[str]:
+    """The common.* modules a file imports, anywhere in it (a function-level import is still a cycle)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "common":
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("common."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("common.")}
+    return names
+
+
+def test_common_has_no_import_cycle(root):
+    graph = {
+        p.stem: _common_imports(p) & {q.stem for q in (root / "common").glob("*.py")}
+        for p in (root / "common").glob("*.py")
+    }
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(
+            n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ())
+        )
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not cycles, f"import cycles through {cycles}: {graph}"
+    assert "nifti_io" not in graph["dicom_io"]
