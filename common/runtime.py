@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import yaml
 
 from common import UserError
 from common.config import config_to_dict
+from common.files import atomic_path, refuse_overwrite_input  # noqa: F401  (re-exported: scripts use runtime.*)
 
 # --- device, switches, seeding ---
 
@@ -131,31 +131,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # --- files: atomic writes, checkpoints, run folders ---
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; rename over `path` only if the block succeeds, so a crash never leaves
-    a half-written output (or a half-written checkpoint in place of a good one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def refuse_overwrite_input(out_path: str | Path, *input_paths: str | Path) -> None:
-    out = Path(out_path).resolve()
-    for inp in input_paths:
-        inp = Path(inp).resolve()
-        if out == inp or (inp.is_dir() and inp in out.parents and out.suffix.lower() in (".dcm", ".ima", "")):
-            raise UserError(f"output {out_path} would overwrite the input {inp}; choose another output path")
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
