@@ -27,14 +27,14 @@ def physics_noise(
 ) -> np.ndarray:
     """A new low-dose input for `full_dose_hu` at a dose fraction drawn from `dose_range` (of the full dose).
 
-    The noise comes from the projection-domain simulator (Poisson + electronic noise, FBP texture). A routine-dose
-    image already carries the full-dose noise (variance s^2), and a dose fraction d has variance s^2/d, so only
-    the missing s^2 (1/d - 1) is inserted: the simulator runs at dose d / (1 - d). Only the simulated noise
-    (low minus the noise-free reconstruction) is added, so the input keeps the target's sharpness and alignment.
-    3-D input: each slice gets its own noise at one shared dose. Non-square slices are edge-padded to square.
-    Cost grows ~ n^3 with the side n (0.05 s at 64, 0.5 s at 128, 5 s at 256 on one core): use it on crops.
-    A slice with no tissue (nothing > -500 HU) is returned unchanged: the simulator calibrates its photon
-    count on tissue and would otherwise give hundreds of HU of noise in pure air.
+    The noise comes from the projection-domain simulator (Poisson + electronic noise, FBP texture). A
+    routine-dose image already carries the full-dose noise (variance s^2), and a dose fraction d has variance
+    s^2/d, so only the missing s^2 (1/d - 1) is inserted: the simulator runs at dose d / (1 - d). Only the
+    simulated noise (low minus the noise-free reconstruction) is added, so the input keeps the target's
+    sharpness and alignment. 3-D input: each slice gets its own noise at one shared dose. Non-square slices
+    are edge-padded to square. Cost grows ~ n^3 with the side n (0.05 s at 64, 0.5 s at 128, 5 s at 256 on one
+    core): use it on crops. A slice with no tissue (nothing > -500 HU) is returned unchanged: the simulator
+    calibrates its photon count on tissue and would otherwise give hundreds of HU of noise in pure air.
     """
     lo, hi = dose_range
     if not 0 < lo <= hi < 1:
@@ -63,8 +63,8 @@ def gamma_jitter(
     window: tuple[float, float],
     gamma_range: tuple[float, float] = (0.8, 1.2),
 ) -> Pair:
-    """Gamma curve on the low-dose image inside `window` (mapped to [0, 1]); HU outside the window are kept, so
-    the curve is continuous and monotone and bone/air values are not clipped. The target is unchanged."""
+    """Gamma curve on the low-dose image inside `window` (mapped to [0, 1]); HU outside the window are kept,
+    so the curve is continuous and monotone and bone/air values are not clipped. The target is unchanged."""
     low, full = _check_pair(pair)
     lo, hi = float(window[0]), float(window[1])
     gamma = rng.uniform(*gamma_range)
@@ -96,7 +96,7 @@ def histogram_match(low_dose: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def mixup(
     pair_a: Pair, pair_b: Pair, rng: np.random.Generator, lam_range: tuple[float, float] = (0.3, 0.7)
 ) -> Pair:
-    """lam * a + (1 - lam) * b with ONE lam for input and target, so the mixed target is the mixed input's target."""
+    """lam * a + (1 - lam) * b with ONE lam for input and target: the mixed target is the mixed input's."""
     (a_low, a_full), (b_low, b_full) = _check_pair(pair_a), _check_pair(pair_b)
     if a_low.shape != b_low.shape:
         raise ValueError(f"mixup pairs differ in shape: {a_low.shape} vs {b_low.shape}")

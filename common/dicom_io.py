@@ -1,8 +1,8 @@
 """DICOM in and out: physical values (HU for CT) from single-frame greyscale files, series folders as volumes,
 derived DICOMs that keep the study and get new UIDs, and realistic fixture writers for tests and demos.
 
-MONOCHROME1 policy: values are never inverted; we work in physical values (stored x slope + intercept) and copy
-PhotometricInterpretation to outputs, so a derived image displays like its source.
+MONOCHROME1 policy: values are never inverted; we work in physical values (stored x slope + intercept) and
+copy PhotometricInterpretation to outputs, so a derived image displays like its source.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DECODER_PACKAGES = "pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg"
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 MIN_SIZE = 8  # no restoration method here means anything on a smaller image (and 3x3 convs need room)
-# DX, MG and intra-oral IODs fix RescaleSlope 1 / RescaleIntercept 0, so derived values are clipped, never rescaled.
+# DX, MG and intra-oral IODs fix RescaleSlope 1 / Intercept 0: derived values are clipped, never rescaled.
 FIXED_RESCALE_PREFIX = "1.2.840.10008.5.1.4.1.1.1."
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 # The single-frame storage class of each modality, for sources whose SOPClassUID an anonymiser emptied.
@@ -86,8 +86,8 @@ def _one_line(e: Exception) -> str:
 
 
 def _read_header(path: Path, stop_before_pixels: bool) -> Dataset | None:
-    """The parsed dataset, every element converted now (pydicom parses values lazily, so a damaged element would
-    otherwise raise later, anywhere); None when the file is not DICOM at all."""
+    """The parsed dataset, every element converted now (pydicom parses values lazily, so a damaged element
+    would otherwise raise later, anywhere); None when the file is not DICOM at all."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
@@ -109,8 +109,8 @@ def _read_header(path: Path, stop_before_pixels: bool) -> Dataset | None:
 
 
 def check_modality(ds: Dataset, path: Path, modality: str | None) -> None:
-    """For commands that need one modality (CT: Hounsfield units): refuse others, and images too small to process.
-    Plain reads (modality None) accept any size: the I/O itself has no minimum."""
+    """For commands that need one modality (CT: Hounsfield units): refuse others, and images too small to
+    process. Plain reads (modality None) accept any size: the I/O itself has no minimum."""
     if modality is None:
         return
     found = str(ds.get("Modality", "") or "").strip().upper()
@@ -181,7 +181,7 @@ def stored_range(ds: Dataset) -> tuple[float, float]:
 
 
 def padding_mask(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
-    """True where PixelPaddingValue (up to PixelPaddingRangeLimit) applies; None when the file declares none."""
+    """True where PixelPaddingValue (up to PixelPaddingRangeLimit) applies; None when the file has none."""
     if ds.get("PixelPaddingValue") is None:
         return None
     slope, intercept = _rescale(ds)
@@ -191,7 +191,7 @@ def padding_mask(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
 
 
 def pixel_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
-    """(row, col) spacing from PixelSpacing, else ImagerPixelSpacing; None if missing or zero (never invented)."""
+    """(row, col) from PixelSpacing, else ImagerPixelSpacing; None if missing or zero (never invented)."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
         try:
@@ -341,9 +341,9 @@ def _encode(values: np.ndarray | RawImage, ds: Dataset, pixel_file: BinaryIO | N
     """Store `values` in 16-bit PixelData with slope/intercept that round-trip within half a stored unit.
 
     Candidates, first that fits wins: the template's bits and rescale; 16 bits; the template's slope with the
-    intercept moved by whole stored units (integer data stays exact); a new slope. Templates whose IOD fixes the
-    rescale (DX/MG) or that have none are clipped to 16 bits instead of rescaled. Encoded by row blocks; with a
-    `pixel_file`, PixelData is streamed through it rather than held in memory.
+    intercept moved by whole stored units (integer data stays exact); a new slope. Templates whose IOD fixes
+    the rescale (DX/MG) or that have none are clipped to 16 bits instead of rescaled. Encoded by row blocks;
+    with a `pixel_file`, PixelData is streamed through it rather than held in memory.
     """
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     slope, intercept = (_ds_number(v) for v in _rescale(ds))
@@ -463,7 +463,7 @@ def write_derived_dicom(
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    """The UID value, "" when missing or empty (anonymisers often blank type-1 UIDs rather than remove them)."""
+    """The UID value, "" when missing or empty (anonymisers often blank type-1 UIDs instead of removing)."""
     return str(ds.get(keyword, "") or "").strip()
 
 
@@ -498,8 +498,8 @@ def _source_name(template: Dataset) -> str:
 
 
 def _fill_identifiers(ds: Dataset, template: Dataset) -> None:
-    """Empty or missing type-1 identifiers of the source (SOPClassUID, Study, FrameOfReference) filled in. The
-    study-level UIDs are derived from what a series shares, so every slice lands in the same generated study."""
+    """Empty or missing type-1 identifiers of the source (SOPClassUID, Study, FrameOfReference) filled in.
+    Study-level UIDs are derived from what a series shares, so all its slices land in one generated study."""
     filled = []
     if not _uid(ds, "SOPClassUID"):
         ds.SOPClassUID, origin = _sop_class(template)
@@ -538,7 +538,8 @@ def write_dataset(ds: Dataset, path: str | Path) -> Path:
 def write_dicom_series(
     volume: Volume, templates: list[Dataset], out_folder: str | Path, *, description: str
 ) -> list[Path]:
-    """One derived file per slice; geometry from `volume.affine`; slice k uses template k * n_templates // n_z."""
+    """One derived file per slice, geometry from `volume.affine`; slice k uses template k * n_templates // n_z
+    (so fewer or more slices than templates work)."""
     out_folder = Path(out_folder)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
     spacing_z, spacing_row, spacing_col = volume.spacing_mm

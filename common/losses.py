@@ -56,8 +56,8 @@ def gradient_loss(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 class PerceptualLoss(nn.Module):
     """L1 between frozen VGG16 features (relu1_2, relu2_2, relu3_3, relu4_3 by default) of grayscale images in
-    [0, 1]. Needs a real pretrained `features` module (perceptual.load_vgg16_features()); when that is None the
-    caller drops the term and says so, because random features would be a meaningless loss."""
+    [0, 1]. Needs a real pretrained `features` module (perceptual.load_vgg16_features()); when that is None
+    the caller drops the term and says so, because random features would be a meaningless loss."""
 
     def __init__(self, vgg: nn.Module, layers: tuple[int, ...] = (3, 8, 15, 22)):
         super().__init__()

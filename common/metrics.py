@@ -1,4 +1,5 @@
-"""Image-quality metrics with one stated convention (`convention`): window -> [0, 1], data range 1, Gaussian SSIM.
+"""Image-quality metrics with one stated convention (`convention`): window -> [0, 1], data range 1,
+Gaussian SSIM.
 
 Unmasked PSNR/SSIM equal `skimage.metrics` (gaussian_weights=True, sigma=1.5, use_sample_covariance=False);
 masked variants average the same per-pixel quantities over the mask only. Inputs too short for the 11-px SSIM
@@ -73,9 +74,9 @@ def mae(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> fl
 
 
 def ssim_plan(shape: tuple[int, ...]) -> tuple[bool, int]:
-    """(per_slice, radius) of the Gaussian window that fits `shape`: the full 11-px window along every axis when
-    it fits; a volume with fewer than 11 slices is measured per 2-D slice (along axis 0); an image or slice
-    under 11 px gets the largest window that fits (radius >= 1, i.e. at least 3 px)."""
+    """(per_slice, radius) of the Gaussian window that fits `shape`: the full 11-px window along every axis
+    when it fits; a volume with fewer than 11 slices is measured per 2-D slice (along axis 0); an image or
+    slice under 11 px gets the largest window that fits (radius >= 1, i.e. at least 3 px)."""
     full = 2 * SSIM_RADIUS + 1
     if len(shape) not in (2, 3):
         raise ValueError(f"SSIM expects a 2-D image or a 3-D volume, got shape {tuple(shape)}")
@@ -88,7 +89,7 @@ def ssim_plan(shape: tuple[int, ...]) -> tuple[bool, int]:
 
 
 def ssim_convention(shape: tuple[int, ...]) -> str:
-    """How `ssim` measures an image of `shape`, for table notes (it differs from 3-D only for short inputs)."""
+    """How `ssim` measures an image of `shape`, for table notes (differs from n-D only for short inputs)."""
     per_slice, radius = ssim_plan(shape)
     window = f"{2 * radius + 1}-px window" + ("" if radius == SSIM_RADIUS else " (image too small for 11)")
     if per_slice:

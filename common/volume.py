@@ -10,8 +10,8 @@ import numpy as np
 
 @dataclass
 class Volume:
-    """`hu` is (z, y, x) float32; `affine` is nibabel's: voxel (i, j, k) = (x/col, y/row, z/slice) to RAS mm, so
-    `nib.load(p).get_fdata()` equals `hu.transpose(2, 1, 0)`."""
+    """`hu` is (z, y, x) float32; `affine` is nibabel's: voxel (i, j, k) = (x/col, y/row, z/slice) to RAS mm,
+    so `nib.load(p).get_fdata()` equals `hu.transpose(2, 1, 0)`."""
 
     hu: np.ndarray
     affine: np.ndarray

@@ -104,7 +104,7 @@ def test_physics_noise_inserts_only_the_missing_dose_noise():
     added = {d: augment.physics_noise(full, rng, (d, d)) - full for d in (0.25, 0.5)}
     for d, noise in added.items():
         assert noise.dtype == np.float32
-        # a routine-dose image already has ~20 HU; dose d needs 20 / sqrt(d) in total, so 20 sqrt(1/d - 1) more
+        # a routine-dose image already has ~20 HU; dose d needs 20 / sqrt(d) in all: 20 sqrt(1/d - 1) more
         assert noise[inner].std() == pytest.approx(20 * np.sqrt(1 / d - 1), rel=0.2)
         assert abs(noise[inner].mean()) < 3.0  # noise only: no blur or bias relative to the target
     ratio = added[0.25][inner].std() / added[0.5][inner].std()

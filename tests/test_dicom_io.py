@@ -1,4 +1,4 @@
-"""DICOM I/O: physical values, bad inputs, derived files (validated with dciodvfy/dcmdump), series geometry."""
+"""DICOM I/O: physical values, bad inputs, derived files (checked with dciodvfy/dcmdump), series geometry."""
 
 import hashlib
 import shutil
@@ -251,8 +251,8 @@ def test_derived_round_trip_on_real_files(tmp_path, name):
 
 
 def test_derived_from_raw_file_equals_derived_from_array(tmp_path):
-    """A RawImage (float32 rows in a file, for outputs too big to hold) encodes exactly like the array, with 600
-    rows so the 256-row blocks meet a partial one; no temporary file is left beside the output; NaN refused."""
+    """A RawImage (float32 rows in a file, for outputs too big to hold) encodes exactly like the array, with
+    600 rows so the 256-row blocks meet a partial one; no temporary file left beside the output; NaN fails."""
     values = np.random.default_rng(5).normal(40, 300, size=(600, 70)).astype(np.float32)
     template = make_ct_dataset(np.zeros((8, 8)))
     from_array = dicom_io.write_derived_dicom(template, values, tmp_path / "array" / "a.dcm", description="a")

