@@ -1155,7 +1155,7 @@ def run_evaluate(
     check_config(cfg, factor)
     device = runtime.pick_device(device_name)
     images = [
-        eval_reference(path, factor) for path in inputs
+        eval_reference(path, factor, cfg.evaluate.crop) for path in inputs
     ]  # every input checked before anything is written
     runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
     rows = []
