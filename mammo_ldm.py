@@ -1,29 +1,37 @@
 """Low-dose mammogram restoration by latent diffusion in a frozen VQ-VAE-2 (seed 002, stage 2).
 
 The latent is the VQ-VAE-2's level-0 encoder output BEFORE quantisation (128 x 256 x 192 for a 1024 x 768
-canvas with the seed's model). Why that one: every higher level is computed from it by the frozen encoders, so one
-tensor determines the whole hierarchy and `decode_latent` (encoders 1.., quantisation, decoders) maps it back to
-pixels; it is continuous, so Gaussian diffusion is well defined (code indices are not); and quantisation after
-sampling snaps small sampling errors back onto the codebooks. Its 128 channels are the seed's UNet sizes (256 in =
-noisy latent + degraded latent concatenated, 128 out). Latents are standardised by the training set's mean/std
-(CompVis' scale_by_std, one scalar each).
+canvas with the seed's model). Why that one: every higher level is computed from it by the frozen encoders, so
+one tensor determines the whole hierarchy and `decode_latent` (encoders 1.., quantisation, decoders) maps it back
+to pixels; it is continuous, so Gaussian diffusion is well defined (code indices are not); and quantisation after
+sampling snaps small sampling errors back onto the codebooks. Latents are standardised by the training set's
+mean/std (CompVis' scale_by_std, one scalar each).
 
-A UNet (base 192, multipliers [1, 2, 4], 2 residual blocks, self-attention at levels 1 and 2 with 64-channel heads
-via F.scaled_dot_product_attention, optional gradient checkpointing) predicts the noise (L_simple) of the clean
-latent, conditioned by concatenating the degraded image's latent. Schedule: CompVis' "linear" (linear in sqrt(beta))
-from 0.0015 to 0.0195 over T = 1000 steps. EMA of the weights (0.9999 with CompVis' LitEma warm-up); DDIM sampling,
-50 steps, eta 0, with the EMA weights.
+A UNet (base 192, multipliers [1, 2, 4], 2 residual blocks, self-attention at levels 1 and 2 with 64-channel
+heads via F.scaled_dot_product_attention, optional gradient checkpointing) is conditioned by concatenating the
+degraded image's latent. Schedule: CompVis' "linear" (linear in sqrt(beta)) from 0.0015 to 0.0195 over T = 1000
+steps. EMA of the weights (0.9999 with CompVis' LitEma warm-up); DDIM, 50 steps, eta 0, with the EMA weights.
 
-Needs mammo_vqvae.py beside it (the frozen first stage) and common/ (data, geometry, dose model).
+Options beyond the seed (each has an ablation row in docs/mammo.md; `full` keeps the seed's eps-prediction from
+pure noise): `diffusion.prediction` eps | x0 | v; `diffusion.residual` (the target is clean minus degraded
+latent); `sample.start` < 1 (SDEdit: DDIM starts at t = start * T from the NOISED DEGRADED latent, not pure
+noise); `sample.consistency_sigma` > 0 (data consistency: the restored image takes the low-frequency part of
+the low-dose input's difference to it, a Gaussian of that many canvas pixels).
+
+Conventions written out here, as in every script: `norm(ch)` = GroupNorm(gcd(32, ch), ch); time embedding
+[sin, cos] (sin first) like diffusers' get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=0);
+DDIM step grid = diffusers' "trailing" spacing.
+
+Needs mammo_vqvae.py beside it (the frozen first stage's model and loader) and common/ (data, dose model).
 
 Usage:
   python mammo_ldm.py train --vqvae runs/vqvae/checkpoint.pt --latents runs/latents --out runs/ldm
   python mammo_ldm.py train --vqvae runs/vqvae/checkpoint.pt --out runs/ldm     # latents on the fly, fresh noise
-  python mammo_ldm.py restore --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \
+  python mammo_ldm.py restore --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \\
       --input low_dose.dcm --output restored.dcm                               # or folders; DICOM/PNG in and out
   python mammo_ldm.py evaluate --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt
-Any config value: --set train.lr=1e-4 --set sample.steps=100 (see configs/mammo_ldm.yaml). Use the same preset as
-the VQ-VAE (both `tiny` or both `full`).
+Any config value: --set train.lr=1e-4 --set sample.steps=100 (see configs/mammo_ldm.yaml). Use the same preset
+as the VQ-VAE (both `tiny`, both `small` or both `full`).
 """
 
 from __future__ import annotations
@@ -44,24 +52,29 @@ from pydicom.uid import generate_uid
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from torch.utils.data import DataLoader, Dataset
 
-import mammo_vqvae
 from common import UserError, dicom_io, metrics, runtime, viz
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
 from common.mammo import (
     IMAGE_SUFFIXES,
     MammoDataConfig,
     MammoDataset,
+    bm3d_anscombe,
     dose_description,
+    dose_mismatch,
     epoch_order,
     from_unit,
     list_sources,
+    loader_generator,
     model_to_unit,
+    nlm,
     paste_back,
     prepare,
     read_mammogram,
+    resume_rng,
     unit_to_model,
 )
 from common.perceptual import load_lpips, lpips_distance
+from mammo_vqvae import VQVAE2, config_with_sets, fingerprint, load_vqvae
 
 SCRIPT = Path(__file__).stem
 
@@ -84,6 +97,8 @@ class DiffusionConfig:
     timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0195
+    prediction: str = "eps"  # eps (seed) | x0 | v: what the UNet outputs
+    residual: bool = False  # diffuse (clean - degraded latent) / its std instead of the clean latent
 
 
 @dataclass
@@ -96,6 +111,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     amp: str = "auto"
+    crop_size: list[int] = field(default_factory=lambda: [0, 0])  # on-the-fly latents: random canvas crops
+    crops_per_image: int = 1
     log_every: int = 50
     seed: int = 0
 
@@ -104,6 +121,8 @@ class TrainConfig:
 class SampleConfig:
     steps: int = 50
     eta: float = 0.0
+    start: float = 1.0  # 1: pure noise (seed); < 1: SDEdit from the degraded latent noised to t = start * T
+    consistency_sigma: float = 0.0  # > 0: data-consistency step, Gaussian sigma in canvas pixels
     seed: int = 0
 
 
@@ -111,11 +130,12 @@ class SampleConfig:
 class EvalConfig:
     max_images: int = 0  # 0: the whole test split
     panel_images: int = 2
+    baselines: bool = True  # NLM and BM3D-Anscombe rows (BM3D: ~1 min per 1024x768 image on one CPU thread)
 
 
 @dataclass
 class Config:
-    data: MammoDataConfig = field(default_factory=MammoDataConfig)  # used when latents are made on the fly
+    data: MammoDataConfig = field(default_factory=MammoDataConfig)  # canvas and dose the model is trained for
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -140,14 +160,23 @@ class LatentPairs(Dataset):
         return {"clean": pair["clean"].float(), "degraded": pair["degraded"].float()}
 
 
-def read_latent_index(latents: Path, vqvae_print: str) -> dict:
+def read_latent_index(latents: Path, vqvae_print: str, data: MammoDataConfig) -> dict:
+    """index.json of an extract-latents folder, refused unless it was made by this VQ-VAE at this canvas and
+    dose: a model trained or scored on other pairs than it claims would report numbers for another task."""
     path = latents / "index.json"
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise UserError(f"{path}: missing or not JSON; write it with mammo_vqvae.py extract-latents") from None
+        raise UserError(
+            f"{path}: missing or not JSON; write it with mammo_vqvae.py extract-latents"
+        ) from None
     if index.get("vqvae_fingerprint") != vqvae_print:
-        raise UserError(f"{latents}: latents come from another VQ-VAE ({index.get('vqvae_checkpoint')}) than --vqvae")
+        raise UserError(
+            f"{latents}: latents come from another VQ-VAE ({index.get('vqvae_checkpoint')}) than --vqvae"
+        )
+    mismatch = dose_mismatch(index.get("data", {}), data)
+    if mismatch:
+        raise UserError(f"{latents}: latents made with another canvas or dose: {mismatch}")
     return index
 
 
@@ -155,10 +184,12 @@ def read_latent_index(latents: Path, vqvae_print: str) -> dict:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[sin, cos] with frequencies exp(-log(10000) i / half): diffusers' get_timestep_embedding(t, dim,
+    flip_sin_to_cos=False, downscale_freq_shift=0)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
 def norm(ch: int) -> nn.GroupNorm:
@@ -176,8 +207,9 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
-        self.out_layers = nn.Sequential(norm(out_ch), nn.SiLU(), nn.Dropout(dropout),
-                                        zero(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
+        self.out_layers = nn.Sequential(
+            norm(out_ch), nn.SiLU(), nn.Dropout(dropout), zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        )
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x, emb):
@@ -193,7 +225,12 @@ class Attention(nn.Module):
 
     def forward(self, x, emb=None):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        q, k, v = (
+            self.qkv(self.norm(x))
+            .reshape(b, 3, self.heads, c // self.heads, h * w)
+            .transpose(-1, -2)
+            .unbind(1)
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -238,8 +275,16 @@ class UNet(nn.Module):
             if level < len(mults) - 1:
                 self.down.append(nn.ModuleList([Down(ch)]))
                 skips.append(ch)
-        self.middle = nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout), Attention(ch, head),
-                                     ResBlock(ch, ch, emb_dim, cfg.dropout)])
+        # CompVis' middle block; its attention only where the deepest level has attention (a CPU preset without
+        # attention would otherwise attend over tens of thousands of latent pixels)
+        middle_attention = [Attention(ch, head)] if len(mults) - 1 in cfg.attention_levels else []
+        self.middle = nn.ModuleList(
+            [
+                ResBlock(ch, ch, emb_dim, cfg.dropout),
+                *middle_attention,
+                ResBlock(ch, ch, emb_dim, cfg.dropout),
+            ]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for i in range(cfg.num_res_blocks + 1):
@@ -263,7 +308,9 @@ class UNet(nn.Module):
 
     def forward(self, x_t, t, cond):
         if x_t.shape[-2] % self.factor or x_t.shape[-1] % self.factor:
-            raise UserError(f"latent {tuple(x_t.shape[-2:])} not divisible by {self.factor} (UNet downsampling)")
+            raise UserError(
+                f"latent {tuple(x_t.shape[-2:])} not divisible by {self.factor} (UNet downsampling)"
+            )
         emb = self.time_embed(timestep_embedding(t, self.base))
         h = self.input(torch.cat([x_t, cond], 1))
         hs = [h]
@@ -283,82 +330,152 @@ class Schedule:
     """CompVis' "linear" schedule: beta linear in sqrt from beta_start to beta_end."""
 
     def __init__(self, cfg: DiffusionConfig, device: torch.device):
-        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.timesteps, dtype=torch.float64) ** 2
-        self.timesteps = cfg.timesteps
+        if cfg.prediction not in ("eps", "x0", "v"):
+            raise UserError(f"config: diffusion.prediction must be eps, x0 or v, got '{cfg.prediction}'")
+        betas = (
+            torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.timesteps, dtype=torch.float64) ** 2
+        )
+        self.timesteps, self.prediction = cfg.timesteps, cfg.prediction
         self.alphas_cumprod = torch.cumprod(1.0 - betas, 0).float().to(device)
 
     def q_sample(self, x0, t, noise):
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def target(self, x0, t, noise):
+        """What the UNet is trained to output: the noise, the clean target, or v = sqrt(a) eps - sqrt(1-a) x0."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
 
-def diffusion_loss(net, schedule: Schedule, clean_z, degraded_z) -> torch.Tensor:
-    """L_simple: MSE between the true and predicted noise at a uniformly drawn step."""
-    t = torch.randint(0, schedule.timesteps, (clean_z.shape[0],), device=clean_z.device)
-    noise = torch.randn_like(clean_z)
-    return F.mse_loss(net(schedule.q_sample(clean_z, t, noise), t, degraded_z).float(), noise)
+    def split(self, out, x_t, a):
+        """(x0, eps) implied by the UNet's output at a noisy x_t with alpha-bar a."""
+        if self.prediction == "eps":
+            return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
+        if self.prediction == "x0":
+            return out, (x_t - a.sqrt() * out) / (1 - a).sqrt()
+        return a.sqrt() * x_t - (1 - a).sqrt() * out, (1 - a).sqrt() * x_t + a.sqrt() * out
+
+
+def diffusion_loss(net, schedule: Schedule, target, cond) -> torch.Tensor:
+    """L_simple in the chosen parameterisation at a uniformly drawn step."""
+    t = torch.randint(0, schedule.timesteps, (target.shape[0],), device=target.device)
+    noise = torch.randn_like(target)
+    return F.mse_loss(
+        net(schedule.q_sample(target, t, noise), t, cond).float(), schedule.target(target, t, noise)
+    )
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """diffusers' "trailing" spacing, round(arange(T, 0, -T / steps)) - 1: `steps` distinct timesteps from T - 1
+    down. The float arange can yield one extra element (-1, e.g. T 1000, 61 steps); only the first `steps` count."""
+    if not 1 <= steps <= timesteps:
+        raise UserError(f"sample.steps must be in [1, {timesteps}] (with sample.start), got {steps}")
+    return (np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1)[:steps].tolist()
 
 
 @torch.no_grad()
-def ddim_sample(model, schedule: Schedule, cond: torch.Tensor, steps: int, eta: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021) on CompVis' uniform step grid (0, c, 2c, ...) + 1; eta 0 = deterministic.
-    Returns the predicted clean latent of the last step."""
-    if not 1 <= steps <= schedule.timesteps:
-        raise UserError(f"sample.steps must be in [1, {schedule.timesteps}], got {steps}")
-    grid = list(range(0, schedule.timesteps, schedule.timesteps // steps))
-    grid = [min(t + 1, schedule.timesteps - 1) for t in grid]
+def ddim_sample(
+    model, schedule: Schedule, cond, steps: int, eta: float, generator=None, start=1.0, init=None
+):
+    """DDIM (Song et al. 2021), eta 0 = deterministic. start = 1: from pure noise (seed); start < 1 (SDEdit,
+    Meng et al. 2022): from `init` noised to the first timestep of a grid over the first start * T steps.
+    Returns the clean estimate of the last step (alpha-bar 1, diffusers' set_alpha_to_one)."""
+    grid = ddim_timesteps(max(1, round(start * schedule.timesteps)), steps)
     acp = schedule.alphas_cumprod
     x = torch.randn(cond.shape, generator=generator, device=cond.device)
-    for i in reversed(range(len(grid))):
-        t = torch.full((cond.shape[0],), grid[i], device=cond.device, dtype=torch.long)
-        # last step to alpha 1 (the clean x0; diffusers' set_alpha_to_one), not CompVis' acp[0], which leaves
-        # sqrt(beta_0) ~ 0.04 of the predicted noise in the result
-        a_t, a_prev = acp[grid[i]], acp[grid[i - 1]] if i > 0 else torch.ones((), device=cond.device)
-        eps = model(x, t, cond).float()
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if start < 1.0 and init is not None:
+        x = schedule.q_sample(init, torch.full((cond.shape[0],), grid[0], device=cond.device), x)
+    for i, step in enumerate(grid):
+        t = torch.full((cond.shape[0],), step, device=cond.device, dtype=torch.long)
+        a_t = acp[step]
+        a_prev = acp[grid[i + 1]] if i + 1 < len(grid) else torch.ones((), device=cond.device)
+        x0, eps = schedule.split(model(x, t, cond).float(), x, a_t)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else 0.0
         x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
     return x
 
 
+def data_consistency(
+    restored: np.ndarray, low_dose: np.ndarray, mask: np.ndarray, sigma: float
+) -> np.ndarray:
+    """restored + G_sigma * (low_dose - restored) inside the breast (normalised by the blurred mask, so the skin
+    line does not pull in background): the low-dose image's local mean is unbiased, its noise averages out under
+    the Gaussian, while first-stage errors (intensity drifts, lost detail) are often low-frequency."""
+    weight = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), sigma)
+    diff = cv2.GaussianBlur(((low_dose - restored) * mask).astype(np.float32), (0, 0), sigma)
+    out = restored + np.where(mask, diff / np.maximum(weight, 1e-6), 0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 @dataclass
 class Restorer:
     """Everything a restoration needs: frozen VQ-VAE-2, EMA UNet, schedule, latent statistics."""
 
-    vqvae: mammo_vqvae.VQVAE2
-    unet: UNet
+    vqvae: VQVAE2
+    unet: nn.Module
     schedule: Schedule
-    latent_mean: float
-    latent_std: float
+    stats: dict  # latent_mean, latent_std, residual_std
     cfg: Config
     device: torch.device
 
-    @torch.no_grad()
-    def __call__(self, degraded_canvas: np.ndarray, steps: int | None = None) -> np.ndarray:
-        x = torch.from_numpy(unit_to_model(degraded_canvas))[None, None].to(self.device)
-        cond = (self.vqvae.encode_latent(x) - self.latent_mean) / self.latent_std
-        generator = torch.Generator(self.device).manual_seed(self.cfg.sample.seed)
-        z = ddim_sample(self.unet, self.schedule, cond, steps or self.cfg.sample.steps, self.cfg.sample.eta, generator)
-        image, _, _ = self.vqvae.decode_latent(z * self.latent_std + self.latent_mean)
+    def encode(self, unit: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(unit_to_model(unit))[None, None].to(self.device)
+        return (self.vqvae.encode_latent(x).float() - self.stats["latent_mean"]) / self.stats["latent_std"]
+
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        image, _, _ = self.vqvae.decode_latent(z * self.stats["latent_std"] + self.stats["latent_mean"])
         return model_to_unit(image.float())[0, 0].cpu().numpy()
 
+    @torch.no_grad()
+    def restore_latent(self, degraded_canvas: np.ndarray, steps: int | None = None) -> torch.Tensor:
+        """The restored standardised latent: DDIM on the clean latent (or on the residual, added back)."""
+        cond = self.encode(degraded_canvas)
+        residual, sample = self.cfg.diffusion.residual, self.cfg.sample
+        generator = torch.Generator(self.device).manual_seed(sample.seed)
+        init = torch.zeros_like(cond) if residual else cond
+        steps = steps or sample.steps
+        y = ddim_sample(self.unet, self.schedule, cond, steps, sample.eta, generator, sample.start, init)
+        return cond + y * self.stats["residual_std"] if residual else y
 
-def load_restorer(vqvae_ckpt: Path, checkpoint: Path, device: torch.device) -> Restorer:
-    vqvae, _ = mammo_vqvae.load_vqvae(vqvae_ckpt, device)
+    @torch.no_grad()
+    def __call__(self, degraded_canvas: np.ndarray, mask: np.ndarray | None = None, steps: int | None = None):
+        restored = self.decode(self.restore_latent(degraded_canvas, steps))
+        if self.cfg.sample.consistency_sigma > 0:
+            mask = degraded_canvas > 0 if mask is None else mask
+            restored = data_consistency(restored, degraded_canvas, mask, self.cfg.sample.consistency_sigma)
+        return restored
+
+
+def load_restorer(vqvae_ckpt: Path, checkpoint: Path, device: torch.device, overrides=None) -> Restorer:
+    vqvae, vq_cfg = load_vqvae(vqvae_ckpt, device)
     state = runtime.load_checkpoint(checkpoint, SCRIPT)
-    if state["vqvae_fingerprint"] != mammo_vqvae.fingerprint(vqvae):
-        raise UserError(f"{checkpoint}: trained on the latents of {state['vqvae_checkpoint']}, not of {vqvae_ckpt}")
-    cfg = config_from_dict(Config, state["config"])
+    if state["vqvae_fingerprint"] != fingerprint(vqvae):
+        raise UserError(
+            f"{checkpoint}: trained on the latents of {state['vqvae_checkpoint']}, not of {vqvae_ckpt}"
+        )
+    cfg = config_with_sets(Config, state["config"], overrides)
+    if list(cfg.data.image_size) != list(vq_cfg.data.image_size):
+        raise UserError(
+            f"data.image_size {cfg.data.image_size} differs from the VQ-VAE's {vq_cfg.data.image_size}; "
+            "use the same preset for both scripts"
+        )
     unet = UNet(cfg.model, state["latent_channels"])
     try:
-        unet.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
+        unet.load_state_dict(
+            {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+        )
     except RuntimeError as exc:  # its config asks for another architecture than its weights have
         detail = " ".join(str(exc).split())[:200]
-        raise UserError(f"{checkpoint}: weights do not match its model config (size mismatch: {detail})") from None
-    return Restorer(vqvae, unet.to(device).eval(), Schedule(cfg.diffusion, device), state["latent_mean"],
-                    state["latent_std"], cfg, device)
+        raise UserError(
+            f"{checkpoint}: weights do not match its model config (size mismatch: {detail})"
+        ) from None
+    stats = {k: state[k] for k in ("latent_mean", "latent_std", "residual_std")}
+    return Restorer(vqvae, unet.to(device).eval(), Schedule(cfg.diffusion, device), stats, cfg, device)
 
 
 # --- train ---
@@ -375,85 +492,148 @@ def ema_avg_fn(decay: float):
 
 
 @torch.no_grad()
-def latent_stats(vqvae, dataset: MammoDataset, device, n: int = 16) -> tuple[float, float]:
-    z = torch.cat([vqvae.encode_latent(dataset[i]["clean"][None].to(device)).float().flatten()
-                   for i in range(min(n, len(dataset)))])
-    return float(z.mean()), float(z.std())
+def latent_stats(batches) -> dict:
+    """Mean/std of clean latents and the std of the standardised residual (clean - degraded) latent."""
+    clean = torch.cat([b["clean"].flatten() for b in batches])
+    degraded = torch.cat([b["degraded"].flatten() for b in batches])
+    mean, std = float(clean.mean()), float(clean.std())
+    return {"latent_mean": mean, "latent_std": std, "residual_std": float(((clean - degraded) / std).std())}
 
 
-def train(cfg: Config, vqvae_ckpt: Path, out_dir: Path, latents: Path | None = None, device_name: str = "auto",
-          resume: Path | None = None, argv: list[str] | None = None) -> Path:
+def training_pairs(cfg: Config, vqvae: VQVAE2, vq_print: str, latents: Path | None, device):
+    """(dataset, encode-on-the-fly?, description, latent statistics)."""
+    if latents is not None:
+        index = read_latent_index(latents, vq_print, cfg.data)
+        dataset = LatentPairs(latents, index, "train")
+        stats = latent_stats([dataset[i] for i in range(min(16, len(dataset)))])
+        return dataset, False, f"latent pairs from {latents} ({index['degradation']})", stats
+    sources = list_sources(cfg.data, "train")
+    crop, repeats = cfg.train.crop_size, cfg.train.crops_per_image
+    dataset = MammoDataset(sources, cfg.data, paired=True, crop=crop, repeats=repeats)
+    with torch.no_grad():
+        sample = [dataset[i] for i in range(min(16, len(dataset)))]
+        stats = latent_stats(
+            [
+                {k: vqvae.encode_latent(b[k][None].to(device)).float().cpu() for k in ("clean", "degraded")}
+                for b in sample
+            ]
+        )
+    desc = f"{cfg.data.path or 'synthetic mammograms'}, latents on the fly ({dose_description(cfg.data)})"
+    return dataset, True, desc, stats
+
+
+def diffusion_target(clean, degraded, cfg: Config, stats: dict):
+    """Standardised latents; the target is the clean latent, or the residual scaled to unit std."""
+    clean = (clean - stats["latent_mean"]) / stats["latent_std"]
+    degraded = (degraded - stats["latent_mean"]) / stats["latent_std"]
+    return ((clean - degraded) / stats["residual_std"] if cfg.diffusion.residual else clean), degraded
+
+
+def train(
+    cfg: Config,
+    vqvae_ckpt: Path,
+    out_dir: Path,
+    latents: Path | None = None,
+    device_name: str = "auto",
+    resume: Path | None = None,
+    argv: list[str] | None = None,
+) -> Path:
     dist = runtime.init_distributed(device_name)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
-    vqvae, vq_cfg = mammo_vqvae.load_vqvae(vqvae_ckpt, device)
-    vq_print = mammo_vqvae.fingerprint(vqvae)
-    if latents is not None:
-        index = read_latent_index(latents, vq_print)
-        dataset, (mean, std) = LatentPairs(latents, index, "train"), (index["train_mean"], index["train_std"])
-        data_desc = f"latent pairs from {latents} ({index['degradation']})"
-    else:
-        if list(cfg.data.image_size) != list(vq_cfg.data.image_size):
-            raise UserError(f"data.image_size {cfg.data.image_size} differs from the VQ-VAE's "
-                            f"{vq_cfg.data.image_size}; use the same preset for both scripts")
-        dataset = MammoDataset(list_sources(cfg.data, "train"), cfg.data, paired=True)
-        mean, std = latent_stats(vqvae, dataset, device)
-        data_desc = f"{cfg.data.path or 'synthetic mammograms'}, latents on the fly ({dose_description(cfg.data)})"
+    vqvae, vq_cfg = load_vqvae(vqvae_ckpt, device)
+    if list(cfg.data.image_size) != list(vq_cfg.data.image_size):
+        raise UserError(
+            f"data.image_size {cfg.data.image_size} differs from the VQ-VAE's {vq_cfg.data.image_size}; "
+            "use the same preset for both scripts"
+        )
+    vq_print = fingerprint(vqvae)
+    dataset, on_the_fly, data_desc, stats = training_pairs(cfg, vqvae, vq_print, latents, device)
     per_rank_batch = max(1, cfg.train.batch_size // dist.world_size)
-    workers = 0 if latents is not None else cfg.data.num_workers
     steps_per_epoch = len(dataset) // (dist.world_size * per_rank_batch)  # whole batches on every rank
     if steps_per_epoch == 0:
-        raise UserError(f"only {len(dataset)} training pairs for batch size {per_rank_batch}; lower train.batch_size")
+        raise UserError(
+            f"only {len(dataset)} training pairs for batch size {per_rank_batch}; lower train.batch_size"
+        )
     latent_channels = vq_cfg.model.hidden_channels
     model = UNet(cfg.model, latent_channels).to(device)
     ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_avg_fn(cfg.train.ema_decay))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    schedule = Schedule(cfg.diffusion, device)
     step = 0
     if resume is not None:
         state = runtime.load_checkpoint(resume, SCRIPT)
         if state.get("vqvae_fingerprint") != vq_print:
-            raise UserError(f"{resume}: trained on the latents of {state.get('vqvae_checkpoint')}, not of {vqvae_ckpt}")
+            raise UserError(
+                f"{resume}: trained on the latents of {state.get('vqvae_checkpoint')}, not of {vqvae_ckpt}"
+            )
         try:
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
-        step, mean, std = int(state["step"]), state["latent_mean"], state["latent_std"]
-        mammo_vqvae.restore_rng(state["rng"], dist, cfg.train.seed + step)
-    schedule = Schedule(cfg.diffusion, device)
+        step, stats = int(state["step"]), {k: state[k] for k in ("latent_mean", "latent_std", "residual_std")}
+        resume_rng(state["rng"], dist.world_size, dist.rank, cfg.train.seed + step)
     net = runtime.ddp_wrap(model, dist)
     use_amp = runtime.switch_on(cfg.train.amp, device)
     if dist.is_main:
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"data: {data_desc}; {len(dataset)} training pairs; UNet {n_params / 1e6:.2f} M parameters; latent "
-              f"{latent_channels} channels, mean {mean:.3g} std {std:.3g}; device {device}")
-    extra = {"latent_channels": latent_channels, "latent_mean": mean, "latent_std": std,
-             "vqvae_fingerprint": vq_print, "vqvae_checkpoint": str(vqvae_ckpt)}
+        print(
+            f"data: {data_desc}; {len(dataset)} training pairs; UNet {n_params / 1e6:.2f} M parameters; latent "
+            f"{latent_channels} channels, mean {stats['latent_mean']:.3g} std {stats['latent_std']:.3g}; "
+            f"{cfg.diffusion.prediction}-prediction{', residual target' if cfg.diffusion.residual else ''}; "
+            f"device {device}"
+        )
+    extra = {
+        "latent_channels": latent_channels,
+        "vqvae_fingerprint": vq_print,
+        "vqvae_checkpoint": str(vqvae_ckpt),
+    }
     max_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     ckpt_path = out_dir / "checkpoint.pt"
-    with runtime.ProgressLogger(out_dir if dist.is_main else None, max_steps, "ldm", enabled=dist.is_main,
-                                log_every=cfg.train.log_every, start_step=step) as progress:
+    with runtime.ProgressLogger(
+        out_dir if dist.is_main else None,
+        max_steps,
+        "ldm",
+        enabled=dist.is_main,
+        log_every=cfg.train.log_every,
+        start_step=step,
+    ) as progress:
         for epoch in range(step // steps_per_epoch, cfg.train.max_epochs):
             if step >= max_steps:
                 break
-            dataset.epoch = epoch  # on-the-fly pairs: fresh low-dose noise every epoch
-            order = epoch_order(len(dataset), per_rank_batch, epoch, cfg.train.seed, dist.rank, dist.world_size)
-            done = (step - epoch * steps_per_epoch) * per_rank_batch  # > 0 only in the epoch a resume starts in
-            loader = DataLoader(dataset, per_rank_batch, sampler=order[done:], drop_last=True, num_workers=workers,
-                                generator=mammo_vqvae.loader_generator(cfg.train.seed, epoch))
+            dataset.epoch = epoch  # on-the-fly pairs: fresh low-dose noise (and crops) every epoch
+            order = epoch_order(
+                len(dataset), per_rank_batch, epoch, cfg.train.seed, dist.rank, dist.world_size
+            )
+            done = (
+                step - epoch * steps_per_epoch
+            ) * per_rank_batch  # > 0 only in the epoch a resume starts in
+            workers = cfg.data.num_workers if on_the_fly else 0
+            generator = loader_generator(cfg.train.seed, epoch)
+            loader = DataLoader(
+                dataset,
+                per_rank_batch,
+                sampler=order[done:],
+                drop_last=True,
+                num_workers=workers,
+                generator=generator,
+            )
             model.train()
             for batch in loader:
                 clean, degraded = batch["clean"].to(device), batch["degraded"].to(device)
-                if latents is None:
+                if on_the_fly:
                     with torch.no_grad():
-                        clean, degraded = vqvae.encode_latent(clean).float(), vqvae.encode_latent(degraded).float()
-                clean, degraded = (clean - mean) / std, (degraded - mean) / std
+                        clean, degraded = (
+                            vqvae.encode_latent(clean).float(),
+                            vqvae.encode_latent(degraded).float(),
+                        )
+                target, cond = diffusion_target(clean, degraded, cfg, stats)
                 with runtime.amp_autocast(device, use_amp):
-                    loss = diffusion_loss(net, schedule, clean, degraded)
-                if not torch.isfinite(loss):  # stop before the update: no NaN reaches the weights or a checkpoint
-                    raise UserError(mammo_vqvae.non_finite_message(loss, step, ckpt_path))
+                    loss = diffusion_loss(net, schedule, target, cond)
+                runtime.stop_if_not_finite(loss, step, ckpt_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -464,16 +644,25 @@ def train(cfg: Config, vqvae_ckpt: Path, out_dir: Path, latents: Path | None = N
                 if step >= max_steps:
                     break
             if dist.is_main:
-                runtime.save_checkpoint(ckpt_path, {
-                    "script": SCRIPT, "config": config_to_dict(cfg), "model": model.state_dict(),
-                    "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                    "rng": runtime.rng_state(), **extra})
+                state = {"script": SCRIPT, "config": config_to_dict(cfg), "model": model.state_dict()}
+                state |= {
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                }
+                runtime.save_checkpoint(ckpt_path, {**state, "rng": runtime.rng_state(), **stats, **extra})
     if dist.is_main:
-        restorer = load_restorer(vqvae_ckpt, ckpt_path, device)
-        item = MammoDataset(list_sources(vq_cfg.data, "test")[:1], vq_cfg.data, paired=True, fixed_noise=True)[0]
-        clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
-        save_comparison(out_dir / "preview.png", degraded, restorer(degraded), clean)
+        save_preview(vqvae_ckpt, ckpt_path, out_dir, device)
     return ckpt_path
+
+
+def save_preview(vqvae_ckpt: Path, ckpt_path: Path, out_dir: Path, device) -> None:
+    restorer = load_restorer(vqvae_ckpt, ckpt_path, device)
+    data = restorer.cfg.data
+    item = MammoDataset(list_sources(data, "test")[:1], data, paired=True, fixed_noise=True)[0]
+    clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
+    save_comparison(out_dir / "preview.png", degraded, restorer(degraded, item["mask"][0].numpy() > 0), clean)
 
 
 def save_comparison(path: Path, degraded, restored, clean=None) -> None:
@@ -482,8 +671,14 @@ def save_comparison(path: Path, degraded, restored, clean=None) -> None:
         images, titles = images + [clean, restored - clean], titles + ["full dose", "restored - full dose"]
     else:
         images, titles = images + [restored - degraded], titles + ["restored - low dose"]
-    viz.save_panel(path, images, titles, window=(0.0, 1.0), error_index=len(images) - 1,
-                   suptitle="model canvas, values mapped to [0, 1] (dense = bright)")
+    viz.save_panel(
+        path,
+        images,
+        titles,
+        window=(0.0, 1.0),
+        error_index=len(images) - 1,
+        suptitle="model canvas, values mapped to [0, 1] (dense = bright)",
+    )
 
 
 # --- restore files ---
@@ -504,10 +699,7 @@ def write_png16(path: Path, values: np.ndarray, value_range) -> None:
         tmp.write_bytes(data.tobytes())
 
 
-def restore_files(vqvae_ckpt: Path, checkpoint: Path, input_path: Path, output: Path, device_name: str = "auto",
-                  steps: int | None = None) -> list[Path]:
-    """Restore one file or every DICOM/PNG under a folder; outputs keep the input's size, range and polarity."""
-    device = runtime.pick_device(device_name)
+def input_files(input_path: Path) -> list[Path]:
     if input_path.is_dir():
         files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     elif input_path.is_file():
@@ -516,20 +708,41 @@ def restore_files(vqvae_ckpt: Path, checkpoint: Path, input_path: Path, output: 
         raise UserError(f"--input {input_path}: no such file or folder")
     if not files:
         raise UserError(f"--input {input_path}: no .dcm or .png files")
-    restorer = load_restorer(vqvae_ckpt, checkpoint, device)
-    series_uid, written = generate_uid(), []
+    return files
+
+
+def restore_files(
+    vqvae_ckpt: Path,
+    checkpoint: Path,
+    input_path: Path,
+    output: Path,
+    device_name: str = "auto",
+    overrides: list[str] | None = None,
+    latents: Path | None = None,
+) -> list[Path]:
+    """Restore one file or every DICOM/PNG under a folder; outputs keep the input's size, range and polarity."""
+    device = runtime.pick_device(device_name)
+    files = input_files(input_path)
+    restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
+    if latents is not None:
+        read_latent_index(latents, fingerprint(restorer.vqvae), restorer.cfg.data)
+    series_uid, written, steps = generate_uid(), [], restorer.cfg.sample.steps
     for file in files:
         m = read_mammogram(file)
         out = output_path(input_path, file, output, ".dcm" if m.dataset is not None else ".png")
         runtime.refuse_overwrite_input(out, file)
         prepared = prepare(m, restorer.cfg.data)
-        restored = restorer(prepared.canvas, steps)
+        restored = restorer(prepared.canvas, prepared.canvas_mask)
         values = from_unit(paste_back(prepared.unit, restored, prepared.geometry, prepared.mask), m)
         if m.dataset is not None:
             dicom_io.write_derived_dicom(
-                m.dataset, values, out, series_uid=series_uid, series_description="restored (mammo_ldm)",
-                description=f"mammo_ldm latent diffusion restoration, DDIM {steps or restorer.cfg.sample.steps} "
-                            f"steps, checkpoint {checkpoint.name}")
+                m.dataset,
+                values,
+                out,
+                series_uid=series_uid,
+                series_description="restored (mammo_ldm)",
+                description=f"mammo_ldm latent diffusion restoration, DDIM {steps} steps, checkpoint {checkpoint.name}",
+            )
         else:
             write_png16(out, values, m.value_range)
         save_comparison(out.with_name(f"{out.stem}_panel.png"), prepared.canvas, restored)
@@ -541,94 +754,165 @@ def restore_files(vqvae_ckpt: Path, checkpoint: Path, input_path: Path, output: 
 # --- evaluate ---
 
 
-def evaluate(vqvae_ckpt: Path, checkpoint: Path, out_dir: Path, device_name: str = "auto",
-             data_path: str | None = None, steps: int | None = None) -> dict:
-    """PSNR/SSIM (+ LPIPS) of the low-dose input, the VQ-VAE-2 reconstruction of the clean image (the ceiling:
-    the best any latent restoration can reach) and the restored image, all against the clean image."""
+def score(out: np.ndarray, clean: np.ndarray, mask: np.ndarray, lpips_model) -> dict:
+    row = {
+        "psnr_db": metrics.psnr(out, clean, 1.0, mask),
+        "ssim": metrics.ssim(out, clean, 1.0, mask),
+        "noise_std": float((out - clean)[mask].std()),
+    }
+    if lpips_model is not None:
+        row["lpips"] = lpips_distance(lpips_model, torch.from_numpy(out), torch.from_numpy(clean))
+    return row
+
+
+@torch.no_grad()
+def candidates(restorer: Restorer, item: dict, with_baselines: bool) -> dict[str, np.ndarray]:
+    """Every row's output for one test pair: the input, classical denoisers, the VQ-VAE-2 alone, the LDM."""
+    clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
+    mask, data = item["mask"][0].numpy() > 0, restorer.cfg.data
+    outputs = {"low-dose input": degraded}
+    if with_baselines:
+        outputs["NLM (scikit-image)"] = nlm(degraded, data, mask)
+        outputs["BM3D on Anscombe-transformed counts"] = bm3d_anscombe(degraded, data, mask)
+    outputs["VQ-VAE-2 of the full-dose image (ceiling)"] = restorer.decode(restorer.encode(clean))
+    outputs["VQ-VAE-2 of the low-dose image (no diffusion)"] = restorer.decode(restorer.encode(degraded))
+    outputs["LDM restored"] = restorer(degraded, mask)
+    return outputs
+
+
+def evaluate(
+    vqvae_ckpt: Path,
+    checkpoint: Path,
+    out_dir: Path,
+    device_name: str = "auto",
+    data_path: str | None = None,
+    overrides: list[str] | None = None,
+    latents: Path | None = None,
+) -> dict:
+    """PSNR/SSIM/LPIPS against the full-dose image of: the low-dose input, NLM, BM3D-Anscombe, the VQ-VAE-2
+    reconstruction of the full-dose image (the ceiling of any latent restoration), the VQ-VAE-2 of the low-dose
+    image and the LDM. `latents`: score the test pairs of that extract-latents folder (refused when it was made
+    with another VQ-VAE, canvas or dose than the models)."""
     device = runtime.pick_device(device_name)
-    restorer = load_restorer(vqvae_ckpt, checkpoint, device)
+    restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
     cfg = restorer.cfg
-    if data_path is not None:
-        cfg.data.path = data_path
-    sources = list_sources(cfg.data, "test")
+    cfg.data.path = data_path or cfg.data.path
+    if latents is not None:
+        index = read_latent_index(latents, fingerprint(restorer.vqvae), cfg.data)
+        sources = [item["source"] for item in index["items"] if item["split"] == "test"]
+    else:
+        sources = list_sources(cfg.data, "test")
     sources = sources[: cfg.eval.max_images] if cfg.eval.max_images > 0 else sources
     dataset = MammoDataset(sources, cfg.data, paired=True, fixed_noise=True)
     lpips_model = load_lpips("alex")
-    if lpips_model is not None:
-        lpips_model = lpips_model.to(device)
-    names = ["low-dose input", "VQ-VAE-2 reconstruction of full dose (ceiling)", "LDM restored"]
-    scores = {name: [] for name in names}
+    lpips_model = lpips_model.to(device) if lpips_model is not None else None
+    scores: dict[str, list] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(len(dataset)):
         item = dataset[i]
-        clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
-        with torch.no_grad():
-            recon = model_to_unit(restorer.vqvae(item["clean"][None].to(device))[0].float())[0, 0].cpu().numpy()
-        restored = restorer(degraded, steps)
-        mask = item["mask"][0].numpy() > 0
-        for name, out in zip(names, [degraded, recon, restored]):
-            row = {"psnr_db": metrics.psnr(out, clean, 1.0, mask), "ssim": metrics.ssim(out, clean, 1.0, mask),
-                   "noise_std": metrics.noise_std(out)}
-            if lpips_model is not None:
-                row["lpips"] = lpips_distance(lpips_model, torch.from_numpy(out), torch.from_numpy(clean))
-            scores[name].append(row)
+        outputs = candidates(restorer, item, cfg.eval.baselines)
+        clean, mask = model_to_unit(item["clean"][0]).numpy(), item["mask"][0].numpy() > 0
+        for name, out in outputs.items():
+            scores.setdefault(name, []).append(score(out, clean, mask, lpips_model))
         if i < cfg.eval.panel_images:
-            save_comparison(out_dir / f"restored_{i:02d}.png", degraded, restored, clean)
-    rows = [{"method": name, **{k: float(np.mean([r[k] for r in vals])) for k in vals[0]}, "images": len(vals)}
-            for name, vals in scores.items()]
-    notes = [f"test split of {cfg.data.path or 'synthetic mammograms'}; {len(dataset)} images; "
-             f"{dose_description(cfg.data)}",
-             f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas, values: file range -> [0,1] (dense = bright), "
-             f"data_range 1; PSNR/SSIM inside the breast mask, SSIM gaussian sigma {metrics.SSIM_SIGMA}; noise_std "
-             "(Immerkaer) and LPIPS-alex on the whole canvas" + ("" if lpips_model else " (LPIPS weights not found)"),
-             f"DDIM {steps or cfg.sample.steps} steps, eta {cfg.sample.eta}, EMA weights",
-             f"command: python {SCRIPT}.py evaluate --vqvae {vqvae_ckpt} --checkpoint {checkpoint}"]
-    runtime.print_metrics_table(rows, "Low-dose mammogram restoration (test split)", out_dir / "metrics.json", notes)
+            save_comparison(
+                out_dir / f"restored_{i:02d}.png", outputs["low-dose input"], outputs["LDM restored"], clean
+            )
+    rows = [
+        {"method": name, **{k: float(np.mean([r[k] for r in vals])) for k in vals[0]}, "images": len(vals)}
+        for name, vals in scores.items()
+    ]
+    sample, diffusion = cfg.sample, cfg.diffusion
+    notes = [
+        f"test images: {', '.join(Path(s).name for s in sources)}; {dose_description(cfg.data)}",
+        f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas, values: file range -> [0,1] (dense = bright), "
+        f"data_range 1; PSNR/SSIM/noise_std (std of output - full dose) inside the breast mask, SSIM gaussian "
+        f"sigma {metrics.SSIM_SIGMA}; LPIPS-alex on the whole canvas"
+        + ("" if lpips_model else " (LPIPS weights not found)"),
+        f"LDM: {diffusion.prediction}-prediction{', residual target' if diffusion.residual else ''}; DDIM "
+        f"{sample.steps} steps, eta {sample.eta}, start {sample.start} x T, data consistency sigma "
+        f"{sample.consistency_sigma}; EMA weights",
+        f"command: python {SCRIPT}.py evaluate --vqvae {vqvae_ckpt} --checkpoint {checkpoint}"
+        + "".join(f" --set {o}" for o in overrides or []),
+    ]
+    runtime.print_metrics_table(
+        rows, "Low-dose mammogram restoration (test split)", out_dir / "metrics.json", notes
+    )
     return {"rows": rows, "notes": notes}
 
 
 # --- commands ---
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
-ConfigOpt = typer.Option(None, "--config", help="YAML config (default: configs/mammo_ldm.yaml)")
-PresetOpt = typer.Option("full", "--preset", help="preset in the config file: full (seed) or tiny (CPU)")
+ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
+PresetOpt = typer.Option(
+    "full", "--preset", help="preset: full (seed), small (CPU, 1024x768) or tiny (tests)"
+)
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 VqvaeOpt = typer.Option(..., "--vqvae", help="checkpoint of mammo_vqvae.py train (the frozen first stage)")
-StepsOpt = typer.Option(None, "--steps", help="DDIM steps (default: sample.steps)")
+CheckpointOpt = typer.Option(..., "--checkpoint", help="checkpoint.pt of mammo_ldm.py train")
+LatentsOpt = typer.Option(None, "--latents", help="folder written by mammo_vqvae.py extract-latents")
+StepsOpt = typer.Option(None, "--steps", help="DDIM steps (sample.steps)", hidden=True)
+DataOpt = typer.Option(None, "--data", help="CBIS-DDSM root or folder of DICOM/PNG (default: synthetic)")
 
 
-def build_config(config: Path | None, preset: str, overrides: list[str] | None) -> Config:
-    return load_config(Config, config or default_config_path(__file__), preset, overrides)
+def with_steps(overrides: list[str] | None, steps: int | None) -> list[str]:
+    return [*(overrides or []), *([f"sample.steps={steps}"] if steps is not None else [])]
 
 
 @app.command("train")
-def train_cmd(vqvae: Path = VqvaeOpt, latents: Path = typer.Option(None, "--latents", help="extract-latents folder"),
-              out: Path = typer.Option(Path("runs/ldm"), "--out"), data: str = typer.Option(None, "--data"),
-              resume: Path = typer.Option(None, "--resume"), config: Path = ConfigOpt, preset: str = PresetOpt,
-              set_: list[str] = SetOpt, device: str = DeviceOpt):
+def train_cmd(
+    vqvae: Path = VqvaeOpt,
+    latents: Path = LatentsOpt,
+    out: Path = typer.Option(Path("runs/ldm"), "--out"),
+    data: str = DataOpt,
+    resume: Path = typer.Option(None, "--resume"),
+    max_steps: int = typer.Option(None, "--max-steps", help="stop after this many steps (train.max_steps)"),
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
     """Train the latent denoiser (latents from --latents, else encoded on the fly from the data)."""
-    cfg = build_config(config, preset, set_)
-    if data is not None:
-        cfg.data.path = data
+    cfg = load_config(Config, config, preset, set_, shipped=default_config_path(__file__))
+    cfg.data.path = data or cfg.data.path
+    cfg.train.max_steps = cfg.train.max_steps if max_steps is None else max_steps
     train(cfg, vqvae, out, latents, device, resume, sys.argv)
 
 
 @app.command("restore")
-def restore_cmd(vqvae: Path = VqvaeOpt, checkpoint: Path = typer.Option(..., "--checkpoint"),
-                input: Path = typer.Option(..., "--input", help="a DICOM/PNG file or a folder of them"),
-                output: Path = typer.Option(..., "--output", help="file (single input) or folder"),
-                steps: int = StepsOpt, device: str = DeviceOpt):
+def restore_cmd(
+    vqvae: Path = VqvaeOpt,
+    checkpoint: Path = CheckpointOpt,
+    input: Path = typer.Option(..., "--input", help="a DICOM/PNG file or a folder of them"),
+    output: Path = typer.Option(..., "--output", help="file (single input) or folder"),
+    latents: Path = LatentsOpt,
+    set_: list[str] = SetOpt,
+    steps: int = StepsOpt,
+    device: str = DeviceOpt,
+):
     """Restore low-dose mammograms: DICOM out (new UIDs, input size and stored range) + a PNG panel each."""
-    restore_files(vqvae, checkpoint, input, output, device, steps)
+    restore_files(vqvae, checkpoint, input, output, device, with_steps(set_, steps), latents)
 
 
 @app.command("evaluate")
-def evaluate_cmd(vqvae: Path = VqvaeOpt, checkpoint: Path = typer.Option(..., "--checkpoint"),
-                 out: Path = typer.Option(None, "--out"), data: str = typer.Option(None, "--data"),
-                 steps: int = StepsOpt, device: str = DeviceOpt):
-    """PSNR/SSIM/LPIPS of low-dose input, VQ-VAE-2 ceiling and restored images on the test split."""
-    evaluate(vqvae, checkpoint, out or checkpoint.parent / "eval", device, data, steps)
+def evaluate_cmd(
+    vqvae: Path = VqvaeOpt,
+    checkpoint: Path = CheckpointOpt,
+    out: Path = typer.Option(None, "--out"),
+    data: str = DataOpt,
+    latents: Path = LatentsOpt,
+    set_: list[str] = SetOpt,
+    steps: int = StepsOpt,
+    device: str = DeviceOpt,
+):
+    """Input, NLM, BM3D-Anscombe, VQ-VAE-2 ceiling and LDM on the test split: PSNR/SSIM/LPIPS."""
+    overrides = with_steps(set_, steps)
+    evaluate(vqvae, checkpoint, out or checkpoint.parent / "eval", device, data, overrides, latents)
+
+
+app.command("eval", hidden=True)(evaluate_cmd)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ Any config value: --set model.levels=3 --set model.scaling_rates=[4,2,2] (see co
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +37,22 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
+import yaml
 from torch.utils.data import DataLoader
 
 from common import UserError, metrics, runtime, viz
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
-from common.mammo import MammoDataConfig, MammoDataset, dose_description, epoch_order, list_sources, model_to_unit
+from common.mammo import (
+    MammoDataConfig,
+    MammoDataset,
+    degrade,
+    dose_description,
+    epoch_order,
+    list_sources,
+    loader_generator,
+    model_to_unit,
+    resume_rng,
+)
 
 SCRIPT = Path(__file__).stem
 
@@ -67,6 +80,8 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-4
     amp: str = "auto"  # bf16 autocast: auto = on for CUDA
+    crop_size: list[int] = field(default_factory=lambda: [0, 0])  # > 0: train on random crops of the canvas
+    crops_per_image: int = 1  # with crop_size: crops of each image per epoch
     dead_code_threshold: float = 1.0  # codes used fewer times than this in an epoch are restarted
     log_every: int = 50
     seed: int = 0
@@ -102,8 +117,13 @@ class ReZero(nn.Module):
     def __init__(self, channels: int, residual_channels: int):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(channels, residual_channels, 3, padding=1), nn.BatchNorm2d(residual_channels), nn.ReLU(True),
-            nn.Conv2d(residual_channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(True))
+            nn.Conv2d(channels, residual_channels, 3, padding=1),
+            nn.BatchNorm2d(residual_channels),
+            nn.ReLU(True),
+            nn.Conv2d(residual_channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(True),
+        )
         self.alpha = nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
@@ -136,8 +156,11 @@ class Decoder(nn.Module):
         layers += [ReZero(hidden, residual) for _ in range(n_residual)]
         ch = hidden
         for _ in range(_steps(rate)):
-            layers += [nn.ConvTranspose2d(ch, hidden // 2, 4, stride=2, padding=1), nn.BatchNorm2d(hidden // 2),
-                       nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(ch, hidden // 2, 4, stride=2, padding=1),
+                nn.BatchNorm2d(hidden // 2),
+                nn.ReLU(True),
+            ]
             ch = hidden // 2
         layers.append(nn.Conv2d(ch, out_ch, 3, padding=1))
         self.layers = nn.Sequential(*layers)
@@ -166,7 +189,11 @@ class Quantizer(nn.Module):
         b, d, h, w = x.shape
         with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
             flat = x.float().permute(0, 2, 3, 1).reshape(-1, d)
-            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed + self.embed.pow(2).sum(0, keepdim=True)
+            dist = (
+                flat.pow(2).sum(1, keepdim=True)
+                - 2 * flat @ self.embed
+                + self.embed.pow(2).sum(0, keepdim=True)
+            )
             ids = dist.argmin(1)
             quant = F.embedding(ids, self.embed.t())
             if flat.device.type != "meta":  # shape checks on the meta device carry no values to count
@@ -187,7 +214,9 @@ class Quantizer(nn.Module):
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(embed_sum, alpha=1 - self.decay)
         n = self.cluster_size.sum()
-        size = (self.cluster_size + self.eps) / (n + self.size * self.eps) * n  # Laplace smoothing: no 0 division
+        size = (
+            (self.cluster_size + self.eps) / (n + self.size * self.eps) * n
+        )  # Laplace smoothing: no 0 division
         self.embed.copy_(self.embed_avg / size.unsqueeze(0))
         keep = torch.randperm(flat.shape[0], device=flat.device)[: self.reservoir_size]
         self.reservoir = flat[keep]
@@ -196,8 +225,11 @@ class Quantizer(nn.Module):
         total = float(self.usage.sum())
         p = self.usage / max(total, 1.0)
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
-        return {"used": int((self.usage > 0).sum()), "usage": float((self.usage > 0).float().mean()),
-                "perplexity": float(entropy.exp())}
+        return {
+            "used": int((self.usage > 0).sum()),
+            "usage": float((self.usage > 0).float().mean()),
+            "perplexity": float(entropy.exp()),
+        }
 
     def reset_usage(self) -> None:
         self.usage.zero_()
@@ -228,8 +260,11 @@ class CodeLayer(nn.Module):
 def _upsampler(embed_dim: int, rate: int) -> nn.Sequential:
     layers = []
     for _ in range(_steps(rate)):
-        layers += [nn.ConvTranspose2d(embed_dim, embed_dim, 4, stride=2, padding=1), nn.BatchNorm2d(embed_dim),
-                   nn.ReLU(True)]
+        layers += [
+            nn.ConvTranspose2d(embed_dim, embed_dim, 4, stride=2, padding=1),
+            nn.BatchNorm2d(embed_dim),
+            nn.ReLU(True),
+        ]
     return nn.Sequential(*layers)
 
 
@@ -242,14 +277,20 @@ class VQVAE2(nn.Module):
         res = (cfg.residual_channels, cfg.residual_layers)
         self.levels, self.rates = n, rates
         self.encoders = nn.ModuleList(
-            [Encoder(cfg.in_channels if i == 0 else hid, hid, *res, rates[i]) for i in range(n)])
+            [Encoder(cfg.in_channels if i == 0 else hid, hid, *res, rates[i]) for i in range(n)]
+        )
         self.codebooks = nn.ModuleList([CodeLayer(hid + (emb if i < n - 1 else 0), cfg) for i in range(n)])
         # decoder i sees its codes + the codes of the n-1-i levels above; it outputs level i-1's resolution
         self.decoders = nn.ModuleList(
-            [Decoder(emb * (n - i), hid, cfg.in_channels if i == 0 else emb, *res, rates[i]) for i in range(n)])
+            [
+                Decoder(emb * (n - i), hid, cfg.in_channels if i == 0 else emb, *res, rates[i])
+                for i in range(n)
+            ]
+        )
         # upscalers[j][k] carries level j's codes from level j-k to level j-k-1
         self.upscalers = nn.ModuleList(
-            [nn.ModuleList([_upsampler(emb, rates[j - k]) for k in range(j)]) for j in range(n)])
+            [nn.ModuleList([_upsampler(emb, rates[j - k]) for k in range(j)]) for j in range(n)]
+        )
 
     def downsampling(self) -> int:
         return math.prod(self.rates)
@@ -282,10 +323,15 @@ class VQVAE2(nn.Module):
 
 
 def check_input_shape(cfg: Config, model: VQVAE2) -> None:
-    rows, cols = cfg.data.image_size
-    if rows % model.downsampling() or cols % model.downsampling():
-        raise UserError(f"config: data.image_size {rows}x{cols} must be divisible by the product of "
-                        f"model.scaling_rates ({model.downsampling()})")
+    factor = model.downsampling()
+    for name, (rows, cols) in (
+        ("data.image_size", cfg.data.image_size),
+        ("train.crop_size", cfg.train.crop_size),
+    ):
+        if rows % factor or cols % factor:
+            raise UserError(
+                f"config: {name} {rows}x{cols} must be divisible by the product of model.scaling_rates ({factor})"
+            )
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -305,7 +351,9 @@ def load_vqvae(checkpoint: Path, device: torch.device) -> tuple[VQVAE2, Config]:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # its config asks for another architecture than its weights have
         detail = " ".join(str(exc).split())[:200]
-        raise UserError(f"{checkpoint}: weights do not match its model config (size mismatch: {detail})") from None
+        raise UserError(
+            f"{checkpoint}: weights do not match its model config (size mismatch: {detail})"
+        ) from None
     return model.to(device).eval().requires_grad_(False), cfg
 
 
@@ -317,13 +365,27 @@ def codebook_report(model: VQVAE2) -> dict:
 
 
 def save_state(path: Path, cfg: Config, model: VQVAE2, optimizer, step: int, epoch: int) -> None:
-    runtime.save_checkpoint(path, {"script": SCRIPT, "config": config_to_dict(cfg), "model": model.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                                   "rng": runtime.rng_state()})
+    runtime.save_checkpoint(
+        path,
+        {
+            "script": SCRIPT,
+            "config": config_to_dict(cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "rng": runtime.rng_state(),
+        },
+    )
 
 
-def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | None = None,
-          argv: list[str] | None = None) -> Path:
+def train(
+    cfg: Config,
+    out_dir: Path,
+    device_name: str = "auto",
+    resume: Path | None = None,
+    argv: list[str] | None = None,
+) -> Path:
     """Train on clean mammograms; a checkpoint after every epoch and at the last step. `resume` continues exactly
     where the checkpoint stopped, mid-epoch included: batch order depends only on (seed, epoch), RNGs are restored."""
     dist = runtime.init_distributed(device_name)
@@ -331,11 +393,16 @@ def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | 
     runtime.seed_everything(cfg.train.seed + dist.rank)
     model = VQVAE2(cfg.model).to(device)
     check_input_shape(cfg, model)
-    dataset = MammoDataset(list_sources(cfg.data, "train"), cfg.data, paired=False)
+    sources = list_sources(cfg.data, "train")
+    dataset = MammoDataset(
+        sources, cfg.data, False, crop=cfg.train.crop_size, repeats=cfg.train.crops_per_image
+    )
     per_rank_batch = max(1, cfg.train.batch_size // dist.world_size)
     steps_per_epoch = len(dataset) // (dist.world_size * per_rank_batch)  # whole batches on every rank
     if steps_per_epoch == 0:
-        raise UserError(f"only {len(dataset)} training images for batch size {per_rank_batch}; lower train.batch_size")
+        raise UserError(
+            f"only {len(dataset)} training images for batch size {per_rank_batch}; lower train.batch_size"
+        )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     step = 0
     if resume is not None:
@@ -346,27 +413,45 @@ def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | 
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
         step = int(state["step"])
-        restore_rng(state["rng"], dist, cfg.train.seed + step)
+        resume_rng(state["rng"], dist.world_size, dist.rank, cfg.train.seed + step)
     if dist.is_main:
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"data: {len(dataset)} training images ({cfg.data.path or 'synthetic'}); model {n_params / 1e6:.2f} M "
-              f"parameters, {cfg.model.levels} levels; device {device}, world size {dist.world_size}"
-              + (f"; resumed from {resume} at step {step}" if resume else ""))
+        print(
+            f"data: {len(dataset)} training images ({cfg.data.path or 'synthetic'}); model {n_params / 1e6:.2f} M "
+            f"parameters, {cfg.model.levels} levels; device {device}, world size {dist.world_size}"
+            + (f"; resumed from {resume} at step {step}" if resume else "")
+        )
     net = runtime.ddp_wrap(model, dist)
     use_amp = runtime.switch_on(cfg.train.amp, device)
     max_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     ckpt_path = out_dir / "checkpoint.pt"
-    with runtime.ProgressLogger(out_dir if dist.is_main else None, max_steps, "vqvae", enabled=dist.is_main,
-                                log_every=cfg.train.log_every, start_step=step) as progress:
+    with runtime.ProgressLogger(
+        out_dir if dist.is_main else None,
+        max_steps,
+        "vqvae",
+        enabled=dist.is_main,
+        log_every=cfg.train.log_every,
+        start_step=step,
+    ) as progress:
         for epoch in range(step // steps_per_epoch, cfg.train.max_epochs):
             if step >= max_steps:
                 break
             dataset.epoch = epoch
-            order = epoch_order(len(dataset), per_rank_batch, epoch, cfg.train.seed, dist.rank, dist.world_size)
-            done = (step - epoch * steps_per_epoch) * per_rank_batch  # > 0 only in the epoch a resume starts in
-            loader = DataLoader(dataset, per_rank_batch, sampler=order[done:], drop_last=True,
-                                num_workers=cfg.data.num_workers, generator=loader_generator(cfg.train.seed, epoch))
+            order = epoch_order(
+                len(dataset), per_rank_batch, epoch, cfg.train.seed, dist.rank, dist.world_size
+            )
+            done = (
+                step - epoch * steps_per_epoch
+            ) * per_rank_batch  # > 0 only in the epoch a resume starts in
+            loader = DataLoader(
+                dataset,
+                per_rank_batch,
+                sampler=order[done:],
+                drop_last=True,
+                num_workers=cfg.data.num_workers,
+                generator=loader_generator(cfg.train.seed, epoch),
+            )
             model.train()
             for batch in loader:
                 x = batch["clean"].to(device)
@@ -375,14 +460,18 @@ def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | 
                 reconstruction = F.mse_loss(recon.float(), x)
                 commitment = torch.stack(diffs).sum()
                 loss = reconstruction + cfg.model.commitment_beta * commitment
-                if not torch.isfinite(loss):  # stop before the update: no NaN reaches the weights or a checkpoint
-                    raise UserError(non_finite_message(loss, step, ckpt_path))
+                runtime.stop_if_not_finite(loss, step, ckpt_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
-                progress.log(step, loss=loss.item(), mse=reconstruction.item(), commitment=commitment.item(),
-                             epoch=epoch)
+                progress.log(
+                    step,
+                    loss=loss.item(),
+                    mse=reconstruction.item(),
+                    commitment=commitment.item(),
+                    epoch=epoch,
+                )
                 if step >= max_steps:
                     break
             if step == (epoch + 1) * steps_per_epoch:  # a whole epoch: codebook health and dead-code restart
@@ -394,25 +483,6 @@ def train(cfg: Config, out_dir: Path, device_name: str = "auto", resume: Path | 
     return ckpt_path
 
 
-def restore_rng(rng: dict, dist: runtime.Dist, seed: int) -> None:
-    """Exact continuation on one process; under DDP each rank reseeds (the checkpoint holds rank 0's state)."""
-    if dist.world_size == 1:
-        runtime.set_rng_state(rng)
-    else:
-        runtime.seed_everything(seed + dist.rank)
-
-
-def loader_generator(seed: int, epoch: int) -> torch.Generator:
-    """A DataLoader draws its worker seed from this instead of the global RNG (which a resume restores)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def non_finite_message(loss: torch.Tensor, step: int, ckpt_path: Path) -> str:
-    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
-    return (f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped before the update, {kept} "
-            "(lower train.lr or check the data)")
-
-
 def end_of_epoch(model: VQVAE2, cfg: Config, out_dir: Path, epoch: int, is_main: bool) -> None:
     """Codebook health: usage and perplexity per level over the epoch, then dead-code restart."""
     report = {"epoch": epoch, **codebook_report(model)}
@@ -422,9 +492,11 @@ def end_of_epoch(model: VQVAE2, cfg: Config, out_dir: Path, epoch: int, is_main:
     if is_main:
         with open(out_dir / "codebook.jsonl", "a") as fh:
             fh.write(json.dumps(report) + "\n")
-        levels = ", ".join(f"L{i} {report[f'level{i}_used']}/{cfg.model.codebook_size} used, "
-                           f"ppl {report[f'level{i}_perplexity']:.1f}, {report[f'level{i}_restarted']} restarted"
-                           for i in range(cfg.model.levels))
+        levels = ", ".join(
+            f"L{i} {report[f'level{i}_used']}/{cfg.model.codebook_size} used, "
+            f"ppl {report[f'level{i}_perplexity']:.1f}, {report[f'level{i}_restarted']} restarted"
+            for i in range(cfg.model.levels)
+        )
         print(f"epoch {epoch} codebooks: {levels}", flush=True)
 
 
@@ -433,73 +505,119 @@ def save_preview(model: VQVAE2, cfg: Config, out_dir: Path, device) -> None:
     item = MammoDataset(list_sources(cfg.data, "test")[:1], cfg.data, paired=False)[0]
     recon, _, _ = model(item["clean"][None].to(device))
     clean, out = model_to_unit(item["clean"][0]).numpy(), model_to_unit(recon[0, 0].float()).cpu().numpy()
-    viz.save_panel(out_dir / "preview.png", [clean, out, out - clean], ["original", "VQ-VAE-2", "difference"],
-                   window=(0.0, 1.0), error_index=2)
+    viz.save_panel(
+        out_dir / "preview.png",
+        [clean, out, out - clean],
+        ["original", "VQ-VAE-2", "difference"],
+        window=(0.0, 1.0),
+        error_index=2,
+    )
 
 
 # --- evaluate ---
 
 
 def downsample_baseline(unit: np.ndarray, factor: int) -> np.ndarray:
-    """Bicubic down by the bottom latent's factor and back up: what the same spatial compression gives alone."""
+    """Bicubic down by the bottom latent's factor and back up: what that spatial compression gives alone."""
     t = torch.from_numpy(unit)[None, None]
     small = F.interpolate(t, scale_factor=1 / factor, mode="area")
-    return F.interpolate(small, size=unit.shape, mode="bicubic", align_corners=False).clamp(0, 1)[0, 0].numpy()
+    return (
+        F.interpolate(small, size=unit.shape, mode="bicubic", align_corners=False).clamp(0, 1)[0, 0].numpy()
+    )
+
+
+def score(out: np.ndarray, clean: np.ndarray, mask: np.ndarray) -> dict:
+    return {
+        "psnr_db": metrics.psnr(out, clean, 1.0, mask),
+        "ssim": metrics.ssim(out, clean, 1.0, mask),
+        "noise_std": float((out - clean)[mask].std()),
+    }
+
+
+def mean_rows(scores: dict[str, list[dict]]) -> list[dict]:
+    return [
+        {"method": name, **{k: float(np.mean([r[k] for r in vals])) for k in vals[0]}, "images": len(vals)}
+        for name, vals in scores.items()
+    ]
 
 
 @torch.no_grad()
-def evaluate(checkpoint: Path, out_dir: Path, device_name: str = "auto", data_path: str | None = None) -> dict:
+def evaluate(
+    checkpoint: Path, out_dir: Path, device_name: str = "auto", data_path: str | None = None, overrides=None
+) -> dict:
+    """Reconstruction of the clean test images beside the low-dose input (the dose model on the same canvas: the
+    input a restoration through this VQ-VAE has to beat) and a bicubic down/up at the bottom level's factor."""
     device = runtime.pick_device(device_name)
     model, cfg = load_vqvae(checkpoint, device)
-    if data_path is not None:
-        cfg.data.path = data_path
+    cfg = config_with_sets(Config, config_to_dict(cfg), overrides)
+    cfg.data.path = data_path or cfg.data.path
+    check_input_shape(cfg, model)
     sources = list_sources(cfg.data, "test")
     sources = sources[: cfg.eval.max_images] if cfg.eval.max_images > 0 else sources
-    dataset = MammoDataset(sources, cfg.data, paired=False, fixed_noise=True)
+    dataset = MammoDataset(sources, cfg.data, paired=True, fixed_noise=True)
     for q in model.quantizers():
         q.reset_usage()
-    scores: dict[str, list] = {"VQ-VAE-2 reconstruction": [], f"bicubic x{cfg.model.scaling_rates[0]} down/up": []}
-    panels = []
+    names = ["low-dose input", "VQ-VAE-2 reconstruction", f"bicubic x{cfg.model.scaling_rates[0]} down/up"]
+    scores: dict[str, list] = {name: [] for name in names}
+    out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(len(dataset)):
         item = dataset[i]
         recon, _, _ = model(item["clean"][None].to(device))
-        clean = model_to_unit(item["clean"][0]).numpy()
-        outputs = [model_to_unit(recon[0, 0].float()).cpu().numpy(),
-                   downsample_baseline(clean, cfg.model.scaling_rates[0])]
+        clean, low = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
+        recon = model_to_unit(recon[0, 0].float()).cpu().numpy()
+        outputs = [low, recon, downsample_baseline(clean, cfg.model.scaling_rates[0])]
         mask = item["mask"][0].numpy() > 0
-        for name, out in zip(scores, outputs):
-            scores[name].append((metrics.psnr(out, clean, 1.0, mask), metrics.ssim(out, clean, 1.0, mask)))
+        for name, out in zip(names, outputs):
+            scores[name].append(score(out, clean, mask))
         if i < cfg.eval.panel_images:
-            panels += [clean, outputs[0], outputs[0] - clean]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(0, len(panels), 3):
-        viz.save_panel(out_dir / f"reconstruction_{k // 3:02d}.png", panels[k : k + 3],
-                       ["original", "VQ-VAE-2 reconstruction", "difference"], window=(0.0, 1.0), error_index=2)
-    rows = [{"method": name, "psnr_db": float(np.mean([s[0] for s in vals])),
-             "ssim": float(np.mean([s[1] for s in vals])), "images": len(vals)} for name, vals in scores.items()]
+            viz.save_panel(
+                out_dir / f"reconstruction_{i:02d}.png",
+                [clean, recon, recon - clean],
+                ["original", "VQ-VAE-2 reconstruction", "difference"],
+                window=(0.0, 1.0),
+                error_index=2,
+            )
     usage = codebook_report(model)
-    rows += [{"method": f"codebook level {i}", "used": usage[f"level{i}_used"],
-              "perplexity": usage[f"level{i}_perplexity"]} for i in range(cfg.model.levels)]
-    notes = [f"test split of {cfg.data.path or 'synthetic mammograms'}; {len(dataset)} images on the "
-             f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas",
-             "values: file range -> [0,1] (dense = bright), data_range 1, PSNR/SSIM inside the breast mask, SSIM "
-             f"gaussian sigma {metrics.SSIM_SIGMA}", f"command: python {SCRIPT}.py evaluate --checkpoint {checkpoint}"]
+    rows = mean_rows(scores) + [
+        {
+            "method": f"codebook level {i}",
+            "used": usage[f"level{i}_used"],
+            "perplexity": usage[f"level{i}_perplexity"],
+        }
+        for i in range(cfg.model.levels)
+    ]
+    notes = [
+        f"test split of {cfg.data.path or 'synthetic mammograms'}: {len(dataset)} images on the "
+        f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas; low-dose input: {dose_description(cfg.data)}",
+        "values: file range -> [0,1] (dense = bright), data_range 1; PSNR/SSIM/noise_std (std of output - clean) "
+        f"inside the breast mask, SSIM gaussian sigma {metrics.SSIM_SIGMA}; codebook use over the test images",
+        f"command: python {SCRIPT}.py evaluate --checkpoint {checkpoint}",
+    ]
     runtime.print_metrics_table(rows, "VQ-VAE-2 reconstruction (test split)", out_dir / "metrics.json", notes)
     return {"rows": rows, "notes": notes}
+
+
+def config_with_sets(cfg_cls, saved: dict, overrides: list[str] | None):
+    """A saved config with `--set section.key=value` applied, validated like any config."""
+    updated = copy.deepcopy(saved)
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"config: --set expects section.key=value, got '{item}'")
+        dotted, text = item.split("=", 1)
+        *sections, key = dotted.strip().split(".")
+        node = updated
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = yaml.safe_load(text) if text.strip() else ""
+    return config_from_dict(cfg_cls, updated)
 
 
 # --- latents for the LDM ---
 
 
 @torch.no_grad()
-def extract_latents(checkpoint: Path, out_dir: Path, device_name: str = "auto", data_path: str | None = None) -> Path:
-    """Paired clean / low-dose level-0 latents (fp16, one file per image) and `index.json` describing them."""
-    device = runtime.pick_device(device_name)
-    model, cfg = load_vqvae(checkpoint, device)
-    if data_path is not None:
-        cfg.data.path = data_path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    items, total, total_sq, count = [], 0.0, 0.0, 0
+def write_latents(model: VQVAE2, cfg: Config, out_dir: Path, device) -> tuple[list[dict], dict, tuple]:
+    items, total, total_sq, count, shape = [], 0.0, 0.0, 0, ()
     for split in ("train", "test"):
         dataset = MammoDataset(list_sources(cfg.data, split), cfg.data, paired=True, fixed_noise=True)
         with runtime.ProgressLogger(None, len(dataset), f"latents {split}") as progress:
@@ -512,57 +630,110 @@ def extract_latents(checkpoint: Path, out_dir: Path, device_name: str = "auto", 
                     torch.save({"clean": clean.half(), "degraded": degraded.half()}, tmp)
                 items.append({"file": name, "split": split, "source": dataset.sources[i]})
                 if split == "train":
-                    total, total_sq, count = total + clean.sum().item(), total_sq + clean.pow(2).sum().item(), \
-                        count + clean.numel()
+                    total += clean.sum().item()
+                    total_sq += clean.pow(2).sum().item()
+                    count += clean.numel()
+                shape = tuple(clean.shape)
                 progress.log(i + 1)
     mean = total / max(count, 1)
-    index = {"script": SCRIPT, "vqvae_checkpoint": str(checkpoint), "vqvae_fingerprint": fingerprint(model),
-             "latent": "level-0 encoder output before quantisation", "shape": list(clean.shape),
-             "train_mean": mean, "train_std": math.sqrt(max(total_sq / max(count, 1) - mean**2, 1e-12)),
-             "degradation": dose_description(cfg.data), "data": config_to_dict(cfg.data), "items": items}
-    with runtime.atomic_path(out_dir / "index.json") as tmp:
-        tmp.write_text(json.dumps(index, indent=1))
-    print(f"{len(items)} latent pairs {tuple(clean.shape)} written to {out_dir}")
+    return (
+        items,
+        {"train_mean": mean, "train_std": math.sqrt(max(total_sq / max(count, 1) - mean**2, 1e-12))},
+        shape,
+    )
+
+
+def extract_latents(
+    checkpoint: Path, out_dir: Path, device_name: str = "auto", data_path: str | None = None, overrides=None
+) -> Path:
+    """Paired clean / low-dose level-0 latents (fp16, one file per image) and `index.json` describing them: the
+    VQ-VAE's fingerprint and the data config (canvas, dose) they were made with, which the LDM checks."""
+    device = runtime.pick_device(device_name)
+    model, cfg = load_vqvae(checkpoint, device)
+    cfg = config_with_sets(Config, config_to_dict(cfg), overrides)
+    cfg.data.path = data_path or cfg.data.path
+    check_input_shape(cfg, model)
+    list_sources(cfg.data, "train"), list_sources(cfg.data, "test")  # bad data fails before any folder exists
+    created = not out_dir.exists()
+    try:
+        items, stats, shape = write_latents(model, cfg, out_dir, device)
+        index = {
+            "script": SCRIPT,
+            "vqvae_checkpoint": str(checkpoint),
+            "vqvae_fingerprint": fingerprint(model),
+            "latent": "level-0 encoder output before quantisation",
+            "shape": list(shape),
+            **stats,
+            "degradation": dose_description(cfg.data),
+            "data": config_to_dict(cfg.data),
+            "items": items,
+        }
+        with runtime.atomic_path(out_dir / "index.json") as tmp:
+            tmp.write_text(json.dumps(index, indent=1))
+    except BaseException:
+        if created:  # a failed run leaves no folder behind, not even a half-filled one
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    print(f"{len(items)} latent pairs {shape} written to {out_dir}")
     return out_dir / "index.json"
 
 
 # --- commands ---
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
-ConfigOpt = typer.Option(None, "--config", help="YAML config (default: configs/mammo_vqvae.yaml)")
-PresetOpt = typer.Option("full", "--preset", help="preset in the config file: full (seed) or tiny (CPU)")
+ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
+PresetOpt = typer.Option(
+    "full", "--preset", help="preset: full (seed), small (CPU, 1024x768) or tiny (tests)"
+)
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 DataOpt = typer.Option(None, "--data", help="CBIS-DDSM root or folder of DICOM/PNG (default: synthetic)")
-
-
-def build_config(config: Path | None, preset: str, overrides: list[str] | None) -> Config:
-    return load_config(Config, config or default_config_path(__file__), preset, overrides)
+CheckpointOpt = typer.Option(..., "--checkpoint", help="checkpoint.pt of mammo_vqvae.py train")
 
 
 @app.command("train")
-def train_cmd(out: Path = typer.Option(Path("runs/vqvae"), "--out"), data: str = DataOpt,
-              resume: Path = typer.Option(None, "--resume"), config: Path = ConfigOpt, preset: str = PresetOpt,
-              set_: list[str] = SetOpt, device: str = DeviceOpt):
+def train_cmd(
+    out: Path = typer.Option(Path("runs/vqvae"), "--out"),
+    data: str = DataOpt,
+    resume: Path = typer.Option(None, "--resume"),
+    max_steps: int = typer.Option(None, "--max-steps", help="stop after this many steps (train.max_steps)"),
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
     """Train the VQ-VAE-2 on clean mammograms."""
-    cfg = build_config(config, preset, set_)
-    if data is not None:
-        cfg.data.path = data
+    cfg = load_config(Config, config, preset, set_, shipped=default_config_path(__file__))
+    cfg.data.path = data or cfg.data.path
+    cfg.train.max_steps = cfg.train.max_steps if max_steps is None else max_steps
     train(cfg, out, device, resume, sys.argv)
 
 
 @app.command("evaluate")
-def evaluate_cmd(checkpoint: Path = typer.Option(..., "--checkpoint"), out: Path = typer.Option(None, "--out"),
-                 data: str = DataOpt, device: str = DeviceOpt):
-    """Reconstruction PSNR/SSIM on the test split, per-level code usage, PNGs of originals vs reconstructions."""
-    evaluate(checkpoint, out or checkpoint.parent / "eval", device, data)
+def evaluate_cmd(
+    checkpoint: Path = CheckpointOpt,
+    out: Path = typer.Option(None, "--out"),
+    data: str = DataOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
+    """Reconstruction PSNR/SSIM beside the low-dose input on the test split, code usage per level, PNGs."""
+    evaluate(checkpoint, out or checkpoint.parent / "eval", device, data, set_)
+
+
+app.command("eval", hidden=True)(evaluate_cmd)
 
 
 @app.command("extract-latents")
-def extract_latents_cmd(checkpoint: Path = typer.Option(..., "--checkpoint"), out: Path = typer.Option(..., "--out"),
-                        data: str = DataOpt, device: str = DeviceOpt):
+def extract_latents_cmd(
+    checkpoint: Path = CheckpointOpt,
+    out: Path = typer.Option(..., "--out"),
+    data: str = DataOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
     """Paired clean / low-dose latents of both splits for `mammo_ldm.py train --latents`."""
-    extract_latents(checkpoint, out, device, data)
+    extract_latents(checkpoint, out, device, data, set_)
 
 
 if __name__ == "__main__":

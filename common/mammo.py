@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,9 @@ CBIS_CSV_GLOB = "*case_description*set.csv"  # mass_case_description_train_set.c
 
 @dataclass
 class MammoDataConfig:
-    path: str | None = None  # None: synthetic mammograms; a CBIS-DDSM root (CSVs + TCIA tree) or a folder of files
+    path: str | None = (
+        None  # None: synthetic mammograms; a CBIS-DDSM root (CSVs + TCIA tree) or a folder of files
+    )
     image_size: list[int] = field(default_factory=lambda: [1024, 768])  # canvas (rows, cols)
     crop_margin: float = 0.01  # extra border around the breast bounding box, fraction of the image size
     test_fraction: float = 0.1  # plain folders without train/ and test/ subfolders: hashed split
@@ -48,10 +51,15 @@ class MammoDataConfig:
     # Low-dose model (see `degrade`): quanta = Poisson + electronic noise on a linear signal; gaussian = white noise
     dose_model: str = "quanta"  # quanta | gaussian
     dose: float = 0.2  # fraction of the full dose
-    quanta_full_dose: float = 4000.0  # detector quanta per native pixel behind no tissue at full dose
-    attenuation_range: float = 3.0  # unit value 1 = exp(-3) transmission: log dynamic range of the stored values
+    quanta_full_dose: float = 4000.0  # detector quanta per CANVAS pixel behind no tissue at full dose
+    attenuation_range: float = (
+        3.0  # unit value 1 = exp(-3) transmission: log dynamic range of the stored values
+    )
     electronic_noise: float = 5.0  # electronic noise std in quanta per pixel (dose independent)
     gaussian_sigma_full: float = 0.01  # gaussian model: std in unit values at dose 1, scaled by 1/sqrt(dose)
+    cache_images: int = (
+        64  # datasets up to this many images keep their clean canvases in memory (no re-decoding)
+    )
     num_workers: int = 4
     seed: int = 0
 
@@ -79,12 +87,30 @@ def read_mammogram(path: str | Path) -> Mammogram:
             raise UserError(f"{path}: colour PNG ({image.shape[-1]} channels); only greyscale is supported")
         if image.dtype not in (np.uint8, np.uint16):
             raise UserError(f"{path}: unsupported PNG sample type {image.dtype}")
-        return Mammogram(image.astype(np.float32), (0.0, float(np.iinfo(image.dtype).max)), False, None, str(path))
+        return Mammogram(
+            image.astype(np.float32), (0.0, float(np.iinfo(image.dtype).max)), False, None, str(path)
+        )
     values, ds = dicom_io.read_dicom(path)
+    check_modality(ds, path)
     if min(values.shape) < 64:
-        raise UserError(f"{path}: image of {values.shape[0]}x{values.shape[1]} pixels is too small for a mammogram")
-    return Mammogram(values, dicom_io.stored_range(ds), str(ds.PhotometricInterpretation) == "MONOCHROME1", ds,
-                     str(path))
+        raise UserError(
+            f"{path}: image of {values.shape[0]}x{values.shape[1]} pixels is too small for a mammogram"
+        )
+    return Mammogram(
+        values, dicom_io.stored_range(ds), str(ds.PhotometricInterpretation) == "MONOCHROME1", ds, str(path)
+    )
+
+
+def check_modality(ds, path: Path) -> None:
+    """Mammograms only: a CT or MR slice would be "restored" into nonsense without a word. CR/DX are allowed with
+    a warning (film digitisers and some older systems label mammograms so); a missing tag only warns."""
+    found = str(ds.get("Modality", "") or "").strip().upper()
+    if not found:
+        warnings.warn(f"{path}: no Modality tag; processing it as a mammogram", stacklevel=2)
+    elif found in ("CR", "DX"):
+        warnings.warn(f"{path}: modality {found}, not MG; processing it as a mammogram", stacklevel=2)
+    elif found != "MG":
+        raise UserError(f"{path}: modality {found}, but the mammography scripts need mammograms (MG)")
 
 
 def synthetic_source(split: str, index: int, cfg: MammoDataConfig) -> Mammogram:
@@ -93,7 +119,9 @@ def synthetic_source(split: str, index: int, cfg: MammoDataConfig) -> Mammogram:
     stored = synthetic.mammogram(tuple(cfg.synthetic_shape), rng, bits_stored=14)
     if index % 2:
         stored = stored[:, ::-1]
-    return Mammogram(stored.astype(np.float32), (0.0, float(2**14 - 1)), False, None, f"synthetic_{split}_{index:05d}")
+    return Mammogram(
+        stored.astype(np.float32), (0.0, float(2**14 - 1)), False, None, f"synthetic_{split}_{index:05d}"
+    )
 
 
 def to_unit(m: Mammogram) -> np.ndarray:
@@ -117,20 +145,44 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _cbis_ddsm(root: Path, csvs: list[Path], split: str) -> list[Path]:
-    """The CSV's 'image file path' names the subject folder first (e.g. Mass-Training_P_00001_LEFT_CC); the
-    UID folders and file names below it differ between TCIA downloads, so the full-image DICOM is searched
-    inside that folder (ROI and crop images live in separate `<subject>_1` folders)."""
-    subjects = []
+def _cbis_rows(csvs: list[Path]) -> list[tuple[str, str, bool]]:
+    """(subject folder, patient id, listed in a test CSV) for every row of every description CSV. The CSV's
+    'image file path' names the subject folder first (e.g. Mass-Training_P_00001_LEFT_CC)."""
+    rows = []
     for csv_path in csvs:
-        if split not in csv_path.name.lower():
-            continue
+        is_test = "test" in csv_path.name.lower()
         with open(csv_path, newline="") as fh:
             reader = csv.DictReader(fh)
-            column = next((c for c in reader.fieldnames or [] if c.strip().lower() == "image file path"), None)
+            column = next(
+                (c for c in reader.fieldnames or [] if c.strip().lower() == "image file path"), None
+            )
             if column is None:
                 raise UserError(f"{csv_path}: no 'image file path' column; not a CBIS-DDSM description CSV")
-            subjects += [row[column].strip().replace("\\", "/").split("/")[0] for row in reader if row[column]]
+            for row in reader:
+                if not row[column]:
+                    continue
+                subject = row[column].strip().replace("\\", "/").split("/")[0]
+                patient = re.search(r"P_\d+", subject)
+                rows.append(
+                    (subject, patient.group(0) if patient else row.get("patient_id", subject), is_test)
+                )
+    return rows
+
+
+def _cbis_ddsm(root: Path, csvs: list[Path], split: str) -> list[Path]:
+    """Split BY PATIENT across the Mass and Calc CSVs: the official Mass and Calc splits were drawn separately, so
+    one patient can be in Mass-Training and Calc-Test; such a patient goes wholly to test (the official test
+    side wins) and nobody is in both splits. UID folders and file names below the subject folder differ between
+    TCIA downloads, so the full-image DICOM is searched inside it (ROI and crop images live in `<subject>_1`)."""
+    rows = _cbis_rows(csvs)
+    test_patients = {patient for _, patient, is_test in rows if is_test}
+    moved = {patient for _, patient, is_test in rows if not is_test and patient in test_patients}
+    if moved and split == "train":
+        warnings.warn(
+            f"{root}: {len(moved)} patients are in both a training and a test CSV; all their images go to test",
+            stacklevel=2,
+        )
+    subjects = [subject for subject, patient, _ in rows if (patient in test_patients) == (split == "test")]
     folders = {d.name: d for d in root.rglob("*") if d.is_dir()}
     found, missing = [], 0
     for subject in dict.fromkeys(subjects):  # one image can carry several abnormalities (rows)
@@ -140,8 +192,10 @@ def _cbis_ddsm(root: Path, csvs: list[Path], split: str) -> list[Path]:
         else:
             missing += 1
     if missing:
-        warnings.warn(f"{root}: {missing} of {len(found) + missing} {split} images listed in the CSVs not found",
-                      stacklevel=2)
+        warnings.warn(
+            f"{root}: {missing} of {len(found) + missing} {split} images listed in the CSVs not found",
+            stacklevel=2,
+        )
     return found
 
 
@@ -161,13 +215,16 @@ def list_sources(cfg: MammoDataConfig, split: str) -> list[str]:
     elif (root / "train").is_dir() and (root / "test").is_dir():
         files = _image_files(root / split)
     else:  # stable hashed split: adding files never moves an existing file to the other split
+
         def is_test(p: Path) -> bool:
             digest = hashlib.sha1(str(p.relative_to(root)).encode()).digest()
             return int.from_bytes(digest[:4], "big") / 2**32 < cfg.test_fraction
 
         files = [p for p in _image_files(root) if is_test(p) == (split == "test")]
     if not files:
-        raise UserError(f"data.path {root}: no {split} images found (DICOM .dcm or 16-bit .png; CBIS-DDSM CSVs)")
+        raise UserError(
+            f"data.path {root}: no {split} images found (DICOM .dcm or 16-bit .png; CBIS-DDSM CSVs)"
+        )
     return [str(p) for p in files]
 
 
@@ -239,13 +296,18 @@ def plan_geometry(mask: np.ndarray, canvas_shape, margin: float) -> Geometry:
     ch, cw = int(canvas_shape[0]), int(canvas_shape[1])
     scale = min(ch / (r1 - r0), cw / (c1 - c0))
     rh, rw = min(ch, max(1, round((r1 - r0) * scale))), min(cw, max(1, round((c1 - c0) * scale)))
-    return Geometry((h, w), (int(r0), int(r1), int(c0), int(c1)), flipped, (rh, rw), ((ch - rh) // 2, 0), (ch, cw))
+    return Geometry(
+        (h, w), (int(r0), int(r1), int(c0), int(c1)), flipped, (rh, rw), ((ch - rh) // 2, 0), (ch, cw)
+    )
 
 
 def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     shrinking = shape[0] * shape[1] < image.shape[0] * image.shape[1]
-    out = cv2.resize(image.astype(np.float32), (shape[1], shape[0]),
-                     interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+    out = cv2.resize(
+        image.astype(np.float32),
+        (shape[1], shape[0]),
+        interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC,
+    )
     return np.clip(out, 0.0, 1.0)  # cubic overshoot would leave the representable range
 
 
@@ -289,38 +351,124 @@ def model_to_unit(x: torch.Tensor) -> torch.Tensor:
 # --- low-dose model ---
 
 
-def degrade(unit: np.ndarray, cfg: MammoDataConfig, rng: np.random.Generator) -> np.ndarray:
-    """Simulate an acquisition at `cfg.dose` of the full dose from a (clean) unit image.
-
-    quanta: unit values are treated as log attenuation (For-Presentation mammograms store ~log exposure), so the
-    expected detector signal is N = quanta_full_dose * exp(-attenuation_range * unit) quanta per pixel. The
-    low-dose acquisition draws Poisson(dose * N) + Normal(0, electronic_noise) and maps it back through the same
-    log: unit' = -log(counts / (dose * quanta_full_dose)) / attenuation_range. The clean image is taken as the
-    expected signal, so noise is signal dependent (denser tissue = fewer quanta = more noise) and grows as
-    1/sqrt(dose). gaussian (for comparison): unit + Normal(0, gaussian_sigma_full / sqrt(dose)).
-    """
+def _check_dose(cfg: MammoDataConfig) -> None:
     if not cfg.dose > 0:
         raise UserError(f"config: data.dose must be > 0, got {cfg.dose}")
+    if cfg.dose_model not in ("quanta", "gaussian"):
+        raise UserError(f"config: data.dose_model must be quanta or gaussian, got '{cfg.dose_model}'")
+    if not (cfg.quanta_full_dose > 0 and cfg.attenuation_range > 0 and cfg.electronic_noise >= 0):
+        raise UserError(
+            "config: data.quanta_full_dose and data.attenuation_range must be > 0, data.electronic_noise >= 0"
+        )
+
+
+def expected_counts(unit: np.ndarray, cfg: MammoDataConfig) -> np.ndarray:
+    """Mean detector quanta per canvas pixel at `cfg.dose`: unit values are log attenuation (For-Presentation
+    mammograms store ~log exposure), so denser tissue (higher unit) lets fewer quanta through."""
+    return cfg.dose * cfg.quanta_full_dose * np.exp(-cfg.attenuation_range * np.asarray(unit, np.float64))
+
+
+def detector_counts(unit: np.ndarray, cfg: MammoDataConfig, rng: np.random.Generator) -> np.ndarray:
+    """One low-dose acquisition: Poisson quanta + Gaussian electronic noise (dose independent)."""
+    expected = expected_counts(unit, cfg)
+    return rng.poisson(expected) + rng.normal(0.0, cfg.electronic_noise, expected.shape)
+
+
+def counts_to_unit(counts: np.ndarray, cfg: MammoDataConfig) -> np.ndarray:
+    """Back through the detector's log; counts at or below 0 (pure electronic noise) are clipped to 0.5."""
+    counts = np.maximum(counts, 0.5)
+    return -np.log(counts / (cfg.dose * cfg.quanta_full_dose)) / cfg.attenuation_range
+
+
+def degrade(unit: np.ndarray, cfg: MammoDataConfig, rng: np.random.Generator, mask=None) -> np.ndarray:
+    """Simulate an acquisition at `cfg.dose` of the full dose from a clean unit image ON THE CANVAS.
+
+    Why on the canvas: simulated at a 4.5k x 2.8k film's native resolution, the noise is averaged away by the
+    resize to the canvas (~19 native pixels per pixel at 1024 x 768, ~1,000 at 128 x 96), and the model would be
+    scored on a task with almost no noise. So `quanta_full_dose` counts quanta per canvas pixel and the noise
+    level the model sees is the same at every canvas and source resolution (docs/mammo.md lists it per preset).
+    quanta: unit' = -log(Poisson(dose N) + Normal(0, electronic_noise)) / attenuation_range with
+    N = quanta_full_dose exp(-attenuation_range unit); the clean image is the expected signal, so noise is
+    signal dependent (dense = fewer quanta = more noise) and grows as 1/sqrt(dose). gaussian (for comparison):
+    unit + Normal(0, gaussian_sigma_full / sqrt(dose)). Pixels outside `mask` (background) are left as they are.
+    """
+    _check_dose(cfg)
     if cfg.dose_model == "gaussian":
         noisy = unit + rng.normal(0.0, cfg.gaussian_sigma_full / math.sqrt(cfg.dose), unit.shape)
-    elif cfg.dose_model == "quanta":
-        if not (cfg.quanta_full_dose > 0 and cfg.attenuation_range > 0 and cfg.electronic_noise >= 0):
-            raise UserError("config: data.quanta_full_dose and data.attenuation_range must be > 0, "
-                            "data.electronic_noise >= 0")
-        expected = cfg.dose * cfg.quanta_full_dose * np.exp(-cfg.attenuation_range * unit.astype(np.float64))
-        counts = rng.poisson(expected) + rng.normal(0.0, cfg.electronic_noise, unit.shape)
-        counts = np.maximum(counts, 0.5)  # log of zero or negative counts (pure electronic noise) is undefined
-        noisy = -np.log(counts / (cfg.dose * cfg.quanta_full_dose)) / cfg.attenuation_range
     else:
-        raise UserError(f"config: data.dose_model must be quanta or gaussian, got '{cfg.dose_model}'")
-    return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+        noisy = counts_to_unit(detector_counts(unit, cfg, rng), cfg)
+    noisy = np.clip(noisy, 0.0, 1.0).astype(np.float32)
+    return noisy if mask is None else np.where(mask, noisy, unit).astype(np.float32)
+
+
+def noise_variance(unit: np.ndarray, cfg: MammoDataConfig) -> np.ndarray:
+    """Per-pixel variance of `degrade` in unit values (delta method: var(log c) = (N + e^2) / N^2)."""
+    if cfg.dose_model == "gaussian":
+        return np.full(np.shape(unit), cfg.gaussian_sigma_full**2 / cfg.dose)
+    expected = expected_counts(unit, cfg)
+    return (expected + cfg.electronic_noise**2) / expected**2 / cfg.attenuation_range**2
+
+
+def bm3d_anscombe(low_unit: np.ndarray, cfg: MammoDataConfig, mask: np.ndarray) -> np.ndarray:
+    """BM3D on the generalised-Anscombe-transformed counts (Makitalo & Foi 2013): counts are recovered from the
+    log image with the dose model, 2 sqrt(c + 3/8 + e^2) makes their noise ~unit Gaussian, BM3D (sigma 1)
+    denoises, the asymptotically unbiased inverse (A/2)^2 - 1/8 - e^2 and the log map back. Gaussian dose model:
+    plain BM3D with the known sigma."""
+    import bm3d
+
+    if cfg.dose_model == "gaussian":
+        out = bm3d.bm3d(low_unit, sigma_psd=cfg.gaussian_sigma_full / math.sqrt(cfg.dose))
+    else:
+        counts = (
+            cfg.dose * cfg.quanta_full_dose * np.exp(-cfg.attenuation_range * low_unit.astype(np.float64))
+        )
+        stabilised = 2.0 * np.sqrt(counts + 3.0 / 8.0 + cfg.electronic_noise**2)
+        denoised = bm3d.bm3d(stabilised, sigma_psd=1.0)
+        out = counts_to_unit((denoised / 2.0) ** 2 - 1.0 / 8.0 - cfg.electronic_noise**2, cfg)
+    return np.where(mask, np.clip(out, 0.0, 1.0), low_unit).astype(np.float32)
+
+
+def nlm(low_unit: np.ndarray, cfg: MammoDataConfig, mask: np.ndarray) -> np.ndarray:
+    """scikit-image non-local means, h = 0.8 x the mean noise std of the dose model inside the breast."""
+    from skimage.restoration import denoise_nl_means
+
+    sigma = float(np.sqrt(noise_variance(low_unit[mask], cfg).mean()))
+    out = denoise_nl_means(
+        low_unit, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
+    )
+    return np.where(mask, np.clip(out, 0.0, 1.0), low_unit).astype(np.float32)
 
 
 def dose_description(cfg: MammoDataConfig) -> str:
     if cfg.dose_model == "gaussian":
-        return f"gaussian noise, sigma {cfg.gaussian_sigma_full:g}/sqrt(dose), dose {cfg.dose:g}"
-    return (f"quanta model, dose {cfg.dose:g}: Poisson on {cfg.quanta_full_dose:g} quanta/pixel x "
-            f"exp(-{cfg.attenuation_range:g} x unit) + electronic noise {cfg.electronic_noise:g} quanta")
+        return (
+            f"gaussian noise, sigma {cfg.gaussian_sigma_full:g}/sqrt(dose), dose {cfg.dose:g}, on the canvas"
+        )
+    return (
+        f"quanta model on the {cfg.image_size[0]}x{cfg.image_size[1]} canvas, dose {cfg.dose:g}: Poisson on "
+        f"{cfg.quanta_full_dose:g} quanta/pixel x exp(-{cfg.attenuation_range:g} x unit) + electronic noise "
+        f"{cfg.electronic_noise:g} quanta"
+    )
+
+
+DOSE_KEYS = (
+    "image_size",
+    "dose_model",
+    "dose",
+    "quanta_full_dose",
+    "attenuation_range",
+    "electronic_noise",
+    "gaussian_sigma_full",
+    "crop_margin",
+)
+
+
+def dose_mismatch(made: dict, wanted: MammoDataConfig) -> str | None:
+    """The first canvas/dose setting in which `made` (a saved data config) differs from `wanted`, as text."""
+    for key in DOSE_KEYS:
+        if key in made and made[key] != getattr(wanted, key):
+            return f"data.{key} {made[key]} (latents) vs {getattr(wanted, key)} (model)"
+    return None
 
 
 # --- dataset ---
@@ -333,6 +481,7 @@ class Prepared:
     mask: np.ndarray  # breast mask at source resolution
     geometry: Geometry
     canvas: np.ndarray  # (rows, cols) of the canvas, [0, 1]
+    canvas_mask: np.ndarray  # breast mask on the canvas
 
 
 def prepare(m: Mammogram, cfg: MammoDataConfig, unit: np.ndarray | None = None) -> Prepared:
@@ -342,18 +491,13 @@ def prepare(m: Mammogram, cfg: MammoDataConfig, unit: np.ndarray | None = None) 
     except UserError as exc:
         raise UserError(f"{m.name}: {exc}") from None
     geom = plan_geometry(mask, cfg.image_size, cfg.crop_margin)
-    return Prepared(m, unit, mask, geom, to_canvas(unit, geom, mask))
+    canvas_mask = to_canvas(mask.astype(np.float32), geom, mask) > 0.5
+    return Prepared(m, unit, mask, geom, to_canvas(unit, geom, mask), canvas_mask)
 
 
-def clean_and_degraded(source: str, cfg: MammoDataConfig, noise_seed: list[int]) -> tuple[Prepared, np.ndarray]:
-    """The clean image on its canvas, and a low-dose version simulated at NATIVE resolution (where detector noise
-    lives) then mapped with the clean image's geometry and mask, so the pair is pixel-aligned."""
-    clean = prepare(load_source(source, cfg), cfg)
-    low_unit = degrade(clean.unit, cfg, np.random.default_rng(noise_seed))
-    return clean, to_canvas(low_unit, clean.geometry, clean.mask)
-
-
-def epoch_order(n_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+def epoch_order(
+    n_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[int]:
     """This rank's sample indices for one epoch, whole batches only. The order depends on (seed, epoch) alone, not
     on the global RNG, so a run resumed mid-epoch skips exactly the batches it already trained on."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -361,26 +505,74 @@ def epoch_order(n_items: int, batch_size: int, epoch: int, seed: int, rank: int 
     return torch.randperm(n_items, generator=generator)[rank * per_rank : (rank + 1) * per_rank].tolist()
 
 
+def loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """A DataLoader draws its worker seed from this instead of the global RNG (which a resume restores)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def random_crop(shape, crop, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a crop whose centre lies in the breast (background-only crops teach nothing)."""
+    rows, cols = shape[0] - crop[0], shape[1] - crop[1]
+    for _ in range(20):
+        top, left = int(rng.integers(0, rows + 1)), int(rng.integers(0, cols + 1))
+        if mask[top + crop[0] // 2, left + crop[1] // 2]:
+            break
+    return top, left
+
+
 class MammoDataset(torch.utils.data.Dataset):
     """Canvas tensors (1, rows, cols) in [-1, 1]: 'clean', 'degraded' (when paired), 'mask' (breast, 0/1).
 
     Noise is redrawn every epoch (set `.epoch`) unless `fixed_noise`, which evaluation and latent extraction use
-    so that their pairs are reproducible."""
+    so that their pairs are reproducible. `crop` (rows, cols): a random crop centred in the breast per item and
+    epoch (training on crops of the full canvas is how a CPU trains the convolutional models at 1024 x 768);
+    `repeats`: each image appears that many times per epoch (several crops of few large images)."""
 
-    def __init__(self, sources: list[str], cfg: MammoDataConfig, paired: bool, fixed_noise: bool = False):
-        self.sources, self.cfg, self.paired, self.fixed_noise, self.epoch = sources, cfg, paired, fixed_noise, 0
+    def __init__(
+        self, sources: list[str], cfg: MammoDataConfig, paired: bool, fixed_noise=False, crop=None, repeats=1
+    ):
+        self.sources, self.cfg, self.paired, self.fixed_noise = sources, cfg, paired, fixed_noise
+        self.epoch, self.repeats = 0, max(1, int(repeats))
+        self.crop = tuple(crop) if crop and min(crop) > 0 else None
+        if self.crop and (self.crop[0] > cfg.image_size[0] or self.crop[1] > cfg.image_size[1]):
+            raise UserError(
+                f"config: crop {list(self.crop)} larger than the canvas data.image_size {cfg.image_size}"
+            )
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
-        return len(self.sources)
+        return len(self.sources) * self.repeats
+
+    def canvas(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i in self.cache:
+            return self.cache[i]
+        prepared = prepare(load_source(self.sources[i], self.cfg), self.cfg)
+        result = (prepared.canvas, prepared.canvas_mask)
+        if len(self.sources) <= self.cfg.cache_images:
+            self.cache[i] = result
+        return result
 
     def __getitem__(self, i: int) -> dict:
-        seed = [self.cfg.seed, i, 0 if self.fixed_noise else self.epoch + 1]
+        clean, mask = self.canvas(i % len(self.sources))
+        rng = np.random.default_rng([self.cfg.seed, i, 0 if self.fixed_noise else self.epoch + 1])
+        images = {"clean": clean, "mask": mask.astype(np.float32)}
         if self.paired:
-            clean, low = clean_and_degraded(self.sources[i], self.cfg, seed)
-        else:
-            clean, low = prepare(load_source(self.sources[i], self.cfg), self.cfg), None
-        item = {"clean": torch.from_numpy(unit_to_model(clean.canvas))[None],
-                "mask": torch.from_numpy((clean.canvas > 0).astype(np.float32))[None]}
-        if low is not None:
-            item["degraded"] = torch.from_numpy(unit_to_model(low))[None]
+            images["degraded"] = degrade(clean, self.cfg, rng, mask)
+        if self.crop is not None:
+            top, left = random_crop(clean.shape, self.crop, mask, rng)
+            images = {k: v[top : top + self.crop[0], left : left + self.crop[1]] for k, v in images.items()}
+        item = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in images.items()}
+        item["clean"] = unit_to_model(item["clean"])
+        if "degraded" in item:
+            item["degraded"] = unit_to_model(item["degraded"])
         return item
+
+
+def resume_rng(rng: dict, world_size: int, rank: int, seed: int) -> None:
+    """Exact continuation on one process; under DDP each rank reseeds (the checkpoint holds rank 0's state)."""
+    from common import runtime
+
+    if world_size == 1:
+        runtime.set_rng_state(rng)
+    else:
+        runtime.seed_everything(seed + rank)
