@@ -1162,9 +1162,14 @@ def run_evaluate(
     for i, (path, image) in enumerate(zip(inputs, images)):
         for name in cfg.evaluate.degradations:
             case_dir = out_dir / f"{i + 1:02d}_{path.stem}" / name.replace("+", "_")
-            rows += [
-                {"image": path.name, **r} for r in evaluate_case(image, factor, name, cfg, device, case_dir)
-            ]
+            case = evaluate_case(image, factor, name, cfg, device, case_dir)
+            rows += [{"image": path.name, **r} for r in case]
+            print(
+                f"{path.name} {name}: PSNR in the FOV bicubic {case[0]['psnr_fov_db']:.2f}, Lanczos "
+                f"{case[1]['psnr_fov_db']:.2f}, zero-shot {case[2]['psnr_fov_db']:.2f} dB "
+                f"(gain {case[2]['gain_bicubic_db']:+.2f} / {case[2]['gain_lanczos_db']:+.2f} dB)",
+                flush=True,
+            )
     summary = summarise(rows)
     e = cfg.evaluate
     notes = [
