@@ -269,7 +269,7 @@ def zssr_inference(h: int, w: int, device_name: str, threads: int) -> dict:
     import numpy as np
 
     import dicom_zero_shot_sr as zs
-    from common import dicom_io
+    from tests.fixtures import make_projection_dataset
 
     device = setup_child(device_name, threads)
     base = peak_rss_mb()
@@ -278,7 +278,7 @@ def zssr_inference(h: int, w: int, device_name: str, threads: int) -> dict:
     model = zs.UNet(cfg.model).to(device).eval()
     schedule = zs.Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     stored = np.random.default_rng(0).integers(0, 4096, (h, w), dtype=np.uint16)
-    ds = dicom_io.make_projection_dataset(stored, bits_stored=12)  # MG: slope 1, intercept 0
+    ds = make_projection_dataset(stored, bits_stored=12)  # MG: slope 1, intercept 0
     values = stored.astype(np.float32)
     del stored, ds.PixelData  # as load_input: the header is the template, the values are in `values`
     with tempfile.TemporaryDirectory() as out:
