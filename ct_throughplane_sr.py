@@ -1,25 +1,27 @@
-"""Through-plane (z) super-resolution of CT volumes in HU (seed 004): a SimpleUNet3D baseline and a 3-D latent
-diffusion model (KL-VAE + ResShift residual shifting + ControlNet conditioning, optional classifier-free guidance).
+"""Through-plane (z) super-resolution of CT volumes in HU (seed 004): a SimpleUNet3D baseline and a 3-D
+latent diffusion model (KL-VAE + ResShift residual shifting + ControlNet conditioning, optional CFG).
 
-Training pairs come from high-resolution (HR) volumes by a slice-profile simulation: blur along z with the slice
-sensitivity profile (Gaussian or rectangular, FWHM = target slice thickness), then resample to the target slice
-spacing (linear resampling, so non-integer spacing ratios work too). Outputs keep the input's in-plane grid, origin
-and orientation; only the z spacing changes, so the result overlays the input in any viewer.
+Training pairs come from high-resolution (HR) volumes by a slice-profile simulation: blur along z with the
+slice sensitivity profile (Gaussian or rectangular, FWHM = target thickness), then resample to the target
+spacing. With `data.in_plane_hr` (default) the in-plane axes of every volume are HR training directions too
+(SMORE-style), so 1.25-5 mm clinical volumes train as well as thin-slice ones. Outputs keep the input's
+orientation and in-plane grid; only the slice axis (found from the affine) is resampled.
 
 Usage:
-  python ct_throughplane_sr.py prepare --input /data/lidc_dicom --out data/ct       # NIfTI in HU + patient split
+  python ct_throughplane_sr.py prepare --input /data/lidc_dicom --out data/ct   # NIfTI in HU + patient split
   python ct_throughplane_sr.py train --model unet3d --out runs/unet3d [--data data/ct]   # default: phantoms
   python ct_throughplane_sr.py train-vae --out runs/vae [--data data/ct]
-  python ct_throughplane_sr.py train --model ldm --vae runs/vae/checkpoint.pt --out runs/ldm
-  python ct_throughplane_sr.py upsample --checkpoint runs/unet3d/checkpoint.pt --input lr.nii.gz --output sr.nii.gz
+  python ct_throughplane_sr.py train --model ldm --vae runs/vae/best.pt --out runs/ldm
+  python ct_throughplane_sr.py upsample --checkpoint runs/unet3d/best.pt --input lr.nii.gz --output sr.nii.gz
   python ct_throughplane_sr.py upsample --checkpoint CKPT --input lr_dicom/ --output sr.nii.gz   # + sr_dicom/
-  python ct_throughplane_sr.py evaluate --hr hr.nii.gz --unet runs/unet3d/checkpoint.pt --ldm runs/ldm/checkpoint.pt
+  python ct_throughplane_sr.py evaluate --hr hr.nii.gz --unet runs/unet3d/best.pt --ldm runs/ldm/best.pt
   torchrun --nproc_per_node 2 ct_throughplane_sr.py train --model unet3d --preset tiny --out runs/ddp
-Every command takes --config, --preset full|tiny, --set section.key=value (repeatable), --device, --out.
+Every command takes --config (repeatable), --preset full|small|tiny, --set section.key=value, --device, --out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -45,17 +47,23 @@ from common.config import config_from_dict, config_to_dict, default_config_path,
 from common.metrics import hu_to_unit, unit_to_hu
 
 SCRIPT = Path(__file__).stem
+NO_DATA_HU = -1100.0  # below air: scanner padding outside the field of view (-3024, -2000, ...), never tissue
 
 # --- config ---
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # folder written by `prepare` (train.txt/val.txt/test.txt); None: synthetic phantoms
-    hr_spacing_mm: float = 1.0  # HR volumes are resampled along z to this spacing (the model's output spacing)
+    path: str | None = (
+        None  # folder written by `prepare` (train.txt/val.txt/test.txt); None: synthetic phantoms
+    )
+    hr_spacing_mm: float = (
+        1.0  # HR volumes are resampled along z to this spacing (the model's output spacing)
+    )
     target_spacing_mm: float = 3.0  # simulated LR slice spacing
     target_thickness_mm: float = 3.0  # FWHM of the slice sensitivity profile
     profile: str = "gaussian"  # gaussian | rect
+    in_plane_hr: bool = True  # in-plane axes fine enough for hr_spacing_mm are HR training directions too
     hu_range: tuple[float, float] = (-1024.0, 3072.0)  # maps linearly to [-1, 1]; outputs map back exactly
     patch_size: tuple[int, int, int] = (32, 128, 128)  # HR training patch (z, y, x) in voxels
     phantom_shape: tuple[int, int, int] = (96, 192, 192)  # synthetic HR volume (z, y, x); z at hr_spacing_mm
@@ -72,7 +80,9 @@ class UNetConfig:
 
 @dataclass
 class VAEConfig:
-    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # 3 downsamplings: f = 8 per axis
+    channels: list[int] = field(
+        default_factory=lambda: [64, 128, 256, 512]
+    )  # 3 downsamplings: f = 8 per axis
     latent_channels: int = 4
     kl_weight: float = 1e-6
 
@@ -81,7 +91,7 @@ class VAEConfig:
 class LDMConfig:
     channels: list[int] = field(default_factory=lambda: [128, 256, 512])
     num_res_blocks: int = 2
-    timesteps: int = 15  # ResShift: 15 residual-shifting steps, all used at sampling
+    timesteps: int = 15  # ResShift: 15 residual-shifting steps
     kappa: float = 2.0
     eta_power: float = 0.3
     eta_max: float = 0.999
@@ -95,13 +105,17 @@ class TrainConfig:
     lr: float = 1e-4
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    loss_window_hu: tuple[float, float] = (-1024.0, 2048.0)  # HU-aware loss: L1 + SSIM + gradient in this window
+    loss_window_hu: tuple[float, float] = (
+        -1024.0,
+        2048.0,
+    )  # HU-aware loss: L1 + SSIM + gradient in this window
     loss_l1: float = 1.0
     loss_ssim: float = 0.1
     loss_gradient: float = 0.1
     seed: int = 0
     log_every: int = 50
-    ckpt_every: int = 1000
+    ckpt_every: int = 1000  # also the validation interval: best.pt keeps the EMA weights of the best val loss
+    val_batches: int = 8  # fixed validation batches drawn from val.txt (or the validation phantoms)
     amp: str = "auto"
     compile: str = "auto"
     channels_last: str = "auto"
@@ -109,8 +123,13 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    patch_lr: tuple[int, int, int] = (16, 192, 192)  # LR slices, rows, cols per inference patch (bounds memory)
-    overlap: float = 0.25
+    patch_lr: tuple[int, int, int] = (
+        16,
+        192,
+        192,
+    )  # LR slices, rows, cols per inference patch (bounds memory)
+    overlap: float = 0.25  # fraction of a patch shared with its neighbour, 0 <= overlap < 1
+    sample_steps: int = 15  # ResShift sampling steps on the trailing grid (<= ldm.timesteps)
     guidance_scale: float = 1.0  # 1 = plain conditional sampling; > 1 = classifier-free guidance
     window_hu: tuple[float, float] = (-1000.0, 1000.0)  # evaluation window for PSNR/SSIM
     mask_threshold_hu: float = -500.0
@@ -126,11 +145,91 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
 
 
+# --- geometry: the slice axis from the affine, permutations, the output grid ---
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """Array axis of `Volume.hu` (0 = k, 1 = j, 2 = i) that holds the slices: the clearly coarsest spacing;
+    for a near-isotropic volume the voxel axis closest to the patient's head-foot direction (axial CT)."""
+    columns = np.asarray(affine, np.float64)[:3, 2::-1]  # k, j, i: the hu axes' directions
+    spacing = np.linalg.norm(columns, axis=0)
+    coarsest = int(np.argmax(spacing))
+    if spacing[coarsest] > 1.1 * np.delete(spacing, coarsest).max():
+        return coarsest
+    return int(np.argmax(np.abs(columns[2]) / spacing))
+
+
+def axis_first(vol: nifti_io.Volume, axis: int) -> nifti_io.Volume:
+    """The same voxels and patient geometry with hu axis `axis` moved to axis 0 (the affine's columns follow);
+    `axis_first(v, a)` is undone by `axis_back(v, a)`."""
+    order = [axis] + [a for a in range(3) if a != axis]
+    affine = np.array(vol.affine, np.float64)
+    affine[:3, :3] = affine[:3, [2 - order[2 - c] for c in range(3)]]
+    return nifti_io.Volume(np.moveaxis(vol.hu, axis, 0), affine, vol.meta)
+
+
+def axis_back(vol: nifti_io.Volume, axis: int) -> nifti_io.Volume:
+    order = [axis] + [a for a in range(3) if a != axis]
+    inverse = [int(i) for i in np.argsort(order)]
+    affine = np.array(vol.affine, np.float64)
+    affine[:3, :3] = affine[:3, [2 - inverse[2 - c] for c in range(3)]]
+    return nifti_io.Volume(np.ascontiguousarray(vol.hu.transpose(inverse)), affine, vol.meta)
+
+
+def check_geometry(affine: np.ndarray, source) -> None:
+    """One warning line for a sheared (e.g. gantry-tilted) or oblique slice stack; the output keeps it."""
+    columns = np.asarray(affine, np.float64)[:3, :3]
+    normal = np.cross(columns[:, 0], columns[:, 1])
+    normal /= np.linalg.norm(normal)
+    step = columns[:, 2] / np.linalg.norm(columns[:, 2])
+    shear = math.degrees(math.acos(min(1.0, abs(float(step @ normal)))))
+    tilt = math.degrees(math.acos(min(1.0, float(np.abs(normal).max()))))
+    if shear > 0.2:
+        warnings.warn(
+            f"{source}: sheared affine (slice axis {shear:.1f} deg off the slice normal, e.g. gantry tilt); "
+            f"the output keeps this sheared grid: resampled along the voxel axis, in-plane grid unchanged",
+            stacklevel=2,
+        )
+    elif tilt > 0.5:
+        warnings.warn(
+            f"{source}: oblique slices ({tilt:.1f} deg from the nearest patient axis); the output keeps this "
+            f"orientation: resampled along the volume's own slice axis, not a patient axis",
+            stacklevel=2,
+        )
+
+
+def output_positions(n_in: int, factor: float) -> np.ndarray:
+    """Output slice m sits at input slice index offset + m / factor: the spacing divides by `factor` and the
+    grid is centred on the input's extent (offset 0 when (n_in - 1) * factor is a whole number)."""
+    n_out = int(math.floor((n_in - 1) * factor + 1e-6)) + 1
+    offset = ((n_in - 1) - (n_out - 1) / factor) / 2
+    return offset + np.arange(n_out) / factor
+
+
+def resampled_affine(affine: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Affine of slices taken at `positions` (input slice indices, evenly spaced): only the slice column
+    scales, the origin moves to the first new slice centre."""
+    step = float(positions[1] - positions[0]) if len(positions) > 1 else 1.0
+    return nifti_io.scale_z_affine(affine, step, float(positions[0]))
+
+
+def no_data_mask(vol: nifti_io.Volume) -> np.ndarray:
+    """Scanner padding: values below air, and a DICOM series' PixelPaddingValue (/RangeLimit) where declared.
+    Training, inference and metrics all treat it as 'no data'."""
+    mask = vol.hu < NO_DATA_HU
+    datasets = vol.meta.get("datasets")
+    if datasets:
+        declared = dicom_io.padding_mask(vol.hu, datasets[0])
+        if declared is not None:
+            mask |= declared
+    return mask
+
+
 # --- data: slice-profile simulation, volumes, random patches ---
 
 
 def ssp_kernel(fwhm_vox: float, profile: str) -> np.ndarray:
-    """Slice sensitivity profile sampled on the HR grid; a rect of non-integer width gets partial end weights."""
+    """Slice sensitivity profile on the HR grid; a rect of non-integer width gets partial end weights."""
     if profile == "gaussian":
         sigma = max(fwhm_vox, 1e-6) / (2 * math.sqrt(2 * math.log(2)))
         offsets = np.arange(-math.ceil(4 * sigma), math.ceil(4 * sigma) + 1, dtype=np.float64)
@@ -145,14 +244,12 @@ def ssp_kernel(fwhm_vox: float, profile: str) -> np.ndarray:
 
 
 def sample_z(vol: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Linear interpolation along axis 0 at fractional slice indices (exact at integer positions): `lerp_z`."""
+    """Linear interpolation along axis 0 at fractional slice indices (exact at integers): `lerp_z`."""
     vol = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
     return lerp_z(vol, torch.as_tensor(np.asarray(positions, np.float64)))[0, 0].numpy()
 
 
-def simulate_thick_slices(
-    hu: np.ndarray, spacing_z_mm: float, target_spacing_mm: float, thickness_mm: float, profile: str, start: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
+def simulate_thick_slices(hu, spacing_z_mm, target_spacing_mm, thickness_mm, profile, start=0.0):
     """Blur along z with the slice profile (FWHM = thickness), then resample at `start + j * ratio` HR slices.
     Returns the LR slices and their positions in HR slice indices."""
     kernel = ssp_kernel(thickness_mm / spacing_z_mm, profile)
@@ -164,16 +261,11 @@ def simulate_thick_slices(
 
 
 def simulate_lr_volume(vol: nifti_io.Volume, cfg: DataConfig) -> nifti_io.Volume:
-    """LR volume with the affine of its new grid: first slice at the HR first slice, spacing target_spacing_mm."""
-    spacing_z = vol.spacing_mm[0]
-    lr, _ = simulate_thick_slices(vol.hu, spacing_z, cfg.target_spacing_mm, cfg.target_thickness_mm, cfg.profile)
-    return nifti_io.Volume(lr, nifti_io.scale_z_affine(vol.affine, cfg.target_spacing_mm / spacing_z), {})
-
-
-def output_positions(n_lr: int, factor: float) -> np.ndarray:
-    """Output slice m sits at LR index m / factor: the first slice (and origin) stays, the spacing divides."""
-    n_out = int(math.floor((n_lr - 1) * factor + 1e-6)) + 1
-    return np.arange(n_out) / factor
+    """LR volume (slice axis = hu axis 0) with the affine of its grid: first slice at the HR first slice."""
+    lr, positions = simulate_thick_slices(
+        vol.hu, vol.spacing_mm[0], cfg.target_spacing_mm, cfg.target_thickness_mm, cfg.profile
+    )
+    return nifti_io.Volume(lr, resampled_affine(vol.affine, positions), {})
 
 
 def compact(hu: np.ndarray) -> np.ndarray:
@@ -189,53 +281,79 @@ def phantom(cfg: DataConfig, seed: int) -> np.ndarray:
     return compact(np.rint(hu + rng.normal(0, cfg.phantom_noise_hu, hu.shape)))
 
 
+def hr_views(vol: nifti_io.Volume, cfg: DataConfig, source) -> list[np.ndarray]:
+    """HR training volumes from one file, each resampled to hr_spacing_mm along its axis 0: the slice axis
+    when its spacing is fine enough, and (data.in_plane_hr) each in-plane axis that is (SMORE, Zhao 2020).
+    Padding becomes air first, exactly as `upsample_hu` shows it to the model."""
+    hu = np.where(no_data_mask(vol), -1000.0, vol.hu).astype(np.float32)
+    vol = axis_first(nifti_io.Volume(hu, vol.affine, {}), slice_axis(vol.affine))
+    views = []
+    for axis in (0, 1, 2) if cfg.in_plane_hr else (0,):
+        view = axis_first(vol, axis)
+        spacing, n = view.spacing_mm[0], view.hu.shape[0]
+        if spacing <= cfg.hr_spacing_mm * 1.05 and n > 1:
+            positions = (
+                np.arange(0, (n - 1) * spacing / cfg.hr_spacing_mm + 1e-6) * cfg.hr_spacing_mm / spacing
+            )
+            views.append(compact(sample_z(view.hu, positions)))
+        elif axis == 0:
+            warnings.warn(
+                f"{source}: slice spacing {spacing:.2f} mm > data.hr_spacing_mm {cfg.hr_spacing_mm}: "
+                f"its slice axis is not an HR training direction"
+                + ("" if cfg.in_plane_hr else "; volume skipped"),
+                stacklevel=2,
+            )
+    return views
+
+
 def load_volumes(cfg: DataConfig, split: str, seed: int) -> tuple[list[np.ndarray], str]:
-    """HR volumes (z, y, x) at hr_spacing_mm along z: synthetic phantoms, or the files of a `prepare` split."""
+    """HR volumes (z, y, x) at hr_spacing_mm along z: synthetic phantoms or the files of a `prepare` split."""
     if cfg.path is None:
         count, offset = (cfg.phantom_train, seed * 1000) if split == "train" else (cfg.phantom_val, 10**6)
         vols = [phantom(cfg, offset + i) for i in range(count)]
         return vols, f"{count} synthetic phantoms {tuple(cfg.phantom_shape)}, noise {cfg.phantom_noise_hu} HU"
     split_file = Path(cfg.path) / f"{split}.txt"
     if not split_file.is_file():
-        raise UserError(f"{split_file}: no split file; run `prepare --input <dicom/nifti folder> --out {cfg.path}`")
+        raise UserError(
+            f"{split_file}: no split file; run `prepare --input <dicom/nifti folder> --out {cfg.path}`"
+        )
     vols = []
     for line in split_file.read_text().split():
         path = Path(line) if Path(line).is_absolute() else Path(cfg.path) / line
-        vol = nifti_io.read_volume(path, "CT")
-        if vol.spacing_mm[0] > cfg.hr_spacing_mm * 1.05:
-            warnings.warn(
-                f"{path}: z spacing {vol.spacing_mm[0]:.2f} mm is coarser than data.hr_spacing_mm; skipped",
-                stacklevel=2,
-            )
-            continue
-        factor = vol.spacing_mm[0] / cfg.hr_spacing_mm
-        vols.append(compact(sample_z(vol.hu, output_positions(len(vol.hu), factor))))
-    if not vols:
-        raise UserError(f"{split_file}: no usable volumes (need z spacing <= {cfg.hr_spacing_mm} mm)")
-    return vols, f"{len(vols)} volumes from {split_file}"
+        vols += hr_views(nifti_io.read_volume(path, "CT"), cfg, path)
+    if not vols and split == "train":
+        raise UserError(f"{split_file}: no volume has an axis with spacing <= {cfg.hr_spacing_mm} mm")
+    return vols, f"{len(vols)} HR views of the volumes in {split_file}"
+
+
+def patch_shape(vols: list[np.ndarray], cfg: DataConfig) -> tuple[int, int, int, int]:
+    """HR patch (z, y, x) that fits every volume, and its number of LR slices."""
+    shape = np.min([v.shape for v in vols], axis=0)
+    pz, py, px = (int(min(p, s)) for p, s in zip(cfg.patch_size, shape))
+    ratio = cfg.target_spacing_mm / cfg.hr_spacing_mm
+    d_lr = int(math.floor((pz - 1) / ratio + 1e-6)) + 1
+    if d_lr < 2:
+        raise UserError(f"volumes of {shape[0]} HR slices are too thin for two LR slices at x{ratio:g}")
+    return pz, py, px, d_lr
 
 
 def random_batch(vols: list[np.ndarray], cfg: DataConfig, batch: int, rng: np.random.Generator):
-    """LR patches simulated on the fly (blur + resample of a slab), their HR targets and the output positions."""
+    """LR patches simulated on the fly (blur + resample of a slab), HR targets and the output positions."""
     ratio = cfg.target_spacing_mm / cfg.hr_spacing_mm
-    shape = np.min([v.shape for v in vols], axis=0)
-    pz, py, px = (int(min(p, s)) for p, s in zip(cfg.patch_size, shape))
-    d_lr = max(2, int(math.floor((pz - 1) / ratio + 1e-6)) + 1)
+    _, py, px, d_lr = patch_shape(vols, cfg)
     positions = output_positions(d_lr, ratio)
     radius = len(ssp_kernel(cfg.target_thickness_mm / cfg.hr_spacing_mm, cfg.profile)) // 2 + 1
     lrs, hrs = [], []
     for _ in range(batch):
         vol = vols[rng.integers(len(vols))]
         n_lr = int(math.floor((vol.shape[0] - 1) / ratio + 1e-6)) + 1
-        if n_lr < d_lr:
-            raise UserError(f"a volume has {vol.shape[0]} slices, too few for a patch of {d_lr} LR slices")
         z_start = rng.integers(n_lr - d_lr + 1) * ratio
         y0, x0 = rng.integers(vol.shape[1] - py + 1), rng.integers(vol.shape[2] - px + 1)
         lo = max(0, int(z_start) - radius)
         hi = min(vol.shape[0], int(math.ceil(z_start + positions[-1] * ratio)) + radius + 1)
         slab = vol[lo:hi, y0 : y0 + py, x0 : x0 + px].astype(np.float32)
         lr, _ = simulate_thick_slices(
-            slab, cfg.hr_spacing_mm, cfg.target_spacing_mm, cfg.target_thickness_mm, cfg.profile, start=z_start - lo
+            slab, cfg.hr_spacing_mm, cfg.target_spacing_mm, cfg.target_thickness_mm, cfg.profile, z_start - lo
         )
         lrs.append(lr[:d_lr])
         hrs.append(sample_z(slab, z_start - lo + positions * ratio))
@@ -273,8 +391,8 @@ def conv_relu(cin: int, cout: int, stride=1) -> nn.Sequential:
 
 
 class SimpleUNet3D(nn.Module):
-    """Encoder-decoder on the LR grid (strided in-plane only: an LR patch has few slices), then the features are
-    interpolated to the output slice positions and a head adds a residual to the linearly interpolated input.
+    """Encoder-decoder on the LR grid (strided in-plane only: an LR patch has few slices), then the features
+    are interpolated to the output slice positions and a head adds a residual to the z-interpolated input.
     The last conv starts at zero, so an untrained model is exactly linear interpolation along z."""
 
     def __init__(self, cfg: UNetConfig):
@@ -303,7 +421,11 @@ class SimpleUNet3D(nn.Module):
 
 
 def norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4) if ch >= 8 else 1, ch)
+    """GroupNorm with min(32, ch // 4) groups, lowered to a divisor of ch (one group below 8 channels)."""
+    groups = max(1, min(32, ch // 4))
+    while ch % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, ch)
 
 
 class ResBlock(nn.Module):
@@ -321,12 +443,12 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.block2(h)
 
 
-def upsample(cin: int, cout: int) -> nn.Sequential:
+def up_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(cin, cout, 3, 1, 1))
 
 
 class VAE3D(nn.Module):
-    """3-D KL autoencoder (SD-style, 3-D convs): one residual block per level, stride-2 downsampling in all axes."""
+    """3-D KL autoencoder (SD-style): one residual block per level, stride-2 downsampling in all axes."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -343,7 +465,7 @@ class VAE3D(nn.Module):
         for i in reversed(range(len(ch))):
             dec.append(ResBlock(ch[i], ch[i]))
             if i > 0:
-                dec.append(upsample(ch[i], ch[i - 1]))
+                dec.append(up_conv(ch[i], ch[i - 1]))
         dec += [norm(ch[0]), nn.SiLU(), nn.Conv3d(ch[0], 1, 3, 1, 1)]
         self.decoder = nn.Sequential(*dec)
 
@@ -359,6 +481,8 @@ class VAE3D(nn.Module):
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[sin, cos] with frequencies 10000^(-i / (dim/2)): diffusers' get_timestep_embedding with
+    flip_sin_to_cos=False, downscale_freq_shift=0."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], 1)
@@ -381,7 +505,8 @@ class LatentEncoder(nn.Module):
 
     def forward(self, x, t, x_add=None):
         temb = self.time_mlp(timestep_embedding(t, self.base))
-        h, skips = self.conv_in(x) if x_add is None else self.conv_in(x + x_add), []
+        h = self.conv_in(x if x_add is None else x + x_add)
+        skips = []
         for i, blocks in enumerate(self.levels):
             for block in blocks:
                 h = block(h, temb)
@@ -404,9 +529,10 @@ class LatentDenoiser(nn.Module):
         self.encoder = LatentEncoder(cfg, latent_channels)
         self.ups = nn.ModuleList()
         for i in range(len(ch)):
-            blocks = [ResBlock(2 * ch[i], ch[i], temb_dim)] + [ResBlock(ch[i], ch[i], temb_dim) for _ in range(nb - 1)]
+            blocks = [ResBlock(2 * ch[i], ch[i], temb_dim)]
+            blocks += [ResBlock(ch[i], ch[i], temb_dim) for _ in range(nb - 1)]
             self.ups.append(nn.ModuleList(blocks))
-        self.upsamples = nn.ModuleList(upsample(ch[i + 1], ch[i]) for i in range(len(ch) - 1))
+        self.upsamples = nn.ModuleList(up_conv(ch[i + 1], ch[i]) for i in range(len(ch) - 1))
         self.out = nn.Sequential(norm(ch[0]), nn.SiLU(), nn.Conv3d(ch[0], latent_channels, 3, 1, 1))
         self.control = copy.deepcopy(self.encoder)
         self.control_in = zeroed(nn.Conv3d(latent_channels, latent_channels, 1))
@@ -430,9 +556,17 @@ class LatentDenoiser(nn.Module):
 # --- diffusion: ResShift residual shifting ---
 
 
+def trailing_timesteps(T: int, steps: int) -> np.ndarray:
+    """diffusers' 'trailing' spacing: exactly `steps` distinct timesteps from T - 1 down to 0."""
+    if not 1 <= steps <= T:
+        raise UserError(f"config: infer.sample_steps must be between 1 and ldm.timesteps ({T}), got {steps}")
+    # np.round(np.arange(T, 0, -T / steps)) - 1, minus arange's float end point (an extra -1 for some steps)
+    return (np.round(T - np.arange(steps) * T / steps) - 1).astype(np.int64)
+
+
 class ResShift:
-    """x_t = x0 + eta_t (y0 - x0) + kappa sqrt(eta_t) noise: the chain moves from the HR latent x0 towards the
-    interpolated-LR latent y0 in T steps (Yue et al., ResShift), so sampling starts from y0, not from pure noise."""
+    """x_t = x0 + eta_t (y0 - x0) + kappa sqrt(eta_t) noise: the chain moves from the HR latent x0 towards
+    the interpolated-LR latent y0 in T steps (Yue et al., ResShift): sampling starts near y0, not at noise."""
 
     def __init__(self, cfg: LDMConfig, device: torch.device):
         T, self.kappa = cfg.timesteps, cfg.kappa
@@ -447,29 +581,46 @@ class ResShift:
         return x0 + eta * (y0 - x0) + self.kappa * eta.sqrt() * noise
 
     @torch.no_grad()
-    def sample(self, predict_x0, y0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        def noise():
-            return torch.randn(y0.shape, generator=generator, device="cpu").to(y0.device)
-
-        x = y0 + self.kappa * self.eta[-1].sqrt() * noise()
-        for t in reversed(range(self.T)):
-            x0 = predict_x0(x, torch.full((y0.shape[0],), t, device=y0.device, dtype=torch.long))
-            if t == 0:
+    def sample(self, predict_x0, y0: torch.Tensor, steps: int, generator: torch.Generator | None = None):
+        """ResShift's posterior q(x_s | x_t, x0) between consecutive timesteps t > s of the trailing grid
+        (all T steps when steps == T): mean eta_s/eta_t x_t + (1 - eta_s/eta_t) x0, variance
+        kappa^2 eta_s/eta_t (eta_t - eta_s)."""
+        grid = trailing_timesteps(self.T, steps)
+        x = y0 + self.kappa * self.eta[grid[0]].sqrt() * self.noise(y0, generator)
+        for t, s in zip(grid, [*grid[1:], -1]):
+            x0 = predict_x0(x, torch.full((y0.shape[0],), int(t), device=y0.device, dtype=torch.long))
+            if s < 0:
                 return x0
-            eta_t, eta_prev = self.eta[t], self.eta[t - 1]
-            alpha = eta_t - eta_prev
-            mean = eta_prev / eta_t * x + alpha / eta_t * x0
-            x = mean + self.kappa * (eta_prev / eta_t * alpha).sqrt() * noise()
+            ratio = self.eta[s] / self.eta[t]
+            std = self.kappa * (ratio * (self.eta[t] - self.eta[s])).sqrt()
+            x = ratio * x + (1 - ratio) * x0 + std * self.noise(y0, generator)
         return x
+
+    @staticmethod
+    def noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(like.shape, generator=generator, device="cpu").to(like.device)
+
+
+def guided_x0(net, x, t, y0, scale: float):
+    """Classifier-free guidance: x0_uncond + scale * (x0_cond - x0_uncond); zero condition = unconditional."""
+    cond = net(x, t, y0)
+    if scale == 1.0:
+        return cond
+    uncond = net(x, t, torch.zeros_like(y0))
+    return uncond + scale * (cond - uncond)
 
 
 # --- inference: overlapping patches blended with a Gaussian window ---
 
 
-def patch_starts(n: int, patch: int, overlap: float) -> tuple[list[int], int]:
+def patch_starts(n: int, patch: int, overlap: float, min_shared: int = 0) -> tuple[list[int], int]:
+    """Patch origins covering 0..n-1; neighbours share at least `min_shared` voxels (z needs 1: an output
+    slice between two LR slices must lie inside some patch)."""
+    if not 0 <= overlap < 1:
+        raise UserError(f"config: infer.overlap must be in [0, 1), got {overlap}")
     if n <= patch:
         return [0], n
-    step = max(1, int(round(patch * (1 - overlap))))
+    step = max(1, min(patch - min_shared, int(round(patch * (1 - overlap)))))
     starts = list(range(0, n - patch + 1, step))
     if starts[-1] != n - patch:
         starts.append(n - patch)
@@ -482,11 +633,11 @@ def gauss_window(coords: np.ndarray, patch: int) -> np.ndarray:
 
 
 def blend_patches(lr: np.ndarray, positions: np.ndarray, predict, patch_lr, overlap: float) -> np.ndarray:
-    """Run `predict(lr_patch (1,1,d,h,w) tensor, rel_positions tensor) -> (n, h, w)` over overlapping LR patches
-    and blend with a separable Gaussian window. Patches form a Cartesian grid, so the weight sum is separable:
-    memory is the output, the input and one patch, never a full-size weight volume."""
+    """Run `predict(lr_patch (1,1,d,h,w) tensor, rel_positions tensor) -> (n, h, w)` over overlapping LR
+    patches and blend with a separable Gaussian window. Patches form a Cartesian grid, so the weight sum is
+    separable: memory is the output, the input and one patch, never a full-size weight volume."""
     n_lr, ny, nx = lr.shape
-    zs, pz = patch_starts(n_lr, patch_lr[0], overlap)
+    zs, pz = patch_starts(n_lr, patch_lr[0], overlap, min_shared=1)
     ys, py = patch_starts(ny, patch_lr[1], overlap)
     xs, px = patch_starts(nx, patch_lr[2], overlap)
     out = np.zeros((len(positions), ny, nx), np.float32)
@@ -505,28 +656,27 @@ def blend_patches(lr: np.ndarray, positions: np.ndarray, predict, patch_lr, over
         w = (w_z[:, None, None] * gy[None, :, None] * gx[None, None, :]).astype(np.float32)
         for y0 in ys:
             for x0 in xs:
-                patch = torch.from_numpy(np.ascontiguousarray(lr[z0 : z0 + pz, y0 : y0 + py, x0 : x0 + px]))[None, None]
-                pred = np.asarray(predict(patch, torch.from_numpy(rel)), dtype=np.float32)
-                out[m_lo:m_hi, y0 : y0 + py, x0 : x0 + px] += pred * w
+                patch = np.ascontiguousarray(lr[z0 : z0 + pz, y0 : y0 + py, x0 : x0 + px])
+                pred = predict(torch.from_numpy(patch)[None, None], torch.from_numpy(rel))
+                out[m_lo:m_hi, y0 : y0 + py, x0 : x0 + px] += np.asarray(pred, np.float32) * w
     plane = np.outer(wy, wx)
     for m in range(len(positions)):
         out[m] /= (wz[m] * plane).astype(np.float32)
     return out
 
 
-def upsample_hu(hu: np.ndarray, factor: float, predict, cfg: Config) -> np.ndarray:
-    """HU in, HU out on the new z grid. Values below air (FOV padding, "no data") are shown to the model as air
-    and restored afterwards from the nearest input slice; integer input gives integer output."""
-    positions = output_positions(hu.shape[0], factor)
-    pad = hu < -1100
-    norm_lr = hu_to_unit(np.where(pad, -1000.0, hu).astype(np.float32), cfg.data.hu_range).astype(np.float32)
+def upsample_hu(hu: np.ndarray, positions: np.ndarray, predict, cfg: Config, no_data=None) -> np.ndarray:
+    """HU in, HU out at `positions` (input slice indices). 'No data' voxels (padding; default: below
+    NO_DATA_HU) are shown to the model as air, as in training, and restored from the nearest input slice."""
+    no_data = hu < NO_DATA_HU if no_data is None else no_data
+    norm_lr = hu_to_unit(np.where(no_data, -1000.0, hu).astype(np.float32), cfg.data.hu_range)
     with torch.no_grad():  # predict() may be any model: no autograd graph at inference
-        blended = blend_patches(norm_lr, positions, predict, cfg.infer.patch_lr, cfg.infer.overlap)
+        blended = blend_patches(
+            norm_lr.astype(np.float32), positions, predict, cfg.infer.patch_lr, cfg.infer.overlap
+        )
     out = unit_to_hu(blended, cfg.data.hu_range)
-    if pad.any():
-        nearest = np.rint(positions).astype(np.int64)
-        for m, k in enumerate(nearest):
-            out[m][pad[k]] = hu[k][pad[k]]
+    for m, k in enumerate(np.rint(positions).astype(np.int64)):
+        out[m][no_data[k]] = hu[k][no_data[k]]
     if np.array_equal(hu, np.rint(hu)):
         out = np.rint(out)
     return out.astype(np.float32)
@@ -551,48 +701,52 @@ def load_weights(model: nn.Module, weights: dict, checkpoint: Path) -> nn.Module
     return model
 
 
-def load_predictor(checkpoint: Path, infer: InferConfig, device: torch.device):
-    """The trained model as `predict(lr_patch, rel_positions)` in normalised units (call it under no_grad), plus its
-    training facts."""
-    state, cfg = load_checkpoint_cfg(checkpoint, ("unet3d", "ldm"))
-    cfg.infer = infer
-    if state["kind"] == "unet3d":
-        model = load_weights(SimpleUNet3D(cfg.unet), state["ema"], checkpoint).to(device).eval()
+class Predictor:
+    """A trained model as `predictor(lr_patch, rel_positions) -> (n, h, w)` in normalised units (call it
+    under no_grad). For the LDM, `roundtrip=True` gives the VAE's encode-decode of the input: its ceiling."""
 
-        def predict(lr, rel):
-            return model(lr.to(device), rel.to(device))[0, 0].float().cpu().numpy()
-    else:
-        vae = load_weights(VAE3D(cfg.vae), state["vae"], checkpoint).to(device).eval()
-        net = load_weights(LatentDenoiser(cfg.ldm, cfg.vae.latent_channels), state["ema"], checkpoint)
-        net = net.to(device).eval()
-        sched, scale = ResShift(cfg.ldm, device), float(state["latent_scale"])
-        multiple = vae.factor * net.multiple
-        generator = torch.Generator().manual_seed(cfg.train.seed)
+    def __init__(self, checkpoint: Path, infer: InferConfig, device: torch.device, roundtrip: bool = False):
+        self.state, self.cfg = load_checkpoint_cfg(checkpoint, ("unet3d", "ldm"))
+        self.cfg.infer, self.device, self.roundtrip = infer, device, roundtrip
+        self.kind, weights = self.state["kind"], self.state["ema"]
+        if self.kind == "unet3d":
+            self.model = load_weights(SimpleUNet3D(self.cfg.unet), weights, checkpoint).to(device).eval()
+            return
+        self.vae = load_weights(VAE3D(self.cfg.vae), self.state["vae"], checkpoint).to(device).eval()
+        net = LatentDenoiser(self.cfg.ldm, self.cfg.vae.latent_channels)
+        self.model = load_weights(net, weights, checkpoint).to(device).eval()
+        self.schedule, self.scale = ResShift(self.cfg.ldm, device), float(self.state["latent_scale"])
+        self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        trailing_timesteps(
+            self.cfg.ldm.timesteps, infer.sample_steps
+        )  # a bad step count fails before any work
 
-        def predict(lr, rel):
-            interp, size = pad_to(lerp_z(lr.to(device), rel.to(device)), (multiple,) * 3)
-            y0 = vae.encode(interp)[0] * scale
-            x0 = sched.sample(lambda x, t: guided_x0(net, x, t, y0, infer.guidance_scale), y0, generator)
-            out = vae.decoder(x0 / scale)
-            return out[0, 0, : size[0], : size[1], : size[2]].float().cpu().numpy()
+    def __call__(self, lr: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
+        interp = lerp_z(lr.to(self.device), rel.to(self.device))
+        if self.kind == "unet3d":
+            out = self.model(lr.to(self.device), rel.to(self.device))
+            return out[0, 0].float().cpu().numpy()
+        x, size = pad_to(interp, (self.vae.factor * self.model.multiple,) * 3)
+        y0 = self.vae.encode(x)[0] * self.scale
+        if not self.roundtrip:
+            scale = self.cfg.infer.guidance_scale
+            steps = self.cfg.infer.sample_steps
+            y0 = self.schedule.sample(self.denoise(y0, scale), y0, steps, self.generator)
+        out = self.vae.decoder(y0 / self.scale)
+        return out[0, 0, : size[0], : size[1], : size[2]].float().cpu().numpy()
 
-    return predict, cfg, state
+    def denoise(self, y0: torch.Tensor, scale: float):
+        def predict_x0(x, t):
+            return guided_x0(self.model, x, t, y0, scale)
 
-
-def guided_x0(net, x, t, y0, scale: float):
-    """Classifier-free guidance: x0_uncond + scale * (x0_cond - x0_uncond); the zero condition is 'unconditional'."""
-    cond = net(x, t, y0)
-    if scale == 1.0:
-        return cond
-    uncond = net(x, t, torch.zeros_like(y0))
-    return uncond + scale * (cond - uncond)
+        return predict_x0
 
 
 # --- train ---
 
 
 def hu_aware_loss(pred_hu: torch.Tensor, target_hu: torch.Tensor, tc: TrainConfig) -> torch.Tensor:
-    """L1 + SSIM + gradient on the HU window mapped to [0, 1] (L1 and gradient unclipped: bone still counts)."""
+    """L1 + SSIM + gradient on the HU window mapped to [0, 1] (L1, gradient unclipped: bone still counts)."""
     lo, hi = tc.loss_window_hu
     pred, target = (pred_hu - lo) / (hi - lo), (target_hu - lo) / (hi - lo)
     loss = tc.loss_l1 * (pred - target).abs().mean()
@@ -604,17 +758,28 @@ def hu_aware_loss(pred_hu: torch.Tensor, target_hu: torch.Tensor, tc: TrainConfi
 
 
 def load_vae(checkpoint: Path | None, cfg: Config, device: torch.device) -> VAE3D:
-    """The frozen VAE for LDM training; its config replaces cfg.vae so the LDM checkpoint is self-contained."""
+    """The frozen VAE for LDM training; its config replaces cfg.vae: the LDM checkpoint is self-contained."""
     if checkpoint is None:
-        raise UserError("train --model ldm needs --vae CHECKPOINT (from `train-vae`, or local pre-trained weights)")
+        raise UserError(
+            "train --model ldm needs --vae CHECKPOINT (from `train-vae`, or local pre-trained weights)"
+        )
     state, vae_cfg = load_checkpoint_cfg(checkpoint, ("vae",))
     if tuple(vae_cfg.data.hu_range) != tuple(cfg.data.hu_range):
         raise UserError(
-            f"{checkpoint}: VAE trained with data.hu_range {vae_cfg.data.hu_range}, this run uses {cfg.data.hu_range}"
+            f"{checkpoint}: VAE trained with data.hu_range {vae_cfg.data.hu_range}, this run uses "
+            f"{cfg.data.hu_range}"
         )
     cfg.vae = vae_cfg.vae
     vae = load_weights(VAE3D(cfg.vae), state["ema"], checkpoint).to(device).eval()
     return vae.requires_grad_(False)
+
+
+def build_model(kind: str, cfg: Config) -> nn.Module:
+    if kind == "unet3d":
+        return SimpleUNet3D(cfg.unet)
+    if kind == "vae":
+        return VAE3D(cfg.vae)
+    return LatentDenoiser(cfg.ldm, cfg.vae.latent_channels)
 
 
 def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None, schedule, scale: float):
@@ -636,13 +801,41 @@ def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None, sche
     return F.mse_loss(net(x_t, t, y0 * keep), x0)  # ResShift predicts x0
 
 
+def tensor_batch(vols, cfg: Config, batch: int, rng: np.random.Generator, device):
+    lr, hr, pos = random_batch(vols, cfg.data, batch, rng)
+    lr, hr = (hu_to_unit(torch.from_numpy(a).float(), cfg.data.hu_range).to(device) for a in (lr, hr))
+    return lr, hr, torch.from_numpy(pos).to(device)
+
+
 def latent_scale(vae: VAE3D, vols, cfg: Config, device) -> float:
     """1 / std of HR latents on a fixed batch (same on every DDP rank), as in latent diffusion."""
-    lr, hr, _ = random_batch(vols, cfg.data, max(2, cfg.train.batch_size), np.random.default_rng(cfg.train.seed))
-    x = hu_to_unit(torch.from_numpy(hr).float(), cfg.data.hu_range).to(device)
+    rng = np.random.default_rng(cfg.train.seed)
+    _, hr, _ = tensor_batch(vols, cfg, max(2, cfg.train.batch_size), rng, device)
     with torch.no_grad():
-        z = vae.encode(pad_to(x, (vae.factor,) * 3)[0])[0]
+        z = vae.encode(pad_to(hr, (vae.factor,) * 3)[0])[0]
     return float(1.0 / z.std().clamp(min=1e-6))
+
+
+@torch.no_grad()
+def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, schedule, scale, device) -> float:
+    """Mean loss of the EMA model on fixed batches of the validation volumes (same batches, noise and
+    timesteps at every evaluation), which picks best.pt."""
+    rng = np.random.default_rng([cfg.train.seed, 999])
+    torch.manual_seed(cfg.train.seed + 999)
+    total = 0.0
+    for _ in range(cfg.train.val_batches):
+        lr, hr, pos = tensor_batch(val_vols, cfg, cfg.train.batch_size, rng, device)
+        total += float(batch_loss(kind, ema_model, lr, hr, pos, cfg, vae, schedule, scale))
+    return total / max(1, cfg.train.val_batches)
+
+
+def restore_state(resume: Path, kind: str, model, ema, optimizer) -> tuple[int, dict]:
+    state, _ = load_checkpoint_cfg(resume, (kind,))
+    load_weights(model, state["model"], resume)
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    keep = ("latent_scale", "best_val_loss", "best_step")
+    return int(state["step"]), {k: state[k] for k in keep if k in state}
 
 
 def train(
@@ -654,28 +847,23 @@ def train(
     resume: Path | None = None,
     argv: list[str] | None = None,
 ) -> Path:
-    """Train unet3d | vae | ldm on random 3-D patches; returns the checkpoint path. Single process or torchrun."""
+    """Train unet3d | vae | ldm on random 3-D patches; writes checkpoint.pt (latest, for --resume) and best.pt
+    (EMA weights of the lowest validation loss); returns best.pt. Single process or torchrun."""
     dist = runtime.init_distributed(device_name)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
-    vols, data_desc = load_volumes(cfg.data, "train", cfg.train.seed)  # bad data fails before anything is written
+    vols, data_desc = load_volumes(
+        cfg.data, "train", cfg.train.seed
+    )  # bad data fails before anything is written
+    val_vols, _ = load_volumes(cfg.data, "val", cfg.train.seed) if dist.is_main else ([], "")
+    if dist.is_main and not val_vols:
+        warnings.warn("no validation volumes (val.txt empty): best.pt is the latest checkpoint", stacklevel=2)
     vae = load_vae(vae_checkpoint, cfg, device) if kind == "ldm" else None
-    model = {
-        "unet3d": lambda: SimpleUNet3D(cfg.unet),
-        "vae": lambda: VAE3D(cfg.vae),
-        "ldm": lambda: LatentDenoiser(cfg.ldm, cfg.vae.latent_channels),
-    }[kind]().to(device)
+    model = build_model(kind, cfg).to(device)
     ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    step, extra = 0, {}
-    if resume is not None:
-        state, _ = load_checkpoint_cfg(resume, (kind,))
-        load_weights(model, state["model"], resume)
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        extra = {k: state[k] for k in ("latent_scale",) if k in state}
+    step, extra = restore_state(resume, kind, model, ema, optimizer) if resume else (0, {})
     if vae is not None:
         extra.setdefault("latent_scale", latent_scale(vae, vols, cfg, device))
         extra["vae"] = vae.state_dict()
@@ -691,62 +879,75 @@ def train(
     ratio = cfg.data.target_spacing_mm / cfg.data.hr_spacing_mm
     if dist.is_main:
         print(
-            f"{kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; data: {data_desc}; "
-            f"x{ratio:g} ({cfg.data.target_spacing_mm} mm spacing, {cfg.data.target_thickness_mm} mm "
-            f"{cfg.data.profile} profile -> {cfg.data.hr_spacing_mm} mm); device {device}, world {dist.world_size}"
+            f"{kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {data_desc}; "
+            f"val: {len(val_vols)} volumes; x{ratio:g} ({cfg.data.target_spacing_mm} mm spacing, "
+            f"{cfg.data.target_thickness_mm} mm {cfg.data.profile} profile -> {cfg.data.hr_spacing_mm} mm); "
+            f"device {device}, world {dist.world_size}"
         )
-    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
     per_rank = max(1, cfg.train.batch_size // dist.world_size)
     log_dir = out_dir if dist.is_main else None  # rank 0 writes the records, other ranks stay silent
     facts = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "factor": ratio, **extra}
     with runtime.ProgressLogger(
-        log_dir, cfg.train.max_steps, f"train {kind}", dist.is_main, log_every=cfg.train.log_every, start_step=step
+        log_dir, cfg.train.max_steps, f"train {kind}", dist.is_main, cfg.train.log_every, step
     ) as progress:
         while step < cfg.train.max_steps:
             rng = np.random.default_rng([cfg.train.seed, dist.rank, step])  # batches depend only on the step:
             torch.manual_seed(cfg.train.seed * 1_000_003 + dist.rank * 7919 + step)  # resume replays exactly
-            lr, hr, pos = random_batch(vols, cfg.data, per_rank, rng)
-            lr, hr = (hu_to_unit(torch.from_numpy(a).float(), cfg.data.hu_range).to(device) for a in (lr, hr))
+            lr, hr, pos = tensor_batch(vols, cfg, per_rank, rng, device)
             with runtime.amp_autocast(device, use_amp):
-                loss = batch_loss(kind, net, lr, hr, torch.from_numpy(pos).to(device), cfg, vae, schedule, scale)
-            if not torch.isfinite(loss):
-                raise UserError(f"non-finite loss at step {step + 1}; last good checkpoint kept at {ckpt_path}")
+                loss = batch_loss(kind, net, lr, hr, pos, cfg, vae, schedule, scale)
+            runtime.stop_if_not_finite(loss, step, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             ema.update_parameters(model)
             step += 1
-            progress.log(step, loss=loss.item(), grad_norm=grad_norm.item())
+            scalars = {"loss": loss.item(), "grad_norm": grad_norm.item()}
             if dist.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps):
-                state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
-                runtime.save_checkpoint(ckpt_path, {**facts, **state, "step": step, "rng": runtime.rng_state()})
-    return ckpt_path
+                if val_vols:
+                    args = (cfg, vae, schedule, scale, device)
+                    scalars["val_loss"] = validation_loss(kind, ema.module, val_vols, *args)
+                val = scalars.get("val_loss")
+                better = val is None or val <= facts.get("best_val_loss", math.inf)
+                if better:
+                    facts.update(
+                        {"best_step": step} if val is None else {"best_step": step, "best_val_loss": val}
+                    )
+                state = {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                }
+                runtime.save_checkpoint(
+                    ckpt_path, {**facts, **state, "step": step, "rng": runtime.rng_state()}
+                )
+                if better:
+                    runtime.save_checkpoint(best_path, {**facts, "ema": ema.state_dict(), "step": step})
+            progress.log(step, **scalars)
+    return best_path
 
 
 # --- evaluate ---
 
 
 class Measure:
-    """Wall time, peak resident memory of the process (Linux VmHWM, reset on entry) and peak CUDA memory of a block."""
+    """Wall time and peak resident memory of a block (Linux VmHWM, reset on entry; else the process peak)."""
 
     def __enter__(self):
-        try:  # '5' resets the high-water mark; where that fails, the lifetime peak is the best we can say
+        with contextlib.suppress(OSError):  # '5' resets the high-water mark
             Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
         try:
-            self.peak_rss = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+            peak_kb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
         except (OSError, IndexError):  # not Linux
-            self.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.peak_rss_mb = round(peak_kb / 1024, 1)
         return False
 
 
@@ -763,102 +964,145 @@ def reformat(hu: np.ndarray, axis: int, spacing_zyx) -> np.ndarray:
     return ndimage.zoom(plane, (spacing_zyx[0] / spacing_zyx[3 - axis], 1.0), order=1)
 
 
-def evaluate(
-    cfg: Config,
-    out_dir: Path,
-    hr_path: Path | None = None,
-    unet: Path | None = None,
-    ldm: Path | None = None,
-    device_name: str = "auto",
-    argv: list[str] | None = None,
-) -> list[dict]:
-    """Simulate LR from a held-out HR volume, upsample it with every method, report masked metrics + time + RAM."""
-    device = runtime.pick_device(device_name)
-    if hr_path is not None:
-        hr = nifti_io.read_volume(hr_path, "CT")
-        source = str(hr_path)
-    else:
+def quality(out_hu: np.ndarray, ref_hu: np.ndarray, mask: np.ndarray, window) -> tuple[dict, str]:
+    """Masked PSNR / SSIM / HU-MAE; SSIM falls back to 2-D per slice or a smaller window on short volumes
+    (`metrics.ssim_plan`), and is left out, with the reason, when no masked voxel has a whole window."""
+    try:
+        row = metrics.image_metrics(out_hu, ref_hu, window, mask=mask)
+    except ValueError as exc:
+        pred01, ref01 = metrics.to_unit_window(out_hu, window), metrics.to_unit_window(ref_hu, window)
+        row = {"psnr_db": metrics.psnr(pred01, ref01, 1.0, mask), "ssim": None}
+        row |= {"mae_hu": metrics.mae(out_hu, ref_hu, mask), "convention": f"SSIM not computed: {exc}"}
+    return row, row.pop("convention")
+
+
+def evaluation_volume(cfg: Config, hr_path: Path | None, thin_axis: str) -> tuple[nifti_io.Volume, str]:
+    """The HR volume with the axis to thin first: the slice axis found from the affine (`auto`) or the
+    voxel axis k, j or i (an in-plane axis gives a SMORE-style check at in-plane resolution)."""
+    if hr_path is None:
         shape, px = tuple(cfg.data.phantom_shape), cfg.data.phantom_pixel_mm
         hu = phantom(cfg.data, 10**6 + 999).astype(np.float32)
-        hr = nifti_io.Volume(hu, np.diag([px, px, cfg.data.hr_spacing_mm, 1.0]), {})
-        source = f"held-out synthetic phantom {shape} (seed {10**6 + 999}, noise {cfg.data.phantom_noise_hu} HU)"
-    lr = simulate_lr_volume(hr, cfg.data)
-    factor = cfg.data.target_spacing_mm / hr.spacing_mm[0]
-    if lr.hu.shape[0] < 2:
-        raise UserError(f"{source}: only {hr.hu.shape[0]} slices; too few to simulate thick slices")
-    positions = output_positions(lr.hu.shape[0], factor)
-    ref = sample_z(hr.hu, positions * factor)
-    mask = metrics.body_mask(ref, cfg.infer.mask_threshold_hu)
-    methods = {
-        "trilinear (z-linear)": lambda: sample_z(lr.hu, positions),
-        "cubic (scipy spline)": lambda: cubic_z(lr.hu, positions),
-    }
+        source = (
+            f"held-out synthetic phantom {shape} (seed {10**6 + 999}, noise {cfg.data.phantom_noise_hu} HU)"
+        )
+        return nifti_io.Volume(hu, np.diag([px, px, cfg.data.hr_spacing_mm, 1.0]), {}), source
+    if thin_axis not in ("auto", "k", "j", "i"):
+        raise UserError(f"--thin-axis must be auto, k, j or i, got '{thin_axis}'")
+    vol = nifti_io.read_volume(hr_path, "CT")
+    axis = slice_axis(vol.affine) if thin_axis == "auto" else "kji".index(thin_axis)
+    check_geometry(axis_first(vol, slice_axis(vol.affine)).affine, hr_path)
+    return axis_first(vol, axis), f"{hr_path} (thinned along voxel axis {'kji'[axis]})"
+
+
+def restore(lr_hu: np.ndarray, ref_hu: np.ndarray, positions: np.ndarray, method) -> np.ndarray:
+    if method == "linear":
+        return sample_z(lr_hu, positions)
+    if method == "cubic":
+        return cubic_z(lr_hu, positions)
+    if method.roundtrip:  # the VAE ceiling: the HR reference itself through encode-decode
+        return upsample_hu(ref_hu, np.arange(len(ref_hu), dtype=np.float64), method, method.cfg)
+    return upsample_hu(lr_hu, positions, method, method.cfg)
+
+
+def evaluation_methods(cfg: Config, unet: Path | None, ldm: Path | None, factor: float, device) -> list:
+    methods = [("linear (z)", "linear"), ("cubic spline (z)", "cubic")]
     for name, path in (("unet3d", unet), ("ldm", ldm)):
         if path is None:
             continue
-        predict, model_cfg, state = load_predictor(path, cfg.infer, device)  # model_cfg.infer is cfg.infer
-        if abs(state["factor"] - factor) > 1e-3 or model_cfg.data.profile != cfg.data.profile:
+        model = Predictor(path, cfg.infer, device)
+        trained = float(model.state["factor"])
+        if abs(trained - factor) > 0.05 * factor or model.cfg.data.profile != cfg.data.profile:
             warnings.warn(
-                f"{name} was trained for x{state['factor']:g} with a {model_cfg.data.profile} profile; "
-                f"evaluated at x{factor:g} with {cfg.data.profile}",
+                f"{path}: {name} trained for x{trained:g} with a {model.cfg.data.profile} profile; evaluated "
+                f"at x{factor:.3g} with {cfg.data.profile}",
                 stacklevel=2,
             )
-        methods[f"{name} (step {state['step']})"] = lambda p=predict, c=model_cfg: upsample_hu(lr.hu, factor, p, c)
-    rows, outputs = [], {}
-    for name, run in methods.items():
+        methods.append((f"{name} (step {model.state['step']})", model))
+        if name == "ldm":
+            methods.append(("ldm VAE ceiling (HR encode-decode)", Predictor(path, cfg.infer, device, True)))
+    return methods
+
+
+def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, device="auto", thin_axis="auto"):
+    """Simulate LR from a held-out HR volume, restore it with every method; masked metrics, time, RAM."""
+    device = runtime.pick_device(device)
+    hr, source = evaluation_volume(cfg, hr_path, thin_axis)
+    lr = simulate_lr_volume(hr, cfg.data)
+    if lr.hu.shape[0] < 2:
+        raise UserError(f"{source}: {hr.hu.shape[0]} slices; too few to simulate two thick slices")
+    factor = cfg.data.target_spacing_mm / hr.spacing_mm[0]
+    positions = output_positions(lr.hu.shape[0], factor)
+    ref = sample_z(hr.hu, positions * factor)
+    padding = sample_z(no_data_mask(hr), positions * factor) > 0
+    mask = metrics.body_mask(ref, cfg.infer.mask_threshold_hu) & ~padding
+    if not mask.any():
+        raise UserError(f"{source}: no voxel above {cfg.infer.mask_threshold_hu} HU; nothing to evaluate")
+    rows, outputs, conventions = [], {}, set()
+    for name, method in evaluation_methods(cfg, unet, ldm, factor, device):
         with Measure() as mem:
-            out = run()
-        outputs[name] = out
-        quality = metrics.image_metrics(out, ref, tuple(cfg.infer.window_hu), mask=mask)
-        convention = quality.pop("convention")
-        row = {
-            "method": name,
-            **quality,
-            "time_s": round(mem.seconds, 3),
-            "peak_rss_mb": round(mem.peak_rss / 2**20, 1),
-        }
-        if device.type == "cuda":
-            row["peak_gpu_mb"] = round(mem.peak_gpu / 2**20, 1)
-        rows.append(row)
-    out_dir.mkdir(parents=True, exist_ok=True)
+            outputs[name] = restore(lr.hu, ref, positions, method)
+        row, convention = quality(outputs[name], ref, mask, tuple(cfg.infer.window_hu))
+        conventions.add(convention)
+        rows.append({"method": name, **row, "time_s": round(mem.seconds, 3), "peak_rss_mb": mem.peak_rss_mb})
+    spacing = tuple(round(s, 3) for s in hr.spacing_mm)
     notes = [
-        f"HR: {source}, {hr.hu.shape} (z, y, x), spacing {tuple(round(s, 3) for s in hr.spacing_mm)} mm",
+        f"HR: {source}, {hr.hu.shape} (thinned axis first), spacing {spacing} mm",
         f"LR: {cfg.data.profile} slice profile FWHM {cfg.data.target_thickness_mm} mm, spacing "
-        f"{cfg.data.target_spacing_mm} mm ({lr.hu.shape[0]} slices); restored x{factor:g}",
-        f"PSNR/SSIM: HU clipped to window {list(cfg.infer.window_hu)} mapped to [0, 1], data range 1; 3-D SSIM "
-        f"(Gaussian sigma 1.5); MAE in HU unclipped; all inside the body mask HU > {cfg.infer.mask_threshold_hu}"
-        f" of the reference ({mask.mean() * 100:.1f} % of voxels)",
-        f"metrics convention: {convention}",
-        f"time and peak process RSS per method on {device}; command: {' '.join(argv or sys.argv)}",
+        f"{cfg.data.target_spacing_mm} mm ({lr.hu.shape[0]} slices); restored x{factor:.3g}",
+        f"metrics: {'; '.join(sorted(conventions))}; MAE in HU unclipped; mask = reference HU > "
+        f"{cfg.infer.mask_threshold_hu} without scanner padding ({mask.mean() * 100:.1f} % of voxels)",
+        f"time and peak process RSS per method on {device}; command: {' '.join(sys.argv)}",
     ]
+    out_dir.mkdir(parents=True, exist_ok=True)
     runtime.print_metrics_table(rows, "ct_throughplane_sr evaluate", out_dir / "metrics.json", notes)
-    last = list(outputs)[-1]  # the error panel shows the last (most elaborate) method
+    save_reformats(out_dir, outputs, ref, hr.spacing_mm, tuple(cfg.infer.window_hu))
+    return rows
+
+
+def save_reformats(out_dir: Path, outputs: dict, ref: np.ndarray, spacing_zyx, window) -> None:
+    last = [name for name in outputs if "ceiling" not in name][
+        -1
+    ]  # the error panel: the most elaborate method
     for axis, view in ((2, "sagittal"), (1, "coronal")):
-        images = [reformat(a, axis, hr.spacing_mm) for a in [*outputs.values(), ref, outputs[last] - ref]]
+        images = [reformat(a, axis, spacing_zyx) for a in [*outputs.values(), ref, outputs[last] - ref]]
         viz.save_panel(
             out_dir / f"{view}.png",
             images,
             [*outputs, "HR reference", f"{last.split(' ')[0]} - HR"],
-            window=tuple(cfg.infer.window_hu),
+            window=window,
             error_index=len(images) - 1,
-            suptitle=f"{view} reformat, window {list(cfg.infer.window_hu)} HU",
+            suptitle=f"{view} reformat, window {list(window)} HU",
         )
-    return rows
 
 
 # --- prepare and upsample (files in, files out) ---
 
 
-def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """DICOM series (one per folder) -> NIfTI in HU; NIfTI files are listed as they are. Patient-level split."""
-    if not input_dir.is_dir():
-        raise UserError(f"{input_dir}: not a folder")
-    if out_dir.resolve() == input_dir.resolve() or input_dir.resolve() in out_dir.resolve().parents:
-        raise UserError(f"--out {out_dir} is inside the input folder {input_dir}; choose another folder")
+def too_thin(vol: nifti_io.Volume, cfg: DataConfig) -> str | None:
+    """Why a volume cannot give one HR training patch along its slice axis (None: it can)."""
+    axis = slice_axis(vol.affine)
+    extent = (vol.hu.shape[axis] - 1) * vol.spacing_mm[axis]
+    need = (cfg.patch_size[0] - 1) * cfg.hr_spacing_mm
+    if extent + 1e-6 < need:
+        return f"{vol.hu.shape[axis]} slice(s) span {extent:.1f} mm < {need:.1f} mm of one training patch"
+    return None
+
+
+def patient_of(vol: nifti_io.Volume, fallback: str) -> str:
+    ds = vol.meta["datasets"][0]
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in str(ds.get("PatientID", "") or fallback))
+
+
+def collect_volumes(input_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, list[str]]:
+    """NIfTI files listed as they are (patient = file name up to the first '_'), DICOM series (one per
+    folder) written as NIfTI in HU; volumes too thin for a training patch are left out with a warning."""
     patients: dict[str, list[str]] = {}
     niftis = sorted(p for p in input_dir.rglob("*") if p.name.endswith((".nii", ".nii.gz")) and p.is_file())
-    for path in niftis:  # dcm2niix-style names: the patient ID is the part before the first '_'
-        nifti_io.read_nifti(path)
+    for path in niftis:
+        reason = too_thin(nifti_io.read_nifti(path), cfg)
+        if reason:
+            warnings.warn(f"{path}: left out of the split lists: {reason}", stacklevel=2)
+            continue
         patient = path.name.split("_")[0].removesuffix(".nii.gz").removesuffix(".nii")
         patients.setdefault(patient, []).append(str(path.resolve()))
     folders = sorted({p.parent for p in input_dir.rglob("*") if p.is_file() and p not in niftis})
@@ -866,18 +1110,33 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
         try:
             vol = dicom_io.read_dicom_series(folder, "CT")
         except UserError as exc:
-            print(f"skipped: {exc}")
+            print(f"skipped: {exc}", file=sys.stderr)
             continue
-        ds = vol.meta["datasets"][0]
-        patient = "".join(c if c.isalnum() or c in "-." else "-" for c in str(ds.get("PatientID", "") or folder.name))
+        reason = too_thin(vol, cfg)
+        if reason:
+            warnings.warn(f"{folder}: left out of the split lists: {reason}", stacklevel=2)
+            continue
+        patient = patient_of(vol, folder.name)
         name = f"{patient}_{i:04d}.nii.gz"
         nifti_io.write_nifti(out_dir / name, nifti_io.Volume(vol.hu, vol.affine, {}))
         patients.setdefault(patient, []).append(name)
         print(f"{folder} -> {name} {vol.hu.shape} spacing {tuple(round(s, 3) for s in vol.spacing_mm)} mm")
+    return patients
+
+
+def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: float, cfg: Config) -> dict:
+    """DICOM series -> NIfTI in HU, NIfTI listed as they are; train/val/test lists split by patient."""
+    if not input_dir.is_dir():
+        raise UserError(f"{input_dir}: not a folder")
+    if out_dir.resolve() == input_dir.resolve() or input_dir.resolve() in out_dir.resolve().parents:
+        raise UserError(f"--out {out_dir} is inside the input folder {input_dir}; choose another folder")
+    patients = collect_volumes(input_dir, out_dir, cfg.data)
     if not patients:
-        raise UserError(f"{input_dir}: no readable DICOM series or NIfTI volumes found")
+        raise UserError(
+            f"{input_dir}: no usable DICOM series or NIfTI volumes found (see the messages above)"
+        )
     ids = sorted(patients)
-    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    order = [ids[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(ids))]
     n_test = max(1, round(len(ids) * test_fraction)) if len(ids) >= 3 else 0
     n_val = max(1, round(len(ids) * val_fraction)) if len(ids) >= 3 else 0
     split = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
@@ -889,67 +1148,69 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
             tmp.write_text("".join(f"{f}\n" for p in members for f in patients[p]))
     with runtime.atomic_path(out_dir / "patients.json") as tmp:
         tmp.write_text(json.dumps({"split": split, "files": patients}, indent=2))
-    print(f"{len(ids)} patients: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()) + f"; lists in {out_dir}")
+    counts = ", ".join(f"{k} {len(v)}" for k, v in split.items())
+    print(f"{len(ids)} patients: {counts}; lists in {out_dir}")
     return split
 
 
+def choose_factor(
+    factor: float | None, spacing_mm: float | None, input_spacing: float, model_cfg: Config
+) -> float:
+    """--factor, or the input's slice spacing over --spacing-mm (default: the model's HR spacing)."""
+    if factor is not None and spacing_mm is not None:
+        raise UserError("give --factor or --spacing-mm, not both")
+    if factor is None:
+        factor = input_spacing / (spacing_mm or model_cfg.data.hr_spacing_mm)
+    if not factor >= 1:
+        raise UserError(
+            f"factor {factor:.3g} < 1: the input's {input_spacing:.2f} mm slices are already finer"
+        )
+    trained = model_cfg.data.target_spacing_mm
+    if abs(input_spacing - trained) > 0.1 * trained:
+        warnings.warn(
+            f"input slice spacing {input_spacing:.2f} mm; the model was trained on {trained} mm input",
+            stacklevel=2,
+        )
+    return factor
+
+
 def upsample_file(
-    checkpoint: Path,
-    input_path: Path,
-    output: Path,
-    factor: float | None,
-    cfg: Config,
-    device_name: str = "auto",
-    log_dir: Path | None = None,
-) -> list[Path]:
-    """LR NIfTI or DICOM series in; NIfTI in HU out (and a DICOM series for DICOM input). Everything is read and
-    checked before anything is written."""
+    checkpoint, input_path, output, factor=None, cfg=None, device_name="auto", log_dir=None, spacing_mm=None
+):
+    """LR NIfTI or DICOM series in; NIfTI in HU out (and a DICOM series for DICOM input). Everything is read
+    and checked before anything is written."""
     if not output.name.endswith((".nii", ".nii.gz")):
         raise UserError(f"--output {output}: must end in .nii or .nii.gz")
     runtime.refuse_overwrite_input(output, input_path)
     device = runtime.pick_device(device_name)
     vol = nifti_io.read_volume(input_path, "CT")
-    if vol.hu.shape[0] < 2:
-        raise UserError(f"{input_path}: {vol.hu.shape[0]} slice(s); z super-resolution needs at least 2")
-    predict, model_cfg, state = load_predictor(checkpoint, cfg.infer, device)
-    factor = factor or float(state["factor"])
-    if not factor >= 1:
-        raise UserError(f"--factor must be >= 1, got {factor}")
-    if abs(vol.spacing_mm[0] - model_cfg.data.target_spacing_mm) > 0.1 * model_cfg.data.target_spacing_mm:
-        warnings.warn(
-            f"{input_path}: slice spacing {vol.spacing_mm[0]:.2f} mm; the model was trained on "
-            f"{model_cfg.data.target_spacing_mm} mm input",
-            stacklevel=2,
-        )
-    dicom_dir = output.parent / (output.name.removesuffix(".gz").removesuffix(".nii") + "_dicom")
     from_dicom = "datasets" in vol.meta
+    axis = 0 if from_dicom else slice_axis(vol.affine)  # a DICOM series stacks its slices along k
+    work = axis_first(vol, axis)
+    check_geometry(work.affine, input_path)
+    if work.hu.shape[0] < 2:
+        raise UserError(f"{input_path}: {work.hu.shape[0]} slice(s); z super-resolution needs at least 2")
+    model = Predictor(checkpoint, (cfg or Config()).infer, device)
+    factor = choose_factor(factor, spacing_mm, work.spacing_mm[0], model.cfg)
+    dicom_dir = output.parent / (output.name.removesuffix(".gz").removesuffix(".nii") + "_dicom")
     if from_dicom and dicom_dir.exists():
         raise UserError(f"{dicom_dir} exists; remove it or choose another --output")
+    positions = output_positions(work.hu.shape[0], factor)
     with Measure() as mem:
-        sr = upsample_hu(vol.hu, factor, predict, model_cfg)
+        sr = upsample_hu(work.hu, positions, model, model.cfg, no_data_mask(work))
     meta = {k: v for k, v in vol.meta.items() if k == "nifti_header"}
-    sr_vol = nifti_io.Volume(sr, nifti_io.scale_z_affine(vol.affine, 1.0 / factor), meta)
-    tmp_dir = dicom_dir.parent / f".{dicom_dir.name}.tmp"
-    try:  # the DICOM series goes to a temporary folder, renamed only once the NIfTI is written too
-        if from_dicom:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            description = f"ct_throughplane_sr {state['kind']} x{factor:g}"
-            dicom_io.write_dicom_series(sr_vol, vol.meta["datasets"], tmp_dir, description=description)
-        written = [nifti_io.write_nifti(output, sr_vol)]
-        if from_dicom:
-            os.replace(tmp_dir, dicom_dir)
-            written.append(dicom_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    sr_vol = axis_back(nifti_io.Volume(sr, resampled_affine(work.affine, positions), meta), axis)
+    written = write_outputs(sr_vol, vol, output, dicom_dir, f"ct_throughplane_sr {model.kind} x{factor:g}")
     record = {
         "input": str(input_path),
         "output": [str(p) for p in written],
-        "kind": state["kind"],
+        "kind": model.kind,
         "factor": factor,
+        "slice_axis": "kji"[axis],
         "shape_in": list(vol.hu.shape),
-        "shape_out": list(sr.shape),
+        "shape_out": list(sr_vol.hu.shape),
         "time_s": round(mem.seconds, 3),
-        "peak_rss_mb": round(mem.peak_rss / 2**20, 1),
+        "peak_rss_mb": mem.peak_rss_mb,
         "device": str(device),
     }
     if log_dir is not None:
@@ -957,26 +1218,43 @@ def upsample_file(
         with runtime.atomic_path(log_dir / "upsample.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2))
     print(
-        f"{vol.hu.shape} -> {sr.shape} (x{factor:g}) in {mem.seconds:.1f} s, peak RSS {record['peak_rss_mb']} MB; "
-        f"wrote {', '.join(map(str, written))}"
+        f"{vol.hu.shape} -> {sr_vol.hu.shape} (x{factor:g} along {'kji'[axis]}) in {mem.seconds:.1f} s, "
+        f"peak RSS {mem.peak_rss_mb} MB; wrote {', '.join(map(str, written))}"
     )
+    return written
+
+
+def write_outputs(
+    sr_vol: nifti_io.Volume, source: nifti_io.Volume, output: Path, dicom_dir: Path, description
+):
+    """The NIfTI; for DICOM input also a series, in a temporary folder renamed once the NIfTI is written."""
+    tmp_dir = dicom_dir.parent / f".{dicom_dir.name}.tmp"
+    from_dicom = "datasets" in source.meta
+    try:
+        if from_dicom:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            dicom_io.write_dicom_series(sr_vol, source.meta["datasets"], tmp_dir, description=description)
+        written = [nifti_io.write_nifti(output, sr_vol)]
+        if from_dicom:
+            os.replace(tmp_dir, dicom_dir)
+            written.append(dicom_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return written
 
 
 # --- commands ---
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
-ConfigOpt = typer.Option(None, "--config", help="YAML config (default: configs/ct_throughplane_sr.yaml)")
-PresetOpt = typer.Option("full", "--preset", help="preset in the config file: full (seed 004) or tiny (CPU)")
+ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
+PresetOpt = typer.Option("full", "--preset", help="full (seed 004), small (CPU, ~1 h) or tiny (tests)")
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 DataOpt = typer.Option(None, "--data", help="folder written by `prepare` (default: synthetic phantoms)")
 
 
-def build_config(
-    config: Path | None, preset: str, overrides: list[str] | None, data: str | None = None, max_steps: int | None = None
-) -> Config:
-    cfg = load_config(Config, config or default_config_path(__file__), preset, overrides)
+def build_config(config, preset, overrides, data=None, max_steps=None) -> Config:
+    cfg = load_config(Config, config, preset, overrides, shipped=default_config_path(__file__))
     if data is not None:
         cfg.data.path = data
     if max_steps is not None:
@@ -990,49 +1268,33 @@ def prepare_cmd(
     out: Path = typer.Option(Path("data/ct"), "--out"),
     val_fraction: float = typer.Option(0.1),
     test_fraction: float = typer.Option(0.1),
-    config: Path = ConfigOpt,
+    config: list[Path] | None = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
 ):
     """Convert DICOM series to NIfTI in HU and write train/val/test lists split by patient."""
-    cfg = build_config(config, preset, set_)
-    prepare(input, out, val_fraction, test_fraction, cfg.train.seed)
+    prepare(input, out, val_fraction, test_fraction, build_config(config, preset, set_))
 
 
 @app.command("train")
 def train_cmd(
-    model: str = typer.Option("unet3d", "--model", help="unet3d | ldm"),
-    out: Path = typer.Option(None, "--out"),
+    model: str = typer.Option("unet3d", "--model", help="unet3d | vae (the LDM's autoencoder) | ldm"),
+    out: Path = typer.Option(None, "--out", help="run folder (default runs/<model>)"),
     data: str = DataOpt,
     vae: Path = typer.Option(None, "--vae", help="VAE checkpoint for --model ldm"),
     max_steps: int = typer.Option(None, "--max-steps"),
-    resume: Path = typer.Option(None, "--resume"),
-    config: Path = ConfigOpt,
+    resume: Path = typer.Option(None, "--resume", help="checkpoint.pt of an interrupted run"),
+    config: list[Path] | None = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
 ):
-    """Train the SimpleUNet3D baseline or the latent diffusion model (ResShift + ControlNet)."""
-    if model not in ("unet3d", "ldm"):
-        raise UserError(f"--model must be unet3d or ldm, got '{model}'")
+    """Train the SimpleUNet3D baseline, the 3-D KL-VAE or the latent diffusion model (ResShift+ControlNet)."""
+    if model not in ("unet3d", "vae", "ldm"):
+        raise UserError(f"--model must be unet3d, vae or ldm, got '{model}'")
     cfg = build_config(config, preset, set_, data, max_steps)
     train(cfg, model, out or Path(f"runs/{model}"), device, vae, resume, sys.argv)
-
-
-@app.command("train-vae")
-def train_vae_cmd(
-    out: Path = typer.Option(Path("runs/vae"), "--out"),
-    data: str = DataOpt,
-    max_steps: int = typer.Option(None, "--max-steps"),
-    resume: Path = typer.Option(None, "--resume"),
-    config: Path = ConfigOpt,
-    preset: str = PresetOpt,
-    set_: list[str] = SetOpt,
-    device: str = DeviceOpt,
-):
-    """Train the 3-D KL-VAE on HR and interpolated-LR patches (the LDM's latent space)."""
-    train(build_config(config, preset, set_, data, max_steps), "vae", out, device, None, resume, sys.argv)
 
 
 @app.command("upsample")
@@ -1040,31 +1302,51 @@ def upsample_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint"),
     input: Path = typer.Option(..., "--input"),
     output: Path = typer.Option(..., "--output", help="SR.nii.gz (+ SR_dicom/ for DICOM input)"),
-    factor: float = typer.Option(None, "--factor", help="default: the trained spacing ratio"),
+    factor: float = typer.Option(None, "--factor", help="slice spacing divisor (default: from --spacing-mm)"),
+    spacing_mm: float = typer.Option(None, "--spacing-mm", help="output slice spacing (default: model's HR)"),
     out: Path = typer.Option(None, "--out", help="optional folder for upsample.json (time, memory)"),
-    config: Path = ConfigOpt,
+    config: list[Path] | None = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
 ):
-    """Upsample an LR volume along z; the model comes from the checkpoint, infer.* from the config."""
-    upsample_file(checkpoint, input, output, factor, build_config(config, preset, set_), device, out)
+    """Upsample an LR volume along its slice axis; model from the checkpoint, infer.* from the config."""
+    cfg = build_config(config, preset, set_)
+    upsample_file(checkpoint, input, output, factor, cfg, device, out, spacing_mm)
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    hr: Path = typer.Option(None, "--hr", help="held-out HR NIfTI/DICOM (default: a phantom)"),
+    input: Path = typer.Option(None, "--input", "--hr", help="held-out HR NIfTI/DICOM (default: a phantom)"),
     unet: Path = typer.Option(None, "--unet", help="unet3d checkpoint"),
     ldm: Path = typer.Option(None, "--ldm", help="ldm checkpoint"),
+    thin_axis: str = typer.Option("auto", "--thin-axis", help="auto (slice axis) | k | j | i"),
     out: Path = typer.Option(Path("runs/evaluate"), "--out"),
-    config: Path = ConfigOpt,
+    config: list[Path] | None = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
 ):
-    """Trilinear, cubic, UNet3D and LDM on LR simulated from an HR volume: masked PSNR/SSIM/HU-MAE, time, RAM."""
-    evaluate(build_config(config, preset, set_), out, hr, unet, ldm, device, sys.argv)
+    """Linear, cubic, UNet3D and LDM (+ VAE ceiling) on LR simulated from an HR volume: masked metrics."""
+    evaluate(build_config(config, preset, set_), out, input, unet, ldm, device, thin_axis)
 
+
+@app.command("train-vae", hidden=True)
+def train_vae_cmd(
+    out: Path = typer.Option(Path("runs/vae"), "--out"),
+    data: str = DataOpt,
+    max_steps: int = typer.Option(None, "--max-steps"),
+    resume: Path = typer.Option(None, "--resume"),
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
+    """Old name of `train --model vae`."""
+    train_cmd("vae", out, data, None, max_steps, resume, config, preset, set_, device)
+
+
+app.command("eval", hidden=True)(evaluate_cmd)
 
 if __name__ == "__main__":
     runtime.cli_main(app)
