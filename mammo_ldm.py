@@ -2,21 +2,22 @@
 
 The latent is the VQ-VAE-2's level-0 encoder output BEFORE quantisation (128 x 256 x 192 for a 1024 x 768
 canvas with the seed's model). Why that one: every higher level is computed from it by the frozen encoders, so
-one tensor determines the whole hierarchy and `decode_latent` (encoders 1.., quantisation, decoders) maps it back
-to pixels; it is continuous, so Gaussian diffusion is well defined (code indices are not); and quantisation after
-sampling snaps small sampling errors back onto the codebooks. Latents are standardised by the training set's
-mean/std (CompVis' scale_by_std, one scalar each).
+one tensor determines the whole hierarchy and `decode_latent` (encoders 1.., quantisation, decoders) maps it
+back to pixels; it is continuous, so Gaussian diffusion is well defined (code indices are not); and
+quantisation after sampling snaps small sampling errors back onto the codebooks. Latents are standardised by
+the training set's mean/std (CompVis' scale_by_std, one scalar each).
 
 A UNet (base 192, multipliers [1, 2, 4], 2 residual blocks, self-attention at levels 1 and 2 with 64-channel
 heads via F.scaled_dot_product_attention, optional gradient checkpointing) is conditioned by concatenating the
-degraded image's latent. Schedule: CompVis' "linear" (linear in sqrt(beta)) from 0.0015 to 0.0195 over T = 1000
-steps. EMA of the weights (0.9999 with CompVis' LitEma warm-up); DDIM, 50 steps, eta 0, with the EMA weights.
+degraded image's latent. Schedule: CompVis' "linear" (linear in sqrt(beta)) from 0.0015 to 0.0195 over T =
+1000 steps. EMA of the weights (0.9999 with CompVis' LitEma warm-up); DDIM, 50 steps, eta 0, with the EMA
+weights.
 
-Options beyond the seed (each has an ablation row in docs/mammo.md; `full` keeps the seed's eps-prediction from
-pure noise): `diffusion.prediction` eps | x0 | v; `diffusion.residual` (the target is clean minus degraded
-latent); `sample.start` < 1 (SDEdit: DDIM starts at t = start * T from the NOISED DEGRADED latent, not pure
-noise); `sample.consistency_sigma` > 0 (data consistency: the restored image takes the low-frequency part of
-the low-dose input's difference to it, a Gaussian of that many canvas pixels).
+Options beyond the seed (each has an ablation row in docs/mammo.md; `full` keeps the seed's eps-prediction
+from pure noise): `diffusion.prediction` eps | x0 | v; `diffusion.residual` (the target is clean minus
+degraded latent); `sample.start` < 1 (SDEdit: DDIM starts at t = start * T from the NOISED DEGRADED latent,
+not pure noise); `sample.consistency_sigma` > 0 (data consistency: the restored image takes the low-frequency
+part of the low-dose input's difference to it, a Gaussian of that many canvas pixels).
 
 Conventions written out here, as in every script: `norm(ch)` = GroupNorm(gcd(32, ch), ch); time embedding
 [sin, cos] (sin first) like diffusers' get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=0);
@@ -26,9 +27,10 @@ Needs mammo_vqvae.py beside it (the frozen first stage's model and loader) and c
 
 Usage:
   python mammo_ldm.py train --vqvae runs/vqvae/checkpoint.pt --latents runs/latents --out runs/ldm
-  python mammo_ldm.py train --vqvae runs/vqvae/checkpoint.pt --out runs/ldm     # latents on the fly, fresh noise
+  python mammo_ldm.py train --vqvae runs/vqvae/checkpoint.pt --out runs/ldm     # latents on the fly
   python mammo_ldm.py restore --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \\
-      --input low_dose.dcm --output restored.dcm                               # or folders; DICOM/PNG in and out
+      --input low_dose.dcm --output restored.dcm                               # or folders; DICOM/PNG in and
+      out
   python mammo_ldm.py evaluate --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt
 Any config value: --set train.lr=1e-4 --set sample.steps=100 (see configs/mammo_ldm.yaml). Use the same preset
 as the VQ-VAE (both `tiny`, both `small` or both `full`).
@@ -53,7 +55,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from common import UserError, dicom_io, metrics, runtime, viz
-from common.config import config_from_dict, config_to_dict, default_config_path, load_config
+from common.config import config_to_dict, default_config_path, load_config
 from common.mammo import (
     IMAGE_SUFFIXES,
     MammoDataConfig,
@@ -275,7 +277,8 @@ class UNet(nn.Module):
             if level < len(mults) - 1:
                 self.down.append(nn.ModuleList([Down(ch)]))
                 skips.append(ch)
-        # CompVis' middle block; its attention only where the deepest level has attention (a CPU preset without
+        # CompVis' middle block; its attention only where the deepest level has attention (a CPU preset
+        # without
         # attention would otherwise attend over tens of thousands of latent pixels)
         middle_attention = [Attention(ch, head)] if len(mults) - 1 in cfg.attention_levels else []
         self.middle = nn.ModuleList(
@@ -343,7 +346,7 @@ class Schedule:
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def target(self, x0, t, noise):
-        """What the UNet is trained to output: the noise, the clean target, or v = sqrt(a) eps - sqrt(1-a) x0."""
+        """The UNet's training target: the noise, the clean target, or v = sqrt(a) eps - sqrt(1-a) x0."""
         if self.prediction == "eps":
             return noise
         if self.prediction == "x0":
@@ -370,8 +373,9 @@ def diffusion_loss(net, schedule: Schedule, target, cond) -> torch.Tensor:
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
-    """diffusers' "trailing" spacing, round(arange(T, 0, -T / steps)) - 1: `steps` distinct timesteps from T - 1
-    down. The float arange can yield one extra element (-1, e.g. T 1000, 61 steps); only the first `steps` count."""
+    """diffusers' "trailing" spacing, round(arange(T, 0, -T / steps)) - 1: `steps` distinct timesteps from T -
+    1 down. The float arange can yield one extra element (-1, e.g. T 1000, 61 steps); only the first `steps`
+    count."""
     if not 1 <= steps <= timesteps:
         raise UserError(f"sample.steps must be in [1, {timesteps}] (with sample.start), got {steps}")
     return (np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1)[:steps].tolist()
@@ -403,8 +407,9 @@ def ddim_sample(
 def data_consistency(
     restored: np.ndarray, low_dose: np.ndarray, mask: np.ndarray, sigma: float
 ) -> np.ndarray:
-    """restored + G_sigma * (low_dose - restored) inside the breast (normalised by the blurred mask, so the skin
-    line does not pull in background): the low-dose image's local mean is unbiased, its noise averages out under
+    """restored + G_sigma * (low_dose - restored) inside the breast (normalised by the blurred mask, so the
+    skin line does not pull in background): the low-dose image's local mean is unbiased, its noise averages
+    out under
     the Gaussian, while first-stage errors (intensity drifts, lost detail) are often low-frequency."""
     weight = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), sigma)
     diff = cv2.GaussianBlur(((low_dose - restored) * mask).astype(np.float32), (0, 0), sigma)
@@ -482,7 +487,7 @@ def load_restorer(vqvae_ckpt: Path, checkpoint: Path, device: torch.device, over
 
 
 def ema_avg_fn(decay: float):
-    """CompVis LitEma: decay min(decay, (1 + n) / (10 + n)) so early averages are not stuck at initialisation."""
+    """CompVis LitEma: decay min(decay, (1 + n) / (10 + n)), so early averages do not stick to the init."""
 
     def avg(averaged, current, num_averaged):
         d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
@@ -581,7 +586,8 @@ def train(
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
         n_params = sum(p.numel() for p in model.parameters())
         print(
-            f"data: {data_desc}; {len(dataset)} training pairs; UNet {n_params / 1e6:.2f} M parameters; latent "
+            f"data: {data_desc}; {len(dataset)} training pairs; UNet {n_params / 1e6:.2f} M parameters; "
+            "latent "
             f"{latent_channels} channels, mean {stats['latent_mean']:.3g} std {stats['latent_std']:.3g}; "
             f"{cfg.diffusion.prediction}-prediction{', residual target' if cfg.diffusion.residual else ''}; "
             f"device {device}"
@@ -720,7 +726,7 @@ def restore_files(
     overrides: list[str] | None = None,
     latents: Path | None = None,
 ) -> list[Path]:
-    """Restore one file or every DICOM/PNG under a folder; outputs keep the input's size, range and polarity."""
+    """Restore one file or every DICOM/PNG under a folder; outputs keep the input's size, range, polarity."""
     device = runtime.pick_device(device_name)
     files = input_files(input_path)
     restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
@@ -741,7 +747,8 @@ def restore_files(
                 out,
                 series_uid=series_uid,
                 series_description="restored (mammo_ldm)",
-                description=f"mammo_ldm latent diffusion restoration, DDIM {steps} steps, checkpoint {checkpoint.name}",
+                description=f"mammo_ldm latent diffusion restoration, DDIM {steps} steps, "
+                f"checkpoint {checkpoint.name}",
             )
         else:
             write_png16(out, values, m.value_range)
@@ -774,6 +781,10 @@ def candidates(restorer: Restorer, item: dict, with_baselines: bool) -> dict[str
     if with_baselines:
         outputs["NLM (scikit-image)"] = nlm(degraded, data, mask)
         outputs["BM3D on Anscombe-transformed counts"] = bm3d_anscombe(degraded, data, mask)
+    sigma = restorer.cfg.sample.consistency_sigma
+    if sigma > 0:  # what the data-consistency step's low-pass part gives without any model
+        smoothed = data_consistency(np.zeros_like(degraded), degraded, mask, sigma)
+        outputs[f"Gaussian smoothing of the input (sigma {sigma:g} px)"] = smoothed
     outputs["VQ-VAE-2 of the full-dose image (ceiling)"] = restorer.decode(restorer.encode(clean))
     outputs["VQ-VAE-2 of the low-dose image (no diffusion)"] = restorer.decode(restorer.encode(degraded))
     outputs["LDM restored"] = restorer(degraded, mask)
@@ -790,8 +801,9 @@ def evaluate(
     latents: Path | None = None,
 ) -> dict:
     """PSNR/SSIM/LPIPS against the full-dose image of: the low-dose input, NLM, BM3D-Anscombe, the VQ-VAE-2
-    reconstruction of the full-dose image (the ceiling of any latent restoration), the VQ-VAE-2 of the low-dose
-    image and the LDM. `latents`: score the test pairs of that extract-latents folder (refused when it was made
+    reconstruction of the full-dose image (the ceiling of any latent restoration), the VQ-VAE-2 of the
+    low-dose image and the LDM. `latents`: score the test pairs of that extract-latents folder (refused when
+    it was made
     with another VQ-VAE, canvas or dose than the models)."""
     device = runtime.pick_device(device_name)
     restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
@@ -825,8 +837,9 @@ def evaluate(
     sample, diffusion = cfg.sample, cfg.diffusion
     notes = [
         f"test images: {', '.join(Path(s).name for s in sources)}; {dose_description(cfg.data)}",
-        f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas, values: file range -> [0,1] (dense = bright), "
-        f"data_range 1; PSNR/SSIM/noise_std (std of output - full dose) inside the breast mask, SSIM gaussian "
+        f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas, values: file range -> [0,1] (dense = "
+        "bright), data_range 1; PSNR/SSIM/noise_std (std of output - full dose) inside the breast mask, "
+        "SSIM gaussian "
         f"sigma {metrics.SSIM_SIGMA}; LPIPS-alex on the whole canvas"
         + ("" if lpips_model else " (LPIPS weights not found)"),
         f"LDM: {diffusion.prediction}-prediction{', residual target' if diffusion.residual else ''}; DDIM "

@@ -1,12 +1,12 @@
 """Hierarchical VQ-VAE-2 for mammograms (seed 002, stage 1): the frozen first stage of `mammo_ldm.py`.
 
-Any number of levels (5 by default, per-level downsampling [4, 2, 2, 2, 2]: 1x1024x768 -> 256x192, 128x96, 64x48,
-32x24, 16x12). Encoders are chained bottom-up; quantisation and decoding run top-down, each level's codebook sees
-its encoder output concatenated with the decoder output of the level above, and each decoder sees its own codes
-plus the codes of every level above (upsampled). Codebooks are updated by EMA (0.99), the encoder is pulled
-towards them by the commitment loss (beta 0.25), gradients pass the quantiser straight through. Residual blocks
-are ReZero (a learnt gate initialised at 0). Each epoch logs per-level code usage and perplexity and restarts
-dead codes from recent encoder outputs.
+Any number of levels (5 by default, per-level downsampling [4, 2, 2, 2, 2]: 1x1024x768 -> 256x192, 128x96,
+64x48, 32x24, 16x12). Encoders are chained bottom-up; quantisation and decoding run top-down, each level's
+codebook sees its encoder output concatenated with the decoder output of the level above, and each decoder
+sees its own codes plus the codes of every level above (upsampled). Codebooks are updated by EMA (0.99), the
+encoder is pulled towards them by the commitment loss (beta 0.25), gradients pass the quantiser straight
+through. Residual blocks are ReZero (a learnt gate initialised at 0). Each epoch logs per-level code usage and
+perplexity and restarts dead codes from recent encoder outputs.
 
 Data (see common/mammo.py): synthetic mammograms by default; `--data` a CBIS-DDSM root (TCIA tree + the
 *_case_description_*_set.csv files, which give the official split), or a folder of DICOM / 16-bit PNG files.
@@ -45,7 +45,6 @@ from common.config import config_from_dict, config_to_dict, default_config_path,
 from common.mammo import (
     MammoDataConfig,
     MammoDataset,
-    degrade,
     dose_description,
     epoch_order,
     list_sources,
@@ -112,7 +111,7 @@ def _steps(rate: int) -> int:
 
 
 class ReZero(nn.Module):
-    """x + alpha * f(x) with alpha = 0 at start: every block begins as the identity (Bachlechner et al. 2020)."""
+    """x + alpha * f(x), alpha = 0 at start: every block begins as the identity (Bachlechner et al. 2020)."""
 
     def __init__(self, channels: int, residual_channels: int):
         super().__init__()
@@ -170,7 +169,8 @@ class Decoder(nn.Module):
 
 
 class Quantizer(nn.Module):
-    """Nearest-code quantiser with EMA codebook updates (van den Oord et al. 2017, appendix; Razavi et al. 2019).
+    """Nearest-code quantiser with EMA codebook updates (van den Oord et al. 2017, appendix; Razavi et al.
+    2019).
 
     Always fp32 (distances in bf16 pick wrong codes). `usage` counts assignments since the last `reset_usage`
     (one epoch in training); `restart_dead_codes` moves unused codes onto recent encoder outputs."""
@@ -296,11 +296,12 @@ class VQVAE2(nn.Module):
         return math.prod(self.rates)
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """Level-0 encoder output before quantisation: the LDM's latent (every level above is computed from it)."""
+        """Level-0 encoder output before quantisation: the LDM's latent (every level above is computed from
+        it)."""
         return self.encoders[0](x)
 
     def decode_latent(self, h0: torch.Tensor):
-        """Encoders 1.. on h0, then quantise and decode top-down. Returns (image, commitment diffs, code ids)."""
+        """Encoders 1.. on h0, then quantise and decode top-down. Returns (image, commitment diffs, ids)."""
         encoded = [h0]
         for encoder in self.encoders[1:]:
             encoded.append(encoder(encoded[-1]))
@@ -330,7 +331,8 @@ def check_input_shape(cfg: Config, model: VQVAE2) -> None:
     ):
         if rows % factor or cols % factor:
             raise UserError(
-                f"config: {name} {rows}x{cols} must be divisible by the product of model.scaling_rates ({factor})"
+                f"config: {name} {rows}x{cols} must be divisible by the product of model.scaling_rates "
+                f"({factor})"
             )
 
 
@@ -386,8 +388,9 @@ def train(
     resume: Path | None = None,
     argv: list[str] | None = None,
 ) -> Path:
-    """Train on clean mammograms; a checkpoint after every epoch and at the last step. `resume` continues exactly
-    where the checkpoint stopped, mid-epoch included: batch order depends only on (seed, epoch), RNGs are restored."""
+    """Train on clean mammograms; a checkpoint after every epoch and at the last step. `resume` continues
+    exactly where the checkpoint stopped, mid-epoch included: batch order depends only on (seed, epoch), RNGs
+    are restored."""
     dist = runtime.init_distributed(device_name)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
@@ -418,7 +421,8 @@ def train(
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
         n_params = sum(p.numel() for p in model.parameters())
         print(
-            f"data: {len(dataset)} training images ({cfg.data.path or 'synthetic'}); model {n_params / 1e6:.2f} M "
+            f"data: {len(dataset)} training images ({cfg.data.path or 'synthetic'}); model "
+            f"{n_params / 1e6:.2f} M "
             f"parameters, {cfg.model.levels} levels; device {device}, world size {dist.world_size}"
             + (f"; resumed from {resume} at step {step}" if resume else "")
         )
@@ -545,8 +549,9 @@ def mean_rows(scores: dict[str, list[dict]]) -> list[dict]:
 def evaluate(
     checkpoint: Path, out_dir: Path, device_name: str = "auto", data_path: str | None = None, overrides=None
 ) -> dict:
-    """Reconstruction of the clean test images beside the low-dose input (the dose model on the same canvas: the
-    input a restoration through this VQ-VAE has to beat) and a bicubic down/up at the bottom level's factor."""
+    """Reconstruction of the clean test images beside the low-dose input (the dose model on the same canvas:
+    the input a restoration through this VQ-VAE has to beat) and a bicubic down/up at the bottom level's
+    factor."""
     device = runtime.pick_device(device_name)
     model, cfg = load_vqvae(checkpoint, device)
     cfg = config_with_sets(Config, config_to_dict(cfg), overrides)
@@ -588,9 +593,11 @@ def evaluate(
     ]
     notes = [
         f"test split of {cfg.data.path or 'synthetic mammograms'}: {len(dataset)} images on the "
-        f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas; low-dose input: {dose_description(cfg.data)}",
-        "values: file range -> [0,1] (dense = bright), data_range 1; PSNR/SSIM/noise_std (std of output - clean) "
-        f"inside the breast mask, SSIM gaussian sigma {metrics.SSIM_SIGMA}; codebook use over the test images",
+        f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas; low-dose input: "
+        f"{dose_description(cfg.data)}",
+        "values: file range -> [0,1] (dense = bright), data_range 1; PSNR/SSIM/noise_std (std of output - "
+        f"clean) inside the breast mask, SSIM gaussian sigma {metrics.SSIM_SIGMA}; codebook use over the "
+        "test images",
         f"command: python {SCRIPT}.py evaluate --checkpoint {checkpoint}",
     ]
     runtime.print_metrics_table(rows, "VQ-VAE-2 reconstruction (test split)", out_dir / "metrics.json", notes)
@@ -646,7 +653,8 @@ def write_latents(model: VQVAE2, cfg: Config, out_dir: Path, device) -> tuple[li
 def extract_latents(
     checkpoint: Path, out_dir: Path, device_name: str = "auto", data_path: str | None = None, overrides=None
 ) -> Path:
-    """Paired clean / low-dose level-0 latents (fp16, one file per image) and `index.json` describing them: the
+    """Paired clean / low-dose level-0 latents (fp16, one file per image) and `index.json` describing them:
+    the
     VQ-VAE's fingerprint and the data config (canvas, dose) they were made with, which the LDM checks."""
     device = runtime.pick_device(device_name)
     model, cfg = load_vqvae(checkpoint, device)

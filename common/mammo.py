@@ -4,11 +4,12 @@ geometry that maps a mammogram to the model canvas and back, and the low-dose mo
 Pipeline (every step is undone on output by `paste_back`):
   file -> physical values (dicom_io.read_dicom, or a 16-bit PNG read as is)
        -> unit image in [0, 1], dense = bright: (v - lo) / (hi - lo) over the file's representable range
-          (DICOM BitsStored range after rescale, PNG dtype range); MONOCHROME1 is mirrored, (hi - v) / (hi - lo)
-       -> breast mask: threshold + largest connected component, so burned-in labels ("LCC", rulers) are not tissue
-       -> crop to the mask's bounding box, pixels outside the mask set to 0 (background)
-       -> flip left-right so the chest wall is on the left for every image (consistent laterality)
-       -> resize keeping the aspect ratio to fit the canvas (1024 x 768 by default), pad with 0 on the right and
+          (DICOM BitsStored range after rescale, PNG dtype range); MONOCHROME1 is mirrored, (hi - v) / (hi -
+          lo)
+       -> breast mask: threshold + largest connected component, so burned-in labels ("LCC", rulers) are not
+       tissue -> crop to the mask's bounding box, pixels outside the mask set to 0 (background) -> flip
+       left-right so the chest wall is on the left for every image (consistent laterality) -> resize keeping
+       the aspect ratio to fit the canvas (1024 x 768 by default), pad with 0 on the right and
           evenly above/below.
 Normalisation policy: a FIXED map from the file's representable value range (not per-image statistics), so the
 clean and low-dose images of a pair share it, it needs nothing but the header, and it inverts exactly.
@@ -48,7 +49,8 @@ class MammoDataConfig:
     synthetic_shape: list[int] = field(default_factory=lambda: [1280, 960])  # native size of synthetic images
     synthetic_train: int = 200
     synthetic_test: int = 16
-    # Low-dose model (see `degrade`): quanta = Poisson + electronic noise on a linear signal; gaussian = white noise
+    # Low-dose model (see `degrade`): quanta = Poisson + electronic noise on a linear signal; gaussian = white
+    # noise
     dose_model: str = "quanta"  # quanta | gaussian
     dose: float = 0.2  # fraction of the full dose
     quanta_full_dose: float = 4000.0  # detector quanta per CANVAS pixel behind no tissue at full dose
@@ -102,7 +104,8 @@ def read_mammogram(path: str | Path) -> Mammogram:
 
 
 def check_modality(ds, path: Path) -> None:
-    """Mammograms only: a CT or MR slice would be "restored" into nonsense without a word. CR/DX are allowed with
+    """Mammograms only: a CT or MR slice would be "restored" into nonsense without a word. CR/DX are allowed
+    with
     a warning (film digitisers and some older systems label mammograms so); a missing tag only warns."""
     found = str(ds.get("Modality", "") or "").strip().upper()
     if not found:
@@ -114,7 +117,7 @@ def check_modality(ds, path: Path) -> None:
 
 
 def synthetic_source(split: str, index: int, cfg: MammoDataConfig) -> Mammogram:
-    """A 14-bit MONOCHROME2 synthetic mammogram; every other one is a right breast (chest wall on the right)."""
+    """A 14-bit MONOCHROME2 synthetic mammogram; every other one is a right breast (chest wall right)."""
     rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, index])
     stored = synthetic.mammogram(tuple(cfg.synthetic_shape), rng, bits_stored=14)
     if index % 2:
@@ -170,16 +173,18 @@ def _cbis_rows(csvs: list[Path]) -> list[tuple[str, str, bool]]:
 
 
 def _cbis_ddsm(root: Path, csvs: list[Path], split: str) -> list[Path]:
-    """Split BY PATIENT across the Mass and Calc CSVs: the official Mass and Calc splits were drawn separately, so
-    one patient can be in Mass-Training and Calc-Test; such a patient goes wholly to test (the official test
-    side wins) and nobody is in both splits. UID folders and file names below the subject folder differ between
-    TCIA downloads, so the full-image DICOM is searched inside it (ROI and crop images live in `<subject>_1`)."""
+    """Split BY PATIENT across the Mass and Calc CSVs: the official Mass and Calc splits were drawn
+    separately, so one patient can be in Mass-Training and Calc-Test; such a patient goes wholly to test (the
+    official test side wins) and nobody is in both splits. UID folders and file names below the subject folder
+    differ between TCIA downloads, so the full-image DICOM is searched inside it (ROI and crop images live in
+    `<subject>_1`)."""
     rows = _cbis_rows(csvs)
     test_patients = {patient for _, patient, is_test in rows if is_test}
     moved = {patient for _, patient, is_test in rows if not is_test and patient in test_patients}
     if moved and split == "train":
         warnings.warn(
-            f"{root}: {len(moved)} patients are in both a training and a test CSV; all their images go to test",
+            f"{root}: {len(moved)} patients are in both a training and a test CSV; all their images go "
+            "to test",
             stacklevel=2,
         )
     subjects = [subject for subject, patient, _ in rows if (patient in test_patients) == (split == "test")]
@@ -239,8 +244,9 @@ def load_source(source: str, cfg: MammoDataConfig) -> Mammogram:
 
 
 def breast_mask(unit: np.ndarray, work_side: int = 512) -> np.ndarray:
-    """Breast = the largest bright connected component. Computed on a reduced copy (fast on 4.5k x 2.8k images;
-    median filter so low-dose noise does not fragment it); labels and markers are separate, smaller components."""
+    """Breast = the largest bright connected component. Computed on a reduced copy (fast on 4.5k x 2.8k
+    images; median filter so low-dose noise does not fragment it); labels and markers are separate, smaller
+    components."""
     h, w = unit.shape
     factor = max(1, math.ceil(max(h, w) / work_side))
     small = cv2.resize(unit, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
@@ -384,13 +390,13 @@ def degrade(unit: np.ndarray, cfg: MammoDataConfig, rng: np.random.Generator, ma
     """Simulate an acquisition at `cfg.dose` of the full dose from a clean unit image ON THE CANVAS.
 
     Why on the canvas: simulated at a 4.5k x 2.8k film's native resolution, the noise is averaged away by the
-    resize to the canvas (~19 native pixels per pixel at 1024 x 768, ~1,000 at 128 x 96), and the model would be
-    scored on a task with almost no noise. So `quanta_full_dose` counts quanta per canvas pixel and the noise
-    level the model sees is the same at every canvas and source resolution (docs/mammo.md lists it per preset).
-    quanta: unit' = -log(Poisson(dose N) + Normal(0, electronic_noise)) / attenuation_range with
-    N = quanta_full_dose exp(-attenuation_range unit); the clean image is the expected signal, so noise is
-    signal dependent (dense = fewer quanta = more noise) and grows as 1/sqrt(dose). gaussian (for comparison):
-    unit + Normal(0, gaussian_sigma_full / sqrt(dose)). Pixels outside `mask` (background) are left as they are.
+    resize to the canvas (~19 native pixels per pixel at 1024 x 768, ~1,000 at 128 x 96), and the model would
+    be scored on a task with almost no noise. So `quanta_full_dose` counts quanta per canvas pixel and the
+    noise level the model sees is the same at every canvas and source resolution (docs/mammo.md lists it per
+    preset). quanta: unit' = -log(Poisson(dose N) + Normal(0, electronic_noise)) / attenuation_range with N =
+    quanta_full_dose exp(-attenuation_range unit); the clean image is the expected signal, so noise is signal
+    dependent (dense = fewer quanta = more noise) and grows as 1/sqrt(dose). gaussian (for comparison): unit +
+    Normal(0, gaussian_sigma_full / sqrt(dose)). Pixels outside `mask` (background) are left as they are.
     """
     _check_dose(cfg)
     if cfg.dose_model == "gaussian":
@@ -410,9 +416,10 @@ def noise_variance(unit: np.ndarray, cfg: MammoDataConfig) -> np.ndarray:
 
 
 def bm3d_anscombe(low_unit: np.ndarray, cfg: MammoDataConfig, mask: np.ndarray) -> np.ndarray:
-    """BM3D on the generalised-Anscombe-transformed counts (Makitalo & Foi 2013): counts are recovered from the
-    log image with the dose model, 2 sqrt(c + 3/8 + e^2) makes their noise ~unit Gaussian, BM3D (sigma 1)
-    denoises, the asymptotically unbiased inverse (A/2)^2 - 1/8 - e^2 and the log map back. Gaussian dose model:
+    """BM3D on the generalised-Anscombe-transformed counts (Makitalo & Foi 2013): counts are recovered from
+    the log image with the dose model, 2 sqrt(c + 3/8 + e^2) makes their noise ~unit Gaussian, BM3D (sigma 1)
+    denoises, the asymptotically unbiased inverse (A/2)^2 - 1/8 - e^2 and the log map back. Gaussian dose
+    model:
     plain BM3D with the known sigma."""
     import bm3d
 
@@ -498,7 +505,8 @@ def prepare(m: Mammogram, cfg: MammoDataConfig, unit: np.ndarray | None = None) 
 def epoch_order(
     n_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> list[int]:
-    """This rank's sample indices for one epoch, whole batches only. The order depends on (seed, epoch) alone, not
+    """This rank's sample indices for one epoch, whole batches only. The order depends on (seed, epoch) alone,
+    not
     on the global RNG, so a run resumed mid-epoch skips exactly the batches it already trained on."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     per_rank = n_items // (world_size * batch_size) * batch_size
@@ -523,9 +531,10 @@ def random_crop(shape, crop, mask: np.ndarray, rng: np.random.Generator) -> tupl
 class MammoDataset(torch.utils.data.Dataset):
     """Canvas tensors (1, rows, cols) in [-1, 1]: 'clean', 'degraded' (when paired), 'mask' (breast, 0/1).
 
-    Noise is redrawn every epoch (set `.epoch`) unless `fixed_noise`, which evaluation and latent extraction use
-    so that their pairs are reproducible. `crop` (rows, cols): a random crop centred in the breast per item and
-    epoch (training on crops of the full canvas is how a CPU trains the convolutional models at 1024 x 768);
+    Noise is redrawn every epoch (set `.epoch`) unless `fixed_noise`, which evaluation and latent extraction
+    use so that their pairs are reproducible. `crop` (rows, cols): a random crop centred in the breast per
+    item and epoch (training on crops of the full canvas is how a CPU trains the convolutional models at 1024
+    x 768);
     `repeats`: each image appears that many times per epoch (several crops of few large images)."""
 
     def __init__(
@@ -569,7 +578,7 @@ class MammoDataset(torch.utils.data.Dataset):
 
 
 def resume_rng(rng: dict, world_size: int, rank: int, seed: int) -> None:
-    """Exact continuation on one process; under DDP each rank reseeds (the checkpoint holds rank 0's state)."""
+    """Exact continuation on one process; under DDP each rank reseeds (the checkpoint holds rank 0's RNG)."""
     from common import runtime
 
     if world_size == 1:

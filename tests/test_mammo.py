@@ -1,6 +1,7 @@
-"""mammo_vqvae.py + mammo_ldm.py through their CLIs (subprocesses, tiny preset, synthetic mammograms): the chain
-train -> evaluate -> extract-latents -> train LDM -> restore -> evaluate, run once per module; refusals (latents
-of another canvas/dose/VQ-VAE, non-mammography input), no empty run folder on failure, the scripts copied into an
+"""mammo_vqvae.py + mammo_ldm.py through their CLIs (subprocesses, tiny preset, synthetic mammograms): the
+chain train -> evaluate -> extract-latents -> train LDM -> restore -> evaluate, run once per module; refusals
+(latents of another canvas/dose/VQ-VAE, non-mammography input), no empty run folder on failure, the scripts
+copied into an
 empty folder, mid-epoch resume and the large RLE DICOM (slow)."""
 
 import json
@@ -59,7 +60,8 @@ def one_error_line(proc, starts: str) -> str:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """train VQ-VAE -> evaluate -> extract-latents -> train LDM on them -> restore a DICOM -> evaluate the LDM."""
+    """train VQ-VAE -> evaluate -> extract-latents -> train LDM on them -> restore a DICOM -> evaluate the
+    LDM."""
     base = tmp_path_factory.mktemp("mammo")
     vq, ldm = base / "vq", base / "ldm"
     run_cli("mammo_vqvae.py", ["train", "--out", vq, *TINY, "--set", "train.max_epochs=3"])

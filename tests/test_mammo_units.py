@@ -1,5 +1,6 @@
-"""mammo_vqvae.py + mammo_ldm.py in-process units: the dose model, the CBIS-DDSM patient split, modality checks,
-the quantiser, the DDIM grid and time embedding, and restoration through the real sampler and decoder with an
+"""mammo_vqvae.py + mammo_ldm.py in-process units: the dose model, the CBIS-DDSM patient split, modality
+checks, the quantiser, the DDIM grid and time embedding, and restoration through the real sampler and decoder
+with an
 oracle predictor (fails when restoration is broken)."""
 
 from pathlib import Path
