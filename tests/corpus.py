@@ -8,6 +8,7 @@ Everything is small (48x48 CT, 96x80 MG) so that commands reach the point where 
 from __future__ import annotations
 
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,18 @@ def _series(
     return folder
 
 
+def _anonymise(target: Path, sources: list[Path]) -> Path:
+    """Copies of `sources` with the identifiers an anonymiser blanks: one file (target ends in .dcm) or a
+    folder of them. The file meta keeps no SOP Class either, so nothing is left to copy it from."""
+    for source in sources:
+        ds = pydicom.dcmread(source)
+        ds.SOPClassUID = ds.SOPInstanceUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+        ds.pop("FrameOfReferenceUID", None)
+        ds.file_meta.MediaStorageSOPClassUID = ds.file_meta.MediaStorageSOPInstanceUID = ""
+        ds.save_as(target if target.suffix == ".dcm" else target / source.name, enforce_file_format=False)
+    return target
+
+
 def _nifti(path: Path, data_xyz: np.ndarray, affine: np.ndarray) -> Path:
     image = nib.Nifti1Image(np.asarray(data_xyz, np.float32), None)
     image.header.set_sform(affine, code=1)  # sform only: a singular affine has no qform decomposition
@@ -224,6 +237,20 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     add("mr", sorted(mr_folder.iterdir())[0], "dicom", "MR image given to a CT-only command")
     add("series_mr", mr_folder, "series", "MR series given to a CT-only command")
 
+    # anonymised: the type-1 identifiers blanked as many anonymisers leave them (valid images otherwise)
+    add(
+        "dicom_empty_uids",
+        _anonymise(root / "empty_uids.dcm", [ct]),
+        "dicom",
+        "SOPClassUID, Study/Series/SOP Instance UIDs empty, FrameOfReferenceUID missing",
+    )
+    anonymised = root / "series_empty_uids"
+    anonymised.mkdir(exist_ok=True)
+    slices = sorted(_series(root / "series_for_anon", vol, [2.0 * k for k in range(6)]).iterdir())
+    _anonymise(anonymised, slices)
+    shutil.rmtree(root / "series_for_anon")
+    add("series_empty_uids", anonymised, "series", "the same, for every slice of a 6-slice series")
+
     # folders
     study = generate_uid()
     _series(root / "series_two", vol[:3], [0.0, 2.0, 4.0], study_uid=study)
@@ -262,6 +289,12 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
         "nifti",
         "4-D (3 time points)",
     )
+    add(
+        "nifti_short",
+        _nifti(root / "short.nii.gz", vol[:6].transpose(2, 1, 0), np.diag([0.8, 0.8, 2.0, 1.0])),
+        "nifti",
+        "6 slices: shorter than an 11-voxel 3-D SSIM window",
+    )
     sheared = np.array([[0.8, 0.0, 0.5, 0.0], [0.0, 0.8, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0, 0, 0, 1.0]])
     add(
         "nifti_sheared",
@@ -287,6 +320,10 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
         "defaults:\n  train: {lr: fast}\npresets:\n  full: {}\n  tiny: {}\n"
     )
     add("yaml_wrong_type", root / "wrong_type.yaml", "yaml", "train.lr: 'fast' is not a number")
+    (root / "partial.yaml").write_text("train: {lr: 2.0e-6}\n")
+    add("yaml_partial", root / "partial.yaml", "yaml", "a partial override file (one value), as users write")
+    (root / "defaults_only.yaml").write_text("defaults:\n  train: {lr: 2.0e-6}\n")
+    add("yaml_defaults_only", root / "defaults_only.yaml", "yaml", "`defaults` without `presets`")
     (root / "python_tag.yaml").write_text("defaults: !!python/object/apply:os.system ['touch PWNED']\n")
     add("yaml_python_tag", root / "python_tag.yaml", "yaml", "!!python/object tag (unsafe YAML)")
 
