@@ -54,12 +54,8 @@ NO_DATA_HU = -1100.0  # below air: scanner padding outside the field of view (-3
 
 @dataclass
 class DataConfig:
-    path: str | None = (
-        None  # folder written by `prepare` (train.txt/val.txt/test.txt); None: synthetic phantoms
-    )
-    hr_spacing_mm: float = (
-        1.0  # HR volumes are resampled along z to this spacing (the model's output spacing)
-    )
+    path: str | None = None  # folder written by `prepare` (train/val/test.txt); None: synthetic phantoms
+    hr_spacing_mm: float = 1.0  # HR volumes are resampled to it along z: the model's output spacing
     target_spacing_mm: float = 3.0  # simulated LR slice spacing
     target_thickness_mm: float = 3.0  # FWHM of the slice sensitivity profile
     profile: str = "gaussian"  # gaussian | rect
@@ -80,9 +76,7 @@ class UNetConfig:
 
 @dataclass
 class VAEConfig:
-    channels: list[int] = field(
-        default_factory=lambda: [64, 128, 256, 512]
-    )  # 3 downsamplings: f = 8 per axis
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # 3 downsamplings: f = 8
     latent_channels: int = 4
     kl_weight: float = 1e-6
 
@@ -105,17 +99,14 @@ class TrainConfig:
     lr: float = 1e-4
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    loss_window_hu: tuple[float, float] = (
-        -1024.0,
-        2048.0,
-    )  # HU-aware loss: L1 + SSIM + gradient in this window
+    loss_window_hu: tuple[float, float] = (-1024.0, 2048.0)  # HU-aware L1 + SSIM + gradient in this window
     loss_l1: float = 1.0
     loss_ssim: float = 0.1
     loss_gradient: float = 0.1
     seed: int = 0
     log_every: int = 50
-    ckpt_every: int = 1000  # also the validation interval: best.pt keeps the EMA weights of the best val loss
-    val_batches: int = 8  # fixed validation batches drawn from val.txt (or the validation phantoms)
+    ckpt_every: int = 1000  # also the validation interval: best.pt = EMA weights of the best val loss
+    val_batches: int = 8  # fixed validation batches from val.txt (or the validation phantoms)
     amp: str = "auto"
     compile: str = "auto"
     channels_last: str = "auto"
@@ -123,11 +114,7 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    patch_lr: tuple[int, int, int] = (
-        16,
-        192,
-        192,
-    )  # LR slices, rows, cols per inference patch (bounds memory)
+    patch_lr: tuple[int, int, int] = (16, 192, 192)  # LR slices, rows, cols per patch (bounds memory)
     overlap: float = 0.25  # fraction of a patch shared with its neighbour, 0 <= overlap < 1
     sample_steps: int = 15  # ResShift sampling steps on the trailing grid (<= ldm.timesteps)
     guidance_scale: float = 1.0  # 1 = plain conditional sampling; > 1 = classifier-free guidance
@@ -159,21 +146,14 @@ def slice_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(columns[2]) / spacing))
 
 
-def axis_first(vol: nifti_io.Volume, axis: int) -> nifti_io.Volume:
-    """The same voxels and patient geometry with hu axis `axis` moved to axis 0 (the affine's columns follow);
-    `axis_first(v, a)` is undone by `axis_back(v, a)`."""
+def axis_first(vol: nifti_io.Volume, axis: int, back: bool = False) -> nifti_io.Volume:
+    """The same voxels and patient geometry with hu axis `axis` moved to axis 0 (the affine's columns
+    follow); `back=True` undoes it."""
     order = [axis] + [a for a in range(3) if a != axis]
+    order = [int(i) for i in np.argsort(order)] if back else order
     affine = np.array(vol.affine, np.float64)
     affine[:3, :3] = affine[:3, [2 - order[2 - c] for c in range(3)]]
-    return nifti_io.Volume(np.moveaxis(vol.hu, axis, 0), affine, vol.meta)
-
-
-def axis_back(vol: nifti_io.Volume, axis: int) -> nifti_io.Volume:
-    order = [axis] + [a for a in range(3) if a != axis]
-    inverse = [int(i) for i in np.argsort(order)]
-    affine = np.array(vol.affine, np.float64)
-    affine[:3, :3] = affine[:3, [2 - inverse[2 - c] for c in range(3)]]
-    return nifti_io.Volume(np.ascontiguousarray(vol.hu.transpose(inverse)), affine, vol.meta)
+    return nifti_io.Volume(np.ascontiguousarray(vol.hu.transpose(order)), affine, vol.meta)
 
 
 def check_geometry(affine: np.ndarray, source) -> None:
@@ -292,9 +272,7 @@ def hr_views(vol: nifti_io.Volume, cfg: DataConfig, source) -> list[np.ndarray]:
         view = axis_first(vol, axis)
         spacing, n = view.spacing_mm[0], view.hu.shape[0]
         if spacing <= cfg.hr_spacing_mm * 1.05 and n > 1:
-            positions = (
-                np.arange(0, (n - 1) * spacing / cfg.hr_spacing_mm + 1e-6) * cfg.hr_spacing_mm / spacing
-            )
+            positions = np.arange(0, n - 1 + 1e-6, cfg.hr_spacing_mm / spacing)
             views.append(compact(sample_z(view.hu, positions)))
         elif axis == 0:
             warnings.warn(
@@ -717,9 +695,7 @@ class Predictor:
         self.model = load_weights(net, weights, checkpoint).to(device).eval()
         self.schedule, self.scale = ResShift(self.cfg.ldm, device), float(self.state["latent_scale"])
         self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        trailing_timesteps(
-            self.cfg.ldm.timesteps, infer.sample_steps
-        )  # a bad step count fails before any work
+        trailing_timesteps(self.cfg.ldm.timesteps, infer.sample_steps)  # a bad count fails before any work
 
     def __call__(self, lr: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
         interp = lerp_z(lr.to(self.device), rel.to(self.device))
@@ -852,9 +828,7 @@ def train(
     dist = runtime.init_distributed(device_name)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
-    vols, data_desc = load_volumes(
-        cfg.data, "train", cfg.train.seed
-    )  # bad data fails before anything is written
+    vols, data_desc = load_volumes(cfg.data, "train", cfg.train.seed)  # bad data: fails before any write
     val_vols, _ = load_volumes(cfg.data, "val", cfg.train.seed) if dist.is_main else ([], "")
     if dist.is_main and not val_vols:
         warnings.warn("no validation volumes (val.txt empty): best.pt is the latest checkpoint", stacklevel=2)
@@ -878,13 +852,8 @@ def train(
     schedule, scale = ResShift(cfg.ldm, device), extra.get("latent_scale", 1.0)
     ratio = cfg.data.target_spacing_mm / cfg.data.hr_spacing_mm
     if dist.is_main:
-        print(
-            f"{kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {data_desc}; "
-            f"val: {len(val_vols)} volumes; x{ratio:g} ({cfg.data.target_spacing_mm} mm spacing, "
-            f"{cfg.data.target_thickness_mm} mm {cfg.data.profile} profile -> {cfg.data.hr_spacing_mm} mm); "
-            f"device {device}, world {dist.world_size}"
-        )
-    ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{kind}: {n_params:.2f} M parameters; {data_desc}; {len(val_vols)} val views; x{ratio:g}")
     per_rank = max(1, cfg.train.batch_size // dist.world_size)
     log_dir = out_dir if dist.is_main else None  # rank 0 writes the records, other ranks stay silent
     facts = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "factor": ratio, **extra}
@@ -897,7 +866,7 @@ def train(
             lr, hr, pos = tensor_batch(vols, cfg, per_rank, rng, device)
             with runtime.amp_autocast(device, use_amp):
                 loss = batch_loss(kind, net, lr, hr, pos, cfg, vae, schedule, scale)
-            runtime.stop_if_not_finite(loss, step, ckpt_path)
+            runtime.stop_if_not_finite(loss, step, out_dir / "checkpoint.pt")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -909,24 +878,26 @@ def train(
                 if val_vols:
                     args = (cfg, vae, schedule, scale, device)
                     scalars["val_loss"] = validation_loss(kind, ema.module, val_vols, *args)
-                val = scalars.get("val_loss")
-                better = val is None or val <= facts.get("best_val_loss", math.inf)
-                if better:
-                    facts.update(
-                        {"best_step": step} if val is None else {"best_step": step, "best_val_loss": val}
-                    )
-                state = {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                }
-                runtime.save_checkpoint(
-                    ckpt_path, {**facts, **state, "step": step, "rng": runtime.rng_state()}
-                )
-                if better:
-                    runtime.save_checkpoint(best_path, {**facts, "ema": ema.state_dict(), "step": step})
+                save_checkpoints(out_dir, facts, step, scalars.get("val_loss"), (model, ema, optimizer))
             progress.log(step, **scalars)
-    return best_path
+    return out_dir / "best.pt"
+
+
+def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | None, training) -> None:
+    """checkpoint.pt: all that --resume needs; best.pt: the EMA weights of the lowest validation loss so far
+    (without validation volumes, the latest)."""
+    model, ema, optimizer = training
+    better = val_loss is None or val_loss <= facts.get("best_val_loss", math.inf)
+    if better:
+        facts.update(
+            {"best_step": step} if val_loss is None else {"best_step": step, "best_val_loss": val_loss}
+        )
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+    runtime.save_checkpoint(
+        out_dir / "checkpoint.pt", {**facts, **state, "step": step, "rng": runtime.rng_state()}
+    )
+    if better:
+        runtime.save_checkpoint(out_dir / "best.pt", {**facts, "ema": ema.state_dict(), "step": step})
 
 
 # --- evaluate ---
@@ -982,9 +953,7 @@ def evaluation_volume(cfg: Config, hr_path: Path | None, thin_axis: str) -> tupl
     if hr_path is None:
         shape, px = tuple(cfg.data.phantom_shape), cfg.data.phantom_pixel_mm
         hu = phantom(cfg.data, 10**6 + 999).astype(np.float32)
-        source = (
-            f"held-out synthetic phantom {shape} (seed {10**6 + 999}, noise {cfg.data.phantom_noise_hu} HU)"
-        )
+        source = f"held-out phantom {shape} (seed {10**6 + 999}, noise {cfg.data.phantom_noise_hu} HU)"
         return nifti_io.Volume(hu, np.diag([px, px, cfg.data.hr_spacing_mm, 1.0]), {}), source
     if thin_axis not in ("auto", "k", "j", "i"):
         raise UserError(f"--thin-axis must be auto, k, j or i, got '{thin_axis}'")
@@ -1060,9 +1029,7 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
 
 
 def save_reformats(out_dir: Path, outputs: dict, ref: np.ndarray, spacing_zyx, window) -> None:
-    last = [name for name in outputs if "ceiling" not in name][
-        -1
-    ]  # the error panel: the most elaborate method
+    last = [name for name in outputs if "ceiling" not in name][-1]  # error panel: the most elaborate method
     for axis, view in ((2, "sagittal"), (1, "coronal")):
         images = [reformat(a, axis, spacing_zyx) for a in [*outputs.values(), ref, outputs[last] - ref]]
         viz.save_panel(
@@ -1088,39 +1055,39 @@ def too_thin(vol: nifti_io.Volume, cfg: DataConfig) -> str | None:
     return None
 
 
-def patient_of(vol: nifti_io.Volume, fallback: str) -> str:
-    ds = vol.meta["datasets"][0]
-    return "".join(c if c.isalnum() or c in "-." else "-" for c in str(ds.get("PatientID", "") or fallback))
+def read_candidate(path: Path) -> nifti_io.Volume | None:
+    try:
+        return nifti_io.read_volume(path, "CT")
+    except UserError as exc:
+        if path.is_file():  # a broken NIfTI is the user's to fix; a folder without one series is skipped
+            raise
+        print(f"skipped: {exc}", file=sys.stderr)
+        return None
 
 
 def collect_volumes(input_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, list[str]]:
     """NIfTI files listed as they are (patient = file name up to the first '_'), DICOM series (one per
     folder) written as NIfTI in HU; volumes too thin for a training patch are left out with a warning."""
-    patients: dict[str, list[str]] = {}
     niftis = sorted(p for p in input_dir.rglob("*") if p.name.endswith((".nii", ".nii.gz")) and p.is_file())
-    for path in niftis:
-        reason = too_thin(nifti_io.read_nifti(path), cfg)
+    folders = sorted({p.parent for p in input_dir.rglob("*") if p.is_file() and p not in niftis})
+    patients: dict[str, list[str]] = {}
+    for i, path in enumerate([*niftis, *folders]):
+        vol = read_candidate(path)
+        reason = vol is not None and too_thin(vol, cfg)
         if reason:
             warnings.warn(f"{path}: left out of the split lists: {reason}", stacklevel=2)
+        if vol is None or reason:
             continue
-        patient = path.name.split("_")[0].removesuffix(".nii.gz").removesuffix(".nii")
-        patients.setdefault(patient, []).append(str(path.resolve()))
-    folders = sorted({p.parent for p in input_dir.rglob("*") if p.is_file() and p not in niftis})
-    for i, folder in enumerate(folders):
-        try:
-            vol = dicom_io.read_dicom_series(folder, "CT")
-        except UserError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            continue
-        reason = too_thin(vol, cfg)
-        if reason:
-            warnings.warn(f"{folder}: left out of the split lists: {reason}", stacklevel=2)
-            continue
-        patient = patient_of(vol, folder.name)
-        name = f"{patient}_{i:04d}.nii.gz"
-        nifti_io.write_nifti(out_dir / name, nifti_io.Volume(vol.hu, vol.affine, {}))
+        if path.is_file():
+            patient, name = path.name.split("_")[0].split(".nii")[0], str(path.resolve())
+        else:
+            ds = vol.meta["datasets"][0]
+            patient_id = str(ds.get("PatientID", "") or path.name)
+            patient = "".join(c if c.isalnum() or c in "-." else "-" for c in patient_id)
+            name = f"{patient}_{i:04d}.nii.gz"
+            nifti_io.write_nifti(out_dir / name, nifti_io.Volume(vol.hu, vol.affine, {}))
+            print(f"{path} -> {name} {vol.hu.shape} spacing {tuple(round(s, 3) for s in vol.spacing_mm)} mm")
         patients.setdefault(patient, []).append(name)
-        print(f"{folder} -> {name} {vol.hu.shape} spacing {tuple(round(s, 3) for s in vol.spacing_mm)} mm")
     return patients
 
 
@@ -1174,9 +1141,7 @@ def choose_factor(
     return factor
 
 
-def upsample_file(
-    checkpoint, input_path, output, factor=None, cfg=None, device_name="auto", log_dir=None, spacing_mm=None
-):
+def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device_name="auto", spacing_mm=None):
     """LR NIfTI or DICOM series in; NIfTI in HU out (and a DICOM series for DICOM input). Everything is read
     and checked before anything is written."""
     if not output.name.endswith((".nii", ".nii.gz")):
@@ -1199,24 +1164,8 @@ def upsample_file(
     with Measure() as mem:
         sr = upsample_hu(work.hu, positions, model, model.cfg, no_data_mask(work))
     meta = {k: v for k, v in vol.meta.items() if k == "nifti_header"}
-    sr_vol = axis_back(nifti_io.Volume(sr, resampled_affine(work.affine, positions), meta), axis)
+    sr_vol = axis_first(nifti_io.Volume(sr, resampled_affine(work.affine, positions), meta), axis, back=True)
     written = write_outputs(sr_vol, vol, output, dicom_dir, f"ct_throughplane_sr {model.kind} x{factor:g}")
-    record = {
-        "input": str(input_path),
-        "output": [str(p) for p in written],
-        "kind": model.kind,
-        "factor": factor,
-        "slice_axis": "kji"[axis],
-        "shape_in": list(vol.hu.shape),
-        "shape_out": list(sr_vol.hu.shape),
-        "time_s": round(mem.seconds, 3),
-        "peak_rss_mb": mem.peak_rss_mb,
-        "device": str(device),
-    }
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with runtime.atomic_path(log_dir / "upsample.json") as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
     print(
         f"{vol.hu.shape} -> {sr_vol.hu.shape} (x{factor:g} along {'kji'[axis]}) in {mem.seconds:.1f} s, "
         f"peak RSS {mem.peak_rss_mb} MB; wrote {', '.join(map(str, written))}"
@@ -1304,7 +1253,6 @@ def upsample_cmd(
     output: Path = typer.Option(..., "--output", help="SR.nii.gz (+ SR_dicom/ for DICOM input)"),
     factor: float = typer.Option(None, "--factor", help="slice spacing divisor (default: from --spacing-mm)"),
     spacing_mm: float = typer.Option(None, "--spacing-mm", help="output slice spacing (default: model's HR)"),
-    out: Path = typer.Option(None, "--out", help="optional folder for upsample.json (time, memory)"),
     config: list[Path] | None = ConfigOpt,
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
@@ -1312,7 +1260,7 @@ def upsample_cmd(
 ):
     """Upsample an LR volume along its slice axis; model from the checkpoint, infer.* from the config."""
     cfg = build_config(config, preset, set_)
-    upsample_file(checkpoint, input, output, factor, cfg, device, out, spacing_mm)
+    upsample_file(checkpoint, input, output, factor, cfg, device, spacing_mm)
 
 
 @app.command("evaluate")
