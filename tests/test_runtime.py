@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from common import UserError, runtime
+from common import UserError, files, runtime
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    # one implementation, torch-free in common.files; runtime re-exports it for the scripts
+    assert runtime.atomic_path is files.atomic_path
+    assert runtime.refuse_overwrite_input is files.refuse_overwrite_input
     target = tmp_path / "out.bin"
     target.write_bytes(b"good")
     with pytest.raises(RuntimeError), runtime.atomic_path(target) as tmp:
@@ -60,6 +63,11 @@ def test_refuse_overwrite_input(tmp_path):
     with pytest.raises(UserError, match="overwrite the input"):
         runtime.refuse_overwrite_input(tmp_path / "." / "in.dcm", f)
     runtime.refuse_overwrite_input(tmp_path / "out.dcm", f)
+    series = tmp_path / "series"
+    series.mkdir()
+    with pytest.raises(UserError, match="overwrite the input"):  # a DICOM written into the input folder
+        files.refuse_overwrite_input(series / "new.dcm", series)
+    files.refuse_overwrite_input(series / "preview.png", series)  # only DICOM-like names are refused there
 
 
 def test_switches_and_devices():
