@@ -126,7 +126,7 @@ def test_axis_first_keeps_every_voxel_where_it_was(axis):
         new = [kji[axis]] + [kji[a] for a in range(3) if a != axis]
         assert moved.hu[tuple(new)] == vol.hu[k, j, i]
         np.testing.assert_allclose(moved.affine @ [*new[::-1], 1], affine @ [i, j, k, 1], atol=1e-9)
-    back = sr.axis_back(moved, axis)
+    back = sr.axis_first(moved, axis, back=True)
     np.testing.assert_array_equal(back.hu, vol.hu)
     np.testing.assert_allclose(back.affine, affine)
 
