@@ -97,9 +97,8 @@ class SampleConfig:
     n_samples: int = 3
     patch_size: int = 256  # inference tile in output pixels
     overlap: int = 128
-    tile_batch: int = (
-        1  # tiles of one tile row per forward pass (x n_samples); full UNet: ~0.7 GB per 256^2 x 3
-    )
+    # tiles of one tile row per forward pass (x n_samples); full UNet: ~0.7 GB per 256^2 x 3
+    tile_batch: int = 1
 
 
 @dataclass
@@ -109,9 +108,7 @@ class EvalConfig:
     degradations: list[str] = field(default_factory=lambda: ["matched", "area", "gaussian+noise"])
     gaussian_fwhm: float = 1.0
     noise: float = 0.005  # std of `+noise`, as a fraction of the image's 0.5-99.5 percentile range
-    crop: int = (
-        0  # evaluate the central crop x crop pixels of each image (0: the whole image): bounds CPU time
-    )
+    crop: int = 0  # > 0: evaluate the central crop x crop pixels of each image (bounds the CPU time)
 
 
 @dataclass
@@ -130,19 +127,15 @@ DEGRADATIONS = ("matched", "area", "gaussian")
 def check_config(cfg: Config, factor: int) -> None:
     if factor < 2 or factor > 8:
         raise UserError(f"--upscale must be an integer from 2 to 8, got {factor}")
-    if cfg.data.interpolation not in ("bilinear", "nearest-exact"):
-        raise UserError(
-            f"config: data.interpolation must be bilinear or nearest-exact, not {cfg.data.interpolation}"
-        )
-    if cfg.sample.sampler not in ("ddpm", "ddim"):
-        raise UserError(f"config: sample.sampler must be ddpm or ddim, got {cfg.sample.sampler}")
-    if cfg.diffusion.schedule not in ("cosine", "linear") or cfg.train.lr_schedule not in (
-        "constant",
-        "cosine",
-    ):
-        raise UserError(
-            "config: diffusion.schedule must be cosine|linear and train.lr_schedule constant|cosine"
-        )
+    choices = {
+        "data.interpolation": (cfg.data.interpolation, ("bilinear", "nearest-exact")),
+        "sample.sampler": (cfg.sample.sampler, ("ddpm", "ddim")),
+        "diffusion.schedule": (cfg.diffusion.schedule, ("cosine", "linear")),
+        "train.lr_schedule": (cfg.train.lr_schedule, ("constant", "cosine")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"config: {key} must be one of {', '.join(allowed)}, got {value}")
     if not 0 <= cfg.sample.overlap < cfg.sample.patch_size or cfg.sample.n_samples < 1:
         raise UserError("config: need 0 <= sample.overlap < sample.patch_size and sample.n_samples >= 1")
     if not all(0.1 <= s <= 1.0 for s in cfg.data.scales) or not cfg.data.scales:
@@ -164,17 +157,14 @@ class Normaliser:
 
     @classmethod
     def fit(cls, values: np.ndarray, percentiles: tuple[float, float]) -> Normaliser:
-        lo, hi = (
-            float(v) for v in np.percentile(values, percentiles)
-        )  # no float64 copy of a 12 M-pixel image
+        lo, hi = (float(v) for v in np.percentile(values, percentiles))
         return cls(lo, hi if hi > lo else lo + 1.0)
 
     def forward(self, values: np.ndarray) -> np.ndarray:
         out = np.empty(values.shape, np.float32)
         for r in range(0, len(values), 256):  # row blocks: float64 temporaries stay small
-            out[r : r + 256] = (values[r : r + 256].astype(np.float64) - self.lo) / (
-                self.hi - self.lo
-            ) * 2.0 - 1.0
+            block = values[r : r + 256].astype(np.float64)
+            out[r : r + 256] = (block - self.lo) / (self.hi - self.lo) * 2.0 - 1.0
         return out
 
     def inverse(self, x: np.ndarray) -> np.ndarray:
@@ -190,9 +180,7 @@ def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
     if values.ndim != 2 or min(values.shape) < 16:
         raise UserError(f"{path}: image of shape {values.shape} is too small (need at least 16x16 pixels)")
     pad = dicom_io.padding_mask(values, ds)
-    del (
-        ds.PixelData
-    )  # outputs need only the header: 25 MB fewer for a 4.5k x 2.8k input (twice, with the std's)
+    del ds.PixelData  # outputs need only the header: 25 MB fewer for a 4.5k x 2.8k input
     if pad is not None and pad.all():
         raise UserError(f"{path}: every pixel is PixelPaddingValue; nothing to super-resolve")
     pad = pad if pad is not None and pad.any() else None
@@ -355,7 +343,7 @@ class ResBlock(nn.Module):
         self.block1 = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.time = nn.Linear(tdim, cout)
         self.block2 = nn.Sequential(
-            norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+            norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, 1, 1)
         )
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -382,24 +370,17 @@ class UNet(nn.Module):
             if level < len(mults) - 1:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
-        self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, tdim, cfg.dropout), ResBlock(cur, cur, tdim, cfg.dropout)]
-        )
+        self.mid = nn.ModuleList([ResBlock(cur, cur, tdim, cfg.dropout) for _ in range(2)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for _ in range(cfg.num_res_blocks + 1):
                 self.up.append(ResBlock(cur + skips.pop(), ch * mult, tdim, cfg.dropout))
                 cur = ch * mult
             if level > 0:
-                self.up.append(
-                    nn.Sequential(
-                        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)
-                    )
-                )
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cur, cur, 3, padding=1)))
         self.out = nn.Sequential(norm(cur), nn.SiLU(), nn.Conv2d(cur, 1, 3, padding=1))
-        nn.init.zeros_(
-            self.out[-1].weight
-        )  # starts as bicubic: training can only add detail to a sane baseline
+        # zero-initialised: the model starts as bicubic; training can only add detail to a sane baseline
+        nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -426,9 +407,7 @@ class Schedule:
             f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         else:  # DDPM's linear betas, rescaled so T=200 covers the same noise range as T=1000
-            betas = torch.linspace(
-                1e-4 * 1000 / timesteps, 0.02 * 1000 / timesteps, timesteps, dtype=torch.float64
-            )
+            betas = torch.linspace(0.1 / timesteps, 20 / timesteps, timesteps, dtype=torch.float64)
         self.T = timesteps
         self.betas = betas
         self.abar = torch.cumprod(1 - betas, 0)
@@ -470,9 +449,7 @@ def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample(
-    model, schedule: Schedule, cond: torch.Tensor, cfg: SampleConfig, gen: torch.Generator
-) -> torch.Tensor:
+def sample(model, schedule: Schedule, cond: torch.Tensor, cfg: SampleConfig, gen: torch.Generator):
     """x0 samples given the upsampled LR `cond` (B, 1, H, W); noise from `gen` so runs are reproducible."""
     x = torch.randn(cond.shape, generator=gen).to(cond.device)
     if cfg.sampler == "ddpm":
@@ -514,9 +491,7 @@ def perceptual_status(cfg: TrainConfig) -> tuple[nn.Module | None, str]:
     return losses.PerceptualLoss(vgg), f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
 
 
-def resume_training(
-    path: Path, model: UNet, optimizer, gen: torch.Generator, cfg: Config, factor: int
-) -> int:
+def resume_training(path: Path, model: UNet, optimizer, gen, cfg: Config, factor: int) -> int:
     """Load a train_state.pt of this run into model, optimiser and both RNGs; returns the step it reached."""
     state = runtime.load_checkpoint(path, SCRIPT)
     try:
@@ -533,11 +508,9 @@ def resume_training(
 
 
 def sampler_steps(cfg: Config) -> int:
-    return (
-        min(cfg.sample.ddim_steps, cfg.diffusion.timesteps)
-        if cfg.sample.sampler == "ddim"
-        else cfg.diffusion.timesteps
-    )
+    if cfg.sample.sampler == "ddim":
+        return min(cfg.sample.ddim_steps, cfg.diffusion.timesteps)
+    return cfg.diffusion.timesteps
 
 
 def estimate_run_time(model: UNet, cfg: Config, step_s: float, remaining: int, infer_shape, run_dir) -> float:
@@ -547,22 +520,17 @@ def estimate_run_time(model: UNet, cfg: Config, step_s: float, remaining: int, i
     train_s, infer_s = step_s * remaining, 0.0
     if infer_shape is not None:
         ys, xs, th, tw, _ = tile_grid(infer_shape, cfg.sample.patch_size, cfg.sample.overlap)
-        d = model.divisor
-        x = torch.zeros(
-            cfg.sample.n_samples, 1, -(-th // d) * d, -(-tw // d) * d, device=model.out[-1].weight.device
-        )
+        d, device = model.divisor, model.out[-1].weight.device
+        x = torch.zeros(cfg.sample.n_samples, 1, -(-th // d) * d, -(-tw // d) * d, device=device)
         t0 = time.perf_counter()
         with torch.no_grad():
             model.eval()
             model(x, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
             model.train()
         infer_s = (time.perf_counter() - t0) * sampler_steps(cfg) * len(ys) * len(xs)
-    line = (
-        f"estimated time left: {runtime.format_duration(train_s + infer_s)} (training "
-        f"{runtime.format_duration(train_s)} at {step_s:.3g} s/step"
-        + (f", inference {runtime.format_duration(infer_s)}" if infer_shape is not None else "")
-        + ")"
-    )
+    line = f"estimated time left: {runtime.format_duration(train_s + infer_s)} (training "
+    line += f"{runtime.format_duration(train_s)} at {step_s:.3g} s/step"
+    line += f", inference {runtime.format_duration(infer_s)})" if infer_shape is not None else ")"
     print(line, flush=True)
     if run_dir is not None:
         with open(Path(run_dir) / "train.log", "a") as fh:
@@ -599,17 +567,13 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     amp = runtime.switch_on(cfg.train.amp, device)
     state_path = run_dir / "train_state.pt"
-    step0 = (
-        0
-        if options.get("resume") is None
-        else resume_training(options["resume"], model, optimizer, gen, cfg, factor)
-    )
+    step0 = 0
+    if options.get("resume") is not None:
+        step0 = resume_training(options["resume"], model, optimizer, gen, cfg, factor)
     t0, cpu0, timed_from = time.perf_counter(), time.process_time(), None
     model.train()
-    logger = runtime.ProgressLogger(
-        run_dir, cfg.train.steps, "train", log_every=cfg.train.log_every, start_step=step0
-    )
-    with logger as log:
+    total, every = cfg.train.steps, cfg.train.log_every
+    with runtime.ProgressLogger(run_dir, total, "train", log_every=every, start_step=step0) as log:
         for step in range(step0 + 1, cfg.train.steps + 1):
             set_lr(optimizer, cfg.train, step)
             hr, cond = sample_batch(pairs, cfg.train.batch_size, patch, cfg.data, gen)
@@ -625,9 +589,7 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
                 timed_from = time.perf_counter()
             elif step == step0 + 4 and step < cfg.train.steps:
                 step_s = (time.perf_counter() - timed_from) / 3
-                estimate_run_time(
-                    model, cfg, step_s, cfg.train.steps - step, options.get("infer_shape"), run_dir
-                )
+                estimate_run_time(model, cfg, step_s, total - step, options.get("infer_shape"), run_dir)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 save_train_state(state_path, model, optimizer, gen, cfg, factor, step, terms["loss"].item())
     model.eval()
@@ -644,9 +606,7 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
     return model, schedule, info
 
 
-def save_train_state(
-    path: Path, model, optimizer, gen, cfg: Config, factor: int, step: int, loss: float
-) -> None:
+def save_train_state(path: Path, model, optimizer, gen, cfg: Config, factor: int, step: int, loss: float):
     state = {"script": SCRIPT, "config": config_to_dict(cfg), "factor": factor, "step": step, "loss": loss}
     state |= {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     runtime.save_checkpoint(path, state | {"generator": gen.get_state(), "rng": runtime.rng_state()})
@@ -716,11 +676,8 @@ def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, 
     for x in xs:
         wsum_x[x : x + tw] += wx
     window = np.outer(wy, wx)
-    top, acc_mean, acc_var = (
-        0,
-        np.zeros((0, w)),
-        np.zeros((0, w), np.float32),
-    )  # accumulators start at row `top`
+    # accumulators start at row `top`
+    top, acc_mean, acc_var = 0, np.zeros((0, w)), np.zeros((0, w), np.float32)
     for i, y in enumerate(ys):
         grow = y + th - top - len(acc_mean)
         acc_mean = np.concatenate([acc_mean, np.zeros((grow, w))])
@@ -734,11 +691,8 @@ def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, 
                 acc_var[y - top : y - top + th, x : x + tw] += (window * v).astype(np.float32)
         done = ys[i + 1] - top if i + 1 < len(ys) else h - top  # rows above the next tile row are final
         weight = np.outer(wsum_y[top : top + done], wsum_x)
-        yield (
-            top,
-            (acc_mean[:done] / weight).astype(np.float32),
-            np.sqrt(acc_var[:done] / weight).astype(np.float32),
-        )
+        mean, std = (acc_mean[:done] / weight).astype(np.float32), np.sqrt(acc_var[:done] / weight)
+        yield top, mean, std.astype(np.float32)
         top, acc_mean, acc_var = top + done, acc_mean[done:], acc_var[done:]
 
 
@@ -750,9 +704,7 @@ def collect(strips, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def diffusion_tile_fn(
-    model: UNet, schedule: Schedule, cfg: SampleConfig, device: torch.device, amp: bool, seed: int
-):
+def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: SampleConfig, device, amp: bool, seed: int):
     """n samples of each tile -> per-pixel mean and variance. Tiles are padded (reflect) to the UNet divisor.
     Perfectly flat tiles (mammogram background, detector edges) hold no detail: returned unchanged."""
     gen, d, n = torch.Generator().manual_seed(seed), model.divisor, cfg.n_samples
@@ -778,16 +730,7 @@ def diffusion_tile_fn(
 
 
 def super_resolve(
-    model,
-    schedule,
-    values: np.ndarray,
-    pad: np.ndarray | None,
-    normaliser: Normaliser,
-    factor: int,
-    cfg: Config,
-    device: torch.device,
-    stored: tuple[float, float],
-    log_dir: Path | None = None,
+    model, schedule, values, pad, normaliser: Normaliser, factor, cfg: Config, device, stored, log_dir=None
 ):
     """Physical image -> (y0, super-resolved rows, per-pixel std rows), both in physical units, top to bottom.
     The normalised input and its bicubic upsampling are made strip by strip too, so nothing of output size is
@@ -795,9 +738,7 @@ def super_resolve(
     terminal and, with `log_dir`, to its train.log."""
     lowest = float(values[~pad].min()) if pad is not None else None
 
-    def low(
-        a: int, b: int
-    ) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the whole input
+    def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the input
         rows_pad = pad[a:b] if pad is not None else None
         return torch.from_numpy(normaliser.forward(fill_padding(values[a:b], rows_pad, lowest)))
 
@@ -825,9 +766,7 @@ def super_resolve(
         for y0, mean, std in strips:
             sr = np.clip(normaliser.inverse(mean), *stored).astype(np.float32)
             std *= normaliser.scale()
-            if (
-                pad is not None
-            ):  # padding is "no data": restored unchanged (nearest) and carries no uncertainty
+            if pad is not None:  # padding is "no data": restored unchanged (nearest), no uncertainty
                 source = np.arange(y0, y0 + len(sr)) // factor
                 pad_up = np.repeat(pad[source], factor, 1)
                 sr[pad_up] = np.repeat(values[source], factor, 1)[pad_up]
@@ -857,36 +796,19 @@ def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarra
     return torch.cat(pooled).numpy(), k
 
 
-def write_outputs(
-    out_dir: Path,
-    input_path: Path,
-    ds,
-    sr: dicom_io.RawImage,
-    std: dicom_io.RawImage,
-    std_max: float,
-    factor: int,
-    cfg: Config,
-    stem: str,
-) -> dict:
-    sampler = f"{cfg.sample.sampler} {sampler_steps(cfg)} steps"
-    n = cfg.sample.n_samples
+def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, factor: int, cfg: Config):
+    """The SR and uncertainty DICOMs (`sr`, `std`: RawImages) and the uncertainty PNG."""
+    n, sampler = cfg.sample.n_samples, f"{cfg.sample.sampler} {sampler_steps(cfg)} steps"
     description = f"Zero-shot diffusion super-resolution x{factor} ({SCRIPT}, {sampler}, mean of {n} samples)"
-    sr_path, unc_path = out_dir / f"{stem}_sr_x{factor}.dcm", out_dir / "uncertainty.dcm"
+    sr_path, unc_path = out_dir / f"{input_path.stem}_sr_x{factor}.dcm", out_dir / "uncertainty.dcm"
     for p in (sr_path, unc_path):
         runtime.refuse_overwrite_input(p, input_path)
     # PixelSpacing (patient plane) and ImagerPixelSpacing (detector plane) both / K: the same field of view
     # in K times as many pixels; ImagePositionPatient moves to the new first pixel centre.
-    geometry = {
-        "spacing_scale": (1.0 / factor, 1.0 / factor),
-        "image_position": sr_image_position(ds, factor),
-    }
+    geometry = {"spacing_scale": (1 / factor, 1 / factor), "image_position": sr_image_position(ds, factor)}
+    series = f"SR x{factor} zero-shot diffusion"
     dicom_io.write_derived_dicom(
-        ds,
-        sr,
-        sr_path,
-        description=description,
-        series_description=f"SR x{factor} zero-shot diffusion",
-        **geometry,
+        ds, sr, sr_path, description=description, series_description=series, **geometry
     )
     unc_template = copy.deepcopy(ds)
     top = max(std_max, 1.0)
@@ -896,35 +818,19 @@ def write_outputs(
     unc_template.PhotometricInterpretation = "MONOCHROME2"  # bright = uncertain, also for MONOCHROME1 inputs
     if "PresentationLUTShape" in unc_template:
         unc_template.PresentationLUTShape = "IDENTITY"
+    description = f"Per-pixel standard deviation of {n} samples: " + description
+    series = f"SR x{factor} uncertainty (std)"
     dicom_io.write_derived_dicom(
-        unc_template,
-        std,
-        unc_path,
-        **geometry,
-        description=f"Per-pixel standard deviation of {cfg.sample.n_samples} samples: " + description,
-        series_description=f"SR x{factor} uncertainty (std)",
+        unc_template, std, unc_path, description=description, series_description=series, **geometry
     )
     unit = "HU" if str(ds.get("Modality", "")) == "CT" else "physical units"
     shown, k = display_map(std)
-    title = f"std of {cfg.sample.n_samples} samples ({cfg.sample.sampler})" + (
-        f", {k}x{k} block max" if k > 1 else ""
-    )
+    title = f"std of {n} samples ({cfg.sample.sampler})" + (f", {k}x{k} block max" if k > 1 else "")
     viz.save_map_with_colorbar(out_dir / "uncertainty.png", shown, title, unit)
     return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path)}
 
 
-def infer_file(
-    model,
-    schedule,
-    cfg: Config,
-    factor: int,
-    input_path: Path,
-    values,
-    ds,
-    pad,
-    out_dir: Path,
-    device: torch.device,
-) -> dict:
+def infer_file(model, schedule, cfg: Config, factor: int, input_path: Path, values, ds, pad, out_dir, device):
     """Super-resolve and write the outputs. Strips go to two anonymous temporary files beside the outputs and
     the DICOMs are encoded from there, so a 9k x 6k result never sits in memory whole."""
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -946,7 +852,7 @@ def infer_file(
             "output_shape": list(shape),
             "uncertainty_mean": std_sum / (shape[0] * shape[1]),
         }
-        info.update(write_outputs(out_dir, input_path, ds, sr, std, std_max, factor, cfg, input_path.stem))
+        info.update(write_outputs(out_dir, input_path, ds, sr, std, std_max, factor, cfg))
         # preview: the central (up to) 64x64 input pixels, bicubic vs SR vs std (only the crop is upsampled)
         (y0, y1), (x0, x1) = [
             (n // 2 - min(n, 64) // 2, n // 2 - min(n, 64) // 2 + min(n, 64)) for n in values.shape
@@ -962,31 +868,26 @@ def infer_file(
     return info
 
 
-def report(info: dict, factor: int, title: str, json_path: Path, notes: list[str]) -> None:
+def report(info: dict, factor: int, title: str, out_dir: Path, notes: list[str], device) -> dict:
     """A short table on screen; every number in metrics.json (the layout of runtime.print_metrics_table)."""
-    row = {"method": "zero-shot diffusion SR", "upscale": factor, **info}
+    row = {"method": "zero-shot diffusion SR", "upscale": factor, **info, **peak_memory_mb(device)}
+    notes = [*notes, "command: " + " ".join(sys.argv)]
     shown = ("method", "upscale", "train_steps", "final_loss", "train_cpu_s", "infer_cpu_s", "peak_rss_mb")
     runtime.print_metrics_table([{k: row[k] for k in shown if k in row}], title, None, notes)
-    with runtime.atomic_path(json_path) as tmp:
+    with runtime.atomic_path(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps({"title": title, "rows": [row], "notes": notes}, indent=2))
+    return row
 
 
 def run_train(
-    input_path: Path,
-    factor: int,
-    cfg: Config,
-    out_dir: Path,
-    device_name: str,
-    argv: list[str],
-    infer: bool,
-    resume: Path | None = None,
-) -> dict:
+    input_path: Path, factor: int, cfg: Config, out_dir: Path, device_name: str, infer: bool, resume=None
+):
     """`train` and `full`: read and check everything first, so bad input writes nothing."""
     check_config(cfg, factor)
     device = runtime.pick_device(device_name)
     values, ds, pad = load_input(input_path)
     runtime.refuse_overwrite_input(out_dir / "model.pt", input_path)
-    runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
+    runtime.prepare_run_dir(out_dir, cfg, __file__)
     normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
     x = normaliser.forward(fill_padding(values, pad))
     shape = (values.shape[0] * factor, values.shape[1] * factor) if infer else None
@@ -994,39 +895,25 @@ def run_train(
     save_model(out_dir / "model.pt", model, cfg, factor, info)
     if infer:
         info.update(infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device))
-    info.update(peak_memory_mb(device))
     notes = [
         f"normalisation: percentiles {cfg.data.percentiles} of the image -> [-1, 1], inverted exactly",
-        f"perceptual loss: {info['perceptual']}",
-        f"device: {device}",
-        "command: " + " ".join(argv),
+        f"perceptual loss: {info['perceptual']}; device: {device}",
     ]
-    report(info, factor, f"{SCRIPT} {'full' if infer else 'train'}", out_dir / "metrics.json", notes)
-    return info
+    return report(info, factor, f"{SCRIPT} {'full' if infer else 'train'}", out_dir, notes, device)
 
 
 def run_inference(
-    input_path: Path,
-    model_path: Path,
-    factor: int | None,
-    overrides: list[str] | None,
-    out_dir: Path,
-    device_name: str,
-    argv: list[str],
-) -> dict:
+    input_path: Path, model_path: Path, factor: int | None, overrides, out_dir: Path, device_name
+):
     device = runtime.pick_device(device_name)
     model, schedule, cfg, trained_factor = load_model(model_path, overrides, device)
     if factor is not None and factor != trained_factor:
         raise UserError(f"{model_path}: model was trained for x{trained_factor}, not x{factor}")
     check_config(cfg, trained_factor)
     values, ds, pad = load_input(input_path)
-    runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
+    runtime.prepare_run_dir(out_dir, cfg, __file__)
     info = infer_file(model, schedule, cfg, trained_factor, input_path, values, ds, pad, out_dir, device)
-    info.update(peak_memory_mb(device))
-    report(
-        info, trained_factor, f"{SCRIPT} inference", out_dir / "metrics.json", ["command: " + " ".join(argv)]
-    )
-    return info
+    return report(info, trained_factor, f"{SCRIPT} inference", out_dir, [], device)
 
 
 # --- evaluate: a real image has no higher-resolution truth, so the image is the truth and is degraded ---
@@ -1040,9 +927,7 @@ def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[0, 0]
 
 
-def degrade_for_eval(
-    reference: np.ndarray, factor: int, name: str, cfg: Config, noise_std: float
-) -> np.ndarray:
+def degrade_for_eval(reference: np.ndarray, factor: int, name: str, cfg: Config, noise_std: float):
     """The low-resolution test input. `matched`: the operator the model trains with. `area`: the mean of each
     K x K block (a detector pixel K times larger, fill factor 1). `gaussian`: a Gaussian PSF of FWHM
     `evaluate.gaussian_fwhm` low-resolution pixels, then the block mean. `+noise`: white Gaussian noise."""
@@ -1061,9 +946,9 @@ def degrade_for_eval(
     return low
 
 
-def eval_reference(path: Path, factor: int, crop: int) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+def eval_reference(path: Path, factor: int, crop: int) -> tuple[np.ndarray, np.ndarray, tuple]:
     """The image (its central `crop` pixels when crop > 0) cropped to a multiple of K with padding filled (see
-    fill_padding), its field-of-view mask (None: no padding) and the stored range outputs are clipped to."""
+    fill_padding), its field-of-view mask (False on padding) and the stored range outputs are clipped to."""
     values, ds, pad = load_input(path)
     values = fill_padding(values, pad)
     pad = pad if pad is not None else np.zeros(values.shape, bool)
@@ -1095,7 +980,7 @@ def evaluate_case(image: tuple, factor: int, name: str, cfg: Config, device: tor
     import cv2  # Lanczos-4 (8x8 taps) works on float32 directly: no 8-bit round trip
 
     reference, mask, stored = image
-    fov = reference[mask] if mask is not None else reference
+    fov = reference[mask]
     lo, hi = np.percentile(fov, cfg.data.percentiles)
     noise_std = cfg.evaluate.noise * float(hi - lo) if name.endswith("+noise") else 0.0
     low = degrade_for_eval(reference, factor, name, cfg, noise_std)
@@ -1106,25 +991,21 @@ def evaluate_case(image: tuple, factor: int, name: str, cfg: Config, device: tor
     strips = super_resolve(model, schedule, low, None, normaliser, factor, cfg, device, stored, case_dir)
     sr, _ = collect(strips, reference.shape)
     seconds = info["train_wall_s"] + time.perf_counter() - t0
-    predictions = {
-        "bicubic": np.clip(upsample(torch.from_numpy(low), factor).numpy(), *stored),
-        "lanczos4": np.clip(
-            cv2.resize(low, reference.shape[::-1], interpolation=cv2.INTER_LANCZOS4), *stored
-        ),
-        "zero-shot diffusion": sr,
-    }
+    lanczos = cv2.resize(low, reference.shape[::-1], interpolation=cv2.INTER_LANCZOS4)
+    bicubic = upsample(torch.from_numpy(low), factor).numpy()
+    predictions = {"bicubic": bicubic, "lanczos4": lanczos, "zero-shot diffusion": sr}
     window = (float(fov.min()), float(fov.max()))
-    rows = [
-        {"degradation": name, "method": m, **score(p, reference, mask, window)}
-        for m, p in predictions.items()
-    ]
+    rows = []
+    for method, pred in predictions.items():
+        pred = np.clip(pred, *stored)
+        rows.append({"degradation": name, "method": method, **score(pred, reference, mask, window)})
     for base, key in ((rows[0], "gain_bicubic_db"), (rows[1], "gain_lanczos_db")):
         rows[2][key] = rows[2]["psnr_fov_db"] - base["psnr_fov_db"]
         rows[2][key.replace("_db", "_whole_db")] = rows[2]["psnr_db"] - base["psnr_db"]
     rows[2] |= {"noise_std": noise_std, "seconds": seconds, "train_steps": info["train_steps"]}
     viz.save_panel(
         case_dir / "evaluate.png",
-        [reference, predictions["bicubic"], sr, sr - reference],
+        [reference, np.clip(bicubic, *stored), sr, sr - reference],
         ["original", f"bicubic from 1/{factor} ({name})", f"SR x{factor}", "SR - original"],
         window=window,
         error_index=3,
@@ -1138,38 +1019,27 @@ def summarise(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["degradation"] for r in rows):
         ours = [r for r in rows if r["degradation"] == name and "gain_bicubic_db" in r]
         keys = ("gain_bicubic_db", "gain_lanczos_db", "gain_bicubic_whole_db", "gain_lanczos_whole_db")
-        out.append(
-            {
-                "degradation": name,
-                "images": len(ours),
-                **{f"mean_{k}": np.mean([r[k] for r in ours]) for k in keys},
-            }
-        )
+        means = {f"mean_{k}": np.mean([r[k] for r in ours]) for k in keys}
+        out.append({"degradation": name, "images": len(ours), **means})
     return out
 
 
-def run_evaluate(
-    inputs: list[Path], factor: int, cfg: Config, out_dir: Path, device_name: str, argv: list[str]
-):
+def run_evaluate(inputs: list[Path], factor: int, cfg: Config, out_dir: Path, device_name: str):
     """Every input under every `evaluate.degradations`: a model trained per case (the method is zero-shot)."""
     check_config(cfg, factor)
     device = runtime.pick_device(device_name)
-    images = [
-        eval_reference(path, factor, cfg.evaluate.crop) for path in inputs
-    ]  # every input checked before anything is written
-    runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
+    # every input is read and checked before anything is written
+    images = [eval_reference(path, factor, cfg.evaluate.crop) for path in inputs]
+    runtime.prepare_run_dir(out_dir, cfg, __file__)
     rows = []
     for i, (path, image) in enumerate(zip(inputs, images)):
         for name in cfg.evaluate.degradations:
             case_dir = out_dir / f"{i + 1:02d}_{path.stem}" / name.replace("+", "_")
             case = evaluate_case(image, factor, name, cfg, device, case_dir)
             rows += [{"image": path.name, **r} for r in case]
-            print(
-                f"{path.name} {name}: PSNR in the FOV bicubic {case[0]['psnr_fov_db']:.2f}, Lanczos "
-                f"{case[1]['psnr_fov_db']:.2f}, zero-shot {case[2]['psnr_fov_db']:.2f} dB "
-                f"(gain {case[2]['gain_bicubic_db']:+.2f} / {case[2]['gain_lanczos_db']:+.2f} dB)",
-                flush=True,
-            )
+            psnrs = " / ".join(f"{r['psnr_fov_db']:.2f}" for r in case)
+            gains = f"{case[2]['gain_bicubic_db']:+.2f} / {case[2]['gain_lanczos_db']:+.2f}"
+            print(f"{path.name} {name}: PSNR in the FOV bicubic / Lanczos / zero-shot {psnrs} dB ({gains})")
     summary = summarise(rows)
     e = cfg.evaluate
     notes = [
@@ -1185,21 +1055,12 @@ def run_evaluate(
         f"{cfg.train.steps} training steps, {cfg.sample.sampler} {sampler_steps(cfg)} steps, mean of "
         f"{cfg.sample.n_samples} samples; device {device}, torch threads {torch.get_num_threads()}; "
         f"peak RSS {peak_memory_mb(device)['peak_rss_mb']:.0f} MB",
-        "command: " + " ".join(argv),
+        "command: " + " ".join(sys.argv),
     ]
-    shown = (
-        "image",
-        "degradation",
-        "method",
-        "psnr_db",
-        "psnr_fov_db",
-        "ssim_fov",
-        "gain_bicubic_db",
-        "gain_lanczos_db",
-    )
-    runtime.print_metrics_table(
-        [{k: r[k] for k in shown if k in r} for r in rows], f"{SCRIPT} evaluate x{factor}"
-    )
+    shown = ["image", "degradation", "method", "psnr_db", "psnr_fov_db", "ssim_fov"]
+    shown += ["gain_bicubic_db", "gain_lanczos_db"]
+    table = [{k: r[k] for k in shown if k in r} for r in rows]
+    runtime.print_metrics_table(table, f"{SCRIPT} evaluate x{factor}")
     runtime.print_metrics_table(summary, "mean PSNR gain of the zero-shot method (dB)", None, notes)
     record = {"title": f"{SCRIPT} evaluate x{factor}", "rows": rows, "summary": summary, "notes": notes}
     with runtime.atomic_path(out_dir / "metrics.json") as tmp:
@@ -1214,7 +1075,7 @@ InputOpt = typer.Option(..., "--input", help="a single-frame grayscale DICOM fil
 UpscaleOpt = typer.Option(2, "--upscale", help="integer upscale factor")
 ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
 PresetOpt = typer.Option(
-    "full", "--preset", help="full (seed, GPU) | small (<= 60 min, 2 CPU cores) | fast | tiny"
+    "full", "--preset", help="full (seed, GPU) | small (<= 60 min, 2 cores) | fast | tiny"
 )
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
@@ -1254,7 +1115,7 @@ def full_cmd(
     """Train on the input image, then super-resolve it: DICOM + uncertainty (PNG, DICOM) + model.pt."""
     named = {"max_steps": max_steps, "sampler": sampler, "steps": steps, "samples": samples}
     cfg = build_config(config, preset, set_, **named)
-    run_train(input, upscale, cfg, out, device, sys.argv, True, resume)
+    run_train(input, upscale, cfg, out, device, True, resume)
 
 
 @app.command("train")
@@ -1271,7 +1132,7 @@ def train_cmd(
 ):
     """Train only; writes model.pt, OUT/train_state.pt (for --resume) and the training log."""
     cfg = build_config(config, preset, set_, max_steps=max_steps)
-    run_train(input, upscale, cfg, out, device, sys.argv, False, resume)
+    run_train(input, upscale, cfg, out, device, False, resume)
 
 
 @app.command("inference")
@@ -1282,9 +1143,7 @@ def inference_cmd(
     upscale: int = typer.Option(None, "--upscale", help="must match the model (default: the model's)"),
     out: Path = typer.Option(Path("runs/zssr_inference"), "--out"),
     config: list[Path] = ConfigOpt,
-    preset: str = typer.Option(
-        None, "--preset", help="take the `sample` section of this preset (default: model's)"
-    ),
+    preset: str = typer.Option(None, "--preset", help="take this preset's `sample` section"),
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
     sampler: str = SamplerOpt,
@@ -1300,7 +1159,7 @@ def inference_cmd(
         sample_cfg = config_to_dict(build_config(config, preset or "full", None).sample)
         base = [f"sample.{k}={v}" for k, v in sample_cfg.items()]
     overrides = [*base, *(set_ or []), *flags(sampler=sampler, steps=steps, samples=samples)]
-    run_inference(input, checkpoint or model_path, upscale, overrides, out, device, sys.argv)
+    run_inference(input, checkpoint or model_path, upscale, overrides, out, device)
 
 
 @app.command("evaluate")
@@ -1320,7 +1179,7 @@ def evaluate_cmd(
     """Degrade each input (evaluate.degradations), super-resolve it back; PSNR/SSIM vs the original for the
     method, bicubic and Lanczos, and the method's gain over both."""
     named = {"max_steps": max_steps, "sampler": sampler, "steps": steps, "samples": samples}
-    run_evaluate(input, upscale, build_config(config, preset, set_, **named), out, device, sys.argv)
+    run_evaluate(input, upscale, build_config(config, preset, set_, **named), out, device)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_uncertainty_outputs_png_colour_bar_and_dicom(tmp_path):
         7.0  # one uncertain pixel: a black map, so every colour in the PNG belongs to the colour bar
     )
     sr, unc_map = raw_image(np.full_like(std, 500)), raw_image(std)
-    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, sr, unc_map, 7.0, 2, cfg, "in")
+    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, sr, unc_map, 7.0, 2, cfg)
     png = imread(tmp_path / "uncertainty.png")[..., :3]
     saturated = png.max(-1) - png.min(-1) > 0.3  # magma's purples, oranges and yellows
     assert len(np.unique(png.reshape(-1, 3), axis=0)) > 100 and saturated.sum() > 2000

@@ -155,7 +155,7 @@ def test_landmark_keeps_its_patient_coordinate_in_the_sr_dicom(tmp_path, factor,
         ds.ImageOrientationPatient = oblique_orientation()
     cfg = tiny_cfg()
     blank = raw_image(np.zeros((20 * factor, 14 * factor)))
-    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, blank, blank, 0.0, factor, cfg, "in")
+    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, blank, blank, 0.0, factor, cfg)
     for path in (info["sr_dicom"], info["uncertainty_dicom"]):
         out = pydicom.dcmread(path)
         assert [float(v) for v in out.ImageOrientationPatient] == pytest.approx(
@@ -187,7 +187,7 @@ def test_projection_image_without_position_is_left_without_one(tmp_path):
     ds = make_projection_dataset(np.ones((8, 8), np.uint16), modality="DX", bits_stored=12)
     assert zssr.sr_image_position(ds, 2) is None
     sr, std = raw_image(np.ones((16, 16))), raw_image(np.zeros((16, 16)))
-    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, sr, std, 0.0, 2, tiny_cfg(), "in")
+    info = zssr.write_outputs(tmp_path, tmp_path / "in.dcm", ds, sr, std, 0.0, 2, tiny_cfg())
     out = pydicom.dcmread(info["sr_dicom"])
     assert "ImagePositionPatient" not in out and [float(v) for v in out.ImagerPixelSpacing] == [0.035, 0.035]
 
