@@ -429,17 +429,10 @@ def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, perce
         terms["gradient"] = losses.gradient_loss(x0, hr)
     if perceptual_loss is not None:
         terms["perceptual"] = perceptual_loss((x0 + 1) / 2, (hr + 1) / 2)
-    weights = {
-        "l1": cfg.lambda_l1,
-        "ssim": cfg.lambda_ssim,
-        "gradient": cfg.lambda_gradient,
-        "perceptual": cfg.lambda_perceptual,
-    }
-    terms["loss"] = sum(weights[k] * v for k, v in terms.items())
+    terms["loss"] = sum(getattr(cfg, f"lambda_{name}") * value for name, value in terms.items())
     return terms
 
 
-@torch.no_grad()
 def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
     """The "trailing" grid of diffusers' DDIM: round(T - i T / steps) - 1 for i = 0..steps-1, i.e. diffusers'
     np.round(np.arange(T, 0, -T / steps)) - 1 without its float arange, which yields steps + 1 values (the
@@ -789,10 +782,8 @@ def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarra
     cannot show more, matplotlib would copy a 9k x 6k map several times in float64 (2.3 GB), and the maximum
     keeps isolated uncertain pixels visible."""
     k = math.ceil(max(std.shape) / max_side)
-    pooled = [
-        F.max_pool2d(torch.from_numpy(block)[None, None], k, ceil_mode=True)[0, 0]
-        for _, block in std.blocks(k * max(1, 256 // k))
-    ]  # blocks of whole k-row bands
+    bands = std.blocks(k * max(1, 256 // k))  # blocks of whole k-row bands
+    pooled = [F.max_pool2d(torch.from_numpy(b)[None, None], k, ceil_mode=True)[0, 0] for _, b in bands]
     return torch.cat(pooled).numpy(), k
 
 

@@ -182,7 +182,13 @@ def runs(inputs, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     # 6 steps: the time estimate after the first steps (training and inference) is made and logged
     run(["full", "--input", inputs["mg"], "--upscale", 2, "--out", base / "mg", *TINY, "--max-steps", 6])
-    # 1024x1024 output: 128-pixel tiles keep the tile count (and the test) small
+    return base
+
+
+@pytest.fixture(scope="module")
+def ct_run(inputs, tmp_path_factory):
+    """`full` on the real CT (1024 x 1024 output: 128-pixel tiles keep the tile count small)."""
+    out = tmp_path_factory.mktemp("runs") / "ct"
     run(
         [
             "full",
@@ -191,13 +197,13 @@ def runs(inputs, tmp_path_factory):
             "--upscale",
             2,
             "--out",
-            base / "ct",
+            out,
             *TINY,
             "--set",
             "sample.patch_size=128",
         ]
     )
-    return base
+    return out
 
 
 def check_output(src: Path, out_dir: Path, factor: int, trained: bool = True):
@@ -252,31 +258,37 @@ def test_full_on_synthetic_monochrome1_mammogram(inputs, runs):
     assert "estimated time left:" in log and ", inference " in log  # from the timed first steps
     assert "inference tiles step" in log and "eta " in log  # the sampler loop reports progress too
     record = json.loads((runs / "mg" / "metrics.json").read_text())
-    assert record["rows"][0]["perceptual"].startswith(
-        "off"
-    )  # the tiny preset has no perceptual term: said so
+    # the tiny preset has no perceptual term: said so
+    assert record["rows"][0]["perceptual"].startswith("off")
     assert sha(inputs["mg"]) == inputs["hashes"][inputs["mg"]]
 
 
-def test_full_on_real_compressed_ct_from_pydicom_data(inputs, runs):
-    check_output(inputs["ct"], runs / "ct", 2)
+@pytest.mark.slow
+def test_full_on_real_compressed_ct_from_pydicom_data(inputs, ct_run):
+    check_output(inputs["ct"], ct_run, 2)
     assert sha(inputs["ct"]) == inputs["hashes"][inputs["ct"]]
 
 
-def test_outputs_open_in_dcmtk_and_pass_dciodvfy_with_no_new_errors(inputs, runs):
+def check_with_dcmtk(src: Path, out_dir: Path):
     missing = [tool for tool in ("dciodvfy", "dcmdump") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not installed (apt-get install dicom3tools dcmtk)")
-    for key in ("mg", "ct"):
-        src = inputs[key]
-        for out in (runs / key / f"{src.stem}_sr_x2.dcm", runs / key / "uncertainty.dcm"):
-            dump = subprocess.run(["dcmdump", str(out)], capture_output=True, text=True, timeout=60)
-            assert dump.returncode == 0, dump.stderr
-            assert (
-                f"(0028,0010) US {pydicom.dcmread(src).Rows * 2} " in dump.stdout
-            )  # Rows as dcmtk reads them
-            new_errors = dciodvfy_errors(out) - dciodvfy_errors(src)
-            assert not new_errors, f"dciodvfy: new errors in {out.name}: {sorted(new_errors)}"
+    for out in (out_dir / f"{src.stem}_sr_x2.dcm", out_dir / "uncertainty.dcm"):
+        dump = subprocess.run(["dcmdump", str(out)], capture_output=True, text=True, timeout=60)
+        assert dump.returncode == 0, dump.stderr
+        rows = f"(0028,0010) US {pydicom.dcmread(src).Rows * 2} "  # Rows as dcmtk reads them
+        assert rows in dump.stdout
+        new_errors = dciodvfy_errors(out) - dciodvfy_errors(src)
+        assert not new_errors, f"dciodvfy: new errors in {out.name}: {sorted(new_errors)}"
+
+
+def test_outputs_open_in_dcmtk_and_pass_dciodvfy_with_no_new_errors(inputs, runs):
+    check_with_dcmtk(inputs["mg"], runs / "mg")
+
+
+@pytest.mark.slow
+def test_real_ct_outputs_pass_dciodvfy_with_no_new_errors(inputs, ct_run):
+    check_with_dcmtk(inputs["ct"], ct_run)
 
 
 def test_inference_from_checkpoint_and_factor_mismatch(inputs, runs, tmp_path):
