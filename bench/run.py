@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -40,11 +41,21 @@ sys.path.insert(0, str(ROOT))
 
 # Medium = between tiny (CPU tests) and full (the seeds): what a CPU can still train, what shows scaling.
 MEDIUM = {
-    "ldct_denoise": ["model.base_channels=32", "model.channel_mults=[1,2,4,4]", "model.attention_levels=[3]",
-                     "model.attention_head_channels=32", "model.num_res_blocks=2", "data.crop_size=128"],
+    "ldct_denoise": [
+        "model.base_channels=32",
+        "model.channel_mults=[1,2,4,4]",
+        "model.attention_levels=[3]",
+        "model.attention_head_channels=32",
+        "model.num_res_blocks=2",
+        "data.crop_size=128",
+    ],
     "dicom_zero_shot_sr": ["model.base_channels=32", "model.channel_mults=[1,2,2,4]", "data.patch_size=96"],
-    "mammo_ldm": ["model.base_channels=64", "model.channel_mults=[1,2,4]", "model.attention_levels=[1,2]",
-                  "model.attention_head_channels=32"],
+    "mammo_ldm": [
+        "model.base_channels=64",
+        "model.channel_mults=[1,2,4]",
+        "model.attention_levels=[1,2]",
+        "model.attention_head_channels=32",
+    ],
     "ct_throughplane_sr": ["unet.channels=[8,16,32,64]", "data.patch_size=[16,64,64]"],
 }
 
@@ -87,8 +98,12 @@ def load_cfg(script: str, preset: str, extra: list[str]):
 
     module = importlib.import_module(script)
     overrides = (MEDIUM[script] if preset == "medium" else []) + extra
-    return module, load_config(module.Config, ROOT / "configs" / f"{script}.yaml",
-                               "tiny" if preset in ("tiny", "medium") else preset, overrides)
+    return module, load_config(
+        module.Config,
+        ROOT / "configs" / f"{script}.yaml",
+        "tiny" if preset in ("tiny", "medium") else preset,
+        overrides,
+    )
 
 
 def build_job(script: str, preset: str, batch: int, device):
@@ -143,10 +158,17 @@ def diffusers_peer(ours, script: str, preset: str, device):
     best = None
     for width in range(8, 8 * 64, 8):
         peer = UNet2DModel(
-            in_channels=in_ch, out_channels=out_ch, layers_per_block=m.num_res_blocks, norm_num_groups=8,
-            block_out_channels=[width * k for k in m.channel_mults], attention_head_dim=8,
+            in_channels=in_ch,
+            out_channels=out_ch,
+            layers_per_block=m.num_res_blocks,
+            norm_num_groups=8,
+            block_out_channels=[width * k for k in m.channel_mults],
+            attention_head_dim=8,
             down_block_types=["AttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)],
-            up_block_types=["AttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(range(levels))])
+            up_block_types=[
+                "AttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(range(levels))
+            ],
+        )
         n = sum(p.numel() for p in peer.parameters())
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (peer, n)
@@ -155,8 +177,9 @@ def diffusers_peer(ours, script: str, preset: str, device):
     return best[0].to(device)
 
 
-def train_throughput(script: str, preset: str, batch: int, steps: int, device_name: str, threads: int,
-                     peer: bool) -> dict:
+def train_throughput(
+    script: str, preset: str, batch: int, steps: int, device_name: str, threads: int, peer: bool
+) -> dict:
     import torch
 
     device = setup_child(device_name, threads)
@@ -185,9 +208,17 @@ def train_throughput(script: str, preset: str, batch: int, steps: int, device_na
         opt.step()
 
     seconds = mean_seconds(step, steps, device, warmup=2)
-    return {"script": script, "preset": preset, "impl": name, "params_m": round(sum(
-        p.numel() for p in model.parameters()) / 1e6, 3), "batch": batch, "input": list(target.shape[1:]),
-        "samples_per_s": round(batch / seconds, 3), "s_per_step": round(seconds, 4), **peak_memory(device)}
+    return {
+        "script": script,
+        "preset": preset,
+        "impl": name,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "batch": batch,
+        "input": list(target.shape[1:]),
+        "samples_per_s": round(batch / seconds, 3),
+        "s_per_step": round(seconds, 4),
+        **peak_memory(device),
+    }
 
 
 def mean_seconds(fn, n: int, device, warmup: int = 1) -> float:
@@ -226,18 +257,38 @@ def sampling_cost(size: int, preset: str, device_name: str, threads: int, real_s
     repeats = 3 if preset == "tiny" else 1  # the full models take seconds to a minute per evaluation on a CPU
     per_nfe = seconds_per_nfe(lambda: model(low, t, low, None), repeats, device)
     rows = []
-    bridge = ("bridge", "ddim", cfg.upgrade.bridge_steps, cfg.upgrade.bridge_start)  # the preset's bridge sampler
+    bridge = (
+        "bridge",
+        "ddim",
+        cfg.upgrade.bridge_steps,
+        cfg.upgrade.bridge_start,
+    )  # the preset's bridge sampler
     for name, sampler, steps, start in (("DDIM", "ddim", real_steps, None), bridge):
         sync(device)
         t0 = time.perf_counter()
-        _, nfe = ld.sample(model, schedule, low, sampler, steps, 0.0, torch.Generator().manual_seed(0), None, start)
+        _, nfe = ld.sample(
+            model, schedule, low, sampler, steps, 0.0, torch.Generator().manual_seed(0), None, start
+        )
         sync(device)
-        rows.append({"job": f"ldct {size}x{size} ({preset})", "sampler": f"{name}-{nfe}" + (
-            f" from low dose at {start}" if start else ""), "nfe": nfe, "seconds": round(time.perf_counter() - t0, 3),
-            "how": "measured end to end"})
+        rows.append(
+            {
+                "job": f"ldct {size}x{size} ({preset})",
+                "sampler": f"{name}-{nfe}" + (f" from low dose at {start}" if start else ""),
+                "nfe": nfe,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "how": "measured end to end",
+            }
+        )
     for name, nfe in (("DDPM-1000", 1000), ("DDIM-50", 50)):
-        rows.append({"job": f"ldct {size}x{size} ({preset})", "sampler": name, "nfe": nfe,
-                     "seconds": round(per_nfe * nfe, 3), "how": f"{per_nfe:.4f} s/NFE measured x NFE"})
+        rows.append(
+            {
+                "job": f"ldct {size}x{size} ({preset})",
+                "sampler": name,
+                "nfe": nfe,
+                "seconds": round(per_nfe * nfe, 3),
+                "how": f"{per_nfe:.4f} s/NFE measured x NFE",
+            }
+        )
     # mammo: the latent UNet at the latent of one canvas
     import mammo_ldm
 
@@ -248,8 +299,15 @@ def sampling_cost(size: int, preset: str, device_name: str, threads: int, real_s
     unet = mammo_ldm.UNet(ldm_cfg.model, c).to(device).eval()
     z = torch.zeros(1, c, h, w, device=device)
     s = seconds_per_nfe(lambda: unet(z, t, z), repeats, device)
-    rows.append({"job": f"mammo latent {c}x{h}x{w} ({preset})", "sampler": "DDIM-50", "nfe": 50,
-                 "seconds": round(50 * s, 3), "how": f"{s:.4f} s/NFE measured x NFE"})
+    rows.append(
+        {
+            "job": f"mammo latent {c}x{h}x{w} ({preset})",
+            "sampler": "DDIM-50",
+            "nfe": 50,
+            "seconds": round(50 * s, 3),
+            "how": f"{s:.4f} s/NFE measured x NFE",
+        }
+    )
     import ct_throughplane_sr as ct
 
     _, ct_cfg = load_cfg("ct_throughplane_sr", preset, [])
@@ -258,8 +316,15 @@ def sampling_cost(size: int, preset: str, device_name: str, threads: int, real_s
     zl = torch.zeros(1, ct_cfg.vae.latent_channels, d, hh, ww, device=device)
     s = seconds_per_nfe(lambda: net(zl, t, zl), repeats, device)
     for name, nfe in (("ResShift-15", 15), ("DDIM-50", 50)):
-        rows.append({"job": f"through-plane latent patch {tuple(zl.shape[1:])} ({preset})", "sampler": name,
-                     "nfe": nfe, "seconds": round(nfe * s, 4), "how": f"{s:.5f} s/NFE measured x NFE"})
+        rows.append(
+            {
+                "job": f"through-plane latent patch {tuple(zl.shape[1:])} ({preset})",
+                "sampler": name,
+                "nfe": nfe,
+                "seconds": round(nfe * s, 4),
+                "how": f"{s:.5f} s/NFE measured x NFE",
+            }
+        )
     return rows
 
 
@@ -273,8 +338,11 @@ def zssr_inference(h: int, w: int, device_name: str, threads: int) -> dict:
 
     device = setup_child(device_name, threads)
     base = peak_rss_mb()
-    _, cfg = load_cfg("dicom_zero_shot_sr", "tiny", ["sample.ddim_steps=1", "sample.n_samples=1",
-                                                      "sample.patch_size=256", "sample.overlap=32"])
+    _, cfg = load_cfg(
+        "dicom_zero_shot_sr",
+        "tiny",
+        ["sample.ddim_steps=1", "sample.n_samples=1", "sample.patch_size=256", "sample.overlap=32"],
+    )
     model = zs.UNet(cfg.model).to(device).eval()
     schedule = zs.Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     stored = np.random.default_rng(0).integers(0, 4096, (h, w), dtype=np.uint16)
@@ -283,12 +351,23 @@ def zssr_inference(h: int, w: int, device_name: str, threads: int) -> dict:
     del stored, ds.PixelData  # as load_input: the header is the template, the values are in `values`
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        info = zs.infer_file(model, schedule, cfg, 2, Path(out) / "input.dcm", values, ds, None, Path(out), device)
+        info = zs.infer_file(
+            model, schedule, cfg, 2, Path(out) / "input.dcm", values, ds, None, Path(out), device
+        )
         sync(device)
         seconds = time.perf_counter() - t0
-        assert info["output_shape"] == [2 * h, 2 * w] and (Path(out) / "input_sr_x2.dcm").stat().st_size > 8 * h * w
-    return {"job": "zero-shot SR x2", "input": [h, w], "pixels": h * w, "seconds": round(seconds, 3),
-            "rss_before_mb": round(base, 1), **peak_memory(device)}
+        assert (
+            info["output_shape"] == [2 * h, 2 * w]
+            and (Path(out) / "input_sr_x2.dcm").stat().st_size > 8 * h * w
+        )
+    return {
+        "job": "zero-shot SR x2",
+        "input": [h, w],
+        "pixels": h * w,
+        "seconds": round(seconds, 3),
+        "rss_before_mb": round(base, 1),
+        **peak_memory(device),
+    }
 
 
 def ct_upsample(slices: int, size: int, device_name: str, threads: int) -> dict:
@@ -312,8 +391,15 @@ def ct_upsample(slices: int, size: int, device_name: str, threads: int) -> dict:
     t0 = time.perf_counter()
     out = ct.upsample_hu(hu, 3.0, predict, cfg)
     sync(device)
-    return {"job": "through-plane x3", "input": [slices, size, size], "voxels": hu.size, "output": list(out.shape),
-            "seconds": round(time.perf_counter() - t0, 3), "rss_before_mb": round(base, 1), **peak_memory(device)}
+    return {
+        "job": "through-plane x3",
+        "input": [slices, size, size],
+        "voxels": hu.size,
+        "output": list(out.shape),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "rss_before_mb": round(base, 1),
+        **peak_memory(device),
+    }
 
 
 def utilisation(device_name: str, threads: int, preset: str, batch: int) -> dict:
@@ -338,10 +424,14 @@ def utilisation(device_name: str, threads: int, preset: str, batch: int) -> dict
     n = 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     matmul_flops = 2 * n**3 / mean_seconds(lambda: a @ b, 5, device)
-    return {"job": f"ldct train step ({preset}, batch {batch})", "model_gflop_per_step": round(flops / 1e9, 3),
-            "step_s": round(step_s, 4), "model_gflop_per_s": round(flops / step_s / 1e9, 2),
-            "matmul_gflop_per_s": round(matmul_flops / 1e9, 2),
-            "fraction_of_matmul": round(flops / step_s / matmul_flops, 3)}
+    return {
+        "job": f"ldct train step ({preset}, batch {batch})",
+        "model_gflop_per_step": round(flops / 1e9, 3),
+        "step_s": round(step_s, 4),
+        "model_gflop_per_s": round(flops / step_s / 1e9, 2),
+        "matmul_gflop_per_s": round(matmul_flops / 1e9, 2),
+        "fraction_of_matmul": round(flops / step_s / matmul_flops, 3),
+    }
 
 
 def attention_before_after(device_name: str, threads: int, tokens: list[int]) -> list[dict]:
@@ -358,8 +448,15 @@ def attention_before_after(device_name: str, threads: int, tokens: list[int]) ->
         x = torch.randn(1, n, 32, device=device)
         before = seconds_per_nfe(lambda x=x: mha(x, x, x, need_weights=False), 2, device)
         after = seconds_per_nfe(lambda x=x: ld.attend(mha, x, x), 2, device)
-        rows.append({"tokens": n, "side_px_at_1/4_scale": 4 * int(n**0.5), "mha_s": round(before, 4),
-                     "sdpa_s": round(after, 4), "speedup": round(before / after, 2)})
+        rows.append(
+            {
+                "tokens": n,
+                "side_px_at_1/4_scale": 4 * int(n**0.5),
+                "mha_s": round(before, 4),
+                "sdpa_s": round(after, 4),
+                "speedup": round(before / after, 2),
+            }
+        )
     return rows
 
 
@@ -367,6 +464,52 @@ def attention_before_after(device_name: str, threads: int, tokens: list[int]) ->
 
 
 SEPARATE_PROCESSES = True  # --quick turns it off: start-up of ~20 processes would be most of CI's two minutes
+
+
+def dose_simulator(size: int, device_name: str, threads: int) -> list[dict]:
+    """common/ct_sim on one size x size phantom slice (0.7 mm pixels): the projection (once per slice, cached)
+    and each dose draw (Poisson + electronic noise + FBP), per slice; batched draws of 4 slices too."""
+    import numpy as np
+    import torch
+
+    from common import ct_sim, synthetic
+
+    device = setup_child(device_name, threads)
+    hu = torch.from_numpy(synthetic.ct_phantom(size, np.random.default_rng(0)))[None].to(device)
+    rows = []
+    for name, geometry in (
+        ("fan (Definition-like, 1152 views)", ct_sim.Geometry()),
+        ("parallel (pi/2 N views)", ct_sim.parallel_geometry()),
+    ):
+        sim = ct_sim.Simulator((size, size), (0.7, 0.7), geometry, device)
+        project = mean_seconds(functools.partial(sim.project, hu, coarse=4), 2, device)
+        integrals = sim.project(hu, coarse=4)
+        draw = mean_seconds(functools.partial(sim.noise_hu, integrals, 5e4, 10.0), 2, device)
+        batch = mean_seconds(
+            functools.partial(sim.noise_hu, integrals.expand(4, -1, -1), 5e4, 10.0), 1, device
+        )
+        rows.append(
+            {
+                "geometry": name,
+                "slice": f"{size}x{size}",
+                "device": device_name,
+                "threads": threads,
+                "projection_s": round(project, 3),
+                "dose_draw_s": round(draw, 3),
+                "dose_draw_s_per_slice_batch4": round(batch / 4, 3),
+            }
+        )
+    if device_name == "cpu":
+        rows.append(
+            {
+                "geometry": "fan",
+                "slice": f"{size}x{size}",
+                "device": "cuda",
+                "projection_s": "not measured here: no GPU",
+                "dose_draw_s": "not measured here: no GPU",
+            }
+        )
+    return rows
 
 
 def in_child(fn, *args):
@@ -384,10 +527,29 @@ def distributed(device_name: str, steps: int, out: Path) -> dict:
     for nproc in (1, 2):
         run_dir = out / f"ddp{nproc}"
         threads = max(1, (os.cpu_count() or 2) // nproc)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "ldct_denoise.py"), "train", "--out", str(run_dir), "--preset", "tiny", "--device",
-               device_name, "--max-steps", str(steps), "--set", "train.log_every=1", "--set",
-               f"train.ckpt_every={steps}", "--set", "data.phantom_train=16"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "ldct_denoise.py"),
+            "train",
+            "--out",
+            str(run_dir),
+            "--preset",
+            "tiny",
+            "--device",
+            device_name,
+            "--max-steps",
+            str(steps),
+            "--set",
+            "train.log_every=1",
+            "--set",
+            f"train.ckpt_every={steps}",
+            "--set",
+            "data.phantom_train=16",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if proc.returncode != 0:
@@ -414,22 +576,35 @@ def run(quick: bool, device_name: str, out: Path) -> dict:
     import torch
 
     global SEPARATE_PROCESSES
-    SEPARATE_PROCESSES = not quick  # quick: one process, so peak RSS figures are cumulative (schema check only)
+    SEPARATE_PROCESSES = (
+        not quick
+    )  # quick: one process, so peak RSS figures are cumulative (schema check only)
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "quick": quick,
+        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+        "quick": quick,
         "separate_processes": not quick,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads": threads, "device": device_name,
-                    "gpu": torch.cuda.get_device_name(0) if device_name == "cuda" else None},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": threads,
+            "device": device_name,
+            "gpu": torch.cuda.get_device_name(0) if device_name == "cuda" else None,
+        },
         "torch": torch.__version__,
     }
     print(f"bench: {'quick' if quick else 'full'} run on {device_name}, {threads} threads", flush=True)
     # 1. training throughput, ours vs diffusers where a peer exists
-    jobs = [("ldct_denoise", True), ("dicom_zero_shot_sr", True), ("mammo_ldm", True),
-            ("ct_throughplane_sr", False), ("mammo_vqvae", False)]
+    jobs = [
+        ("ldct_denoise", True),
+        ("dicom_zero_shot_sr", True),
+        ("mammo_ldm", True),
+        ("ct_throughplane_sr", False),
+        ("mammo_vqvae", False),
+    ]
     presets = ["tiny"] if quick else ["tiny", "medium"]
     steps, batch = (3, 2) if quick else (10, 4)
     train_rows = []
@@ -444,8 +619,11 @@ def run(quick: bool, device_name: str, out: Path) -> dict:
                 peer["ratio_ours_over_peer"] = round(ours["samples_per_s"] / peer["samples_per_s"], 3)
                 ours["ratio_ours_over_peer"] = peer["ratio_ours_over_peer"]
                 train_rows.append(peer)
-            print(f"  train {script} {preset}: {ours['samples_per_s']} samples/s"
-                  + (f", ours/diffusers {ours['ratio_ours_over_peer']}" if has_peer else ""), flush=True)
+            print(
+                f"  train {script} {preset}: {ours['samples_per_s']} samples/s"
+                + (f", ours/diffusers {ours['ratio_ours_over_peer']}" if has_peer else ""),
+                flush=True,
+            )
     results["train"] = train_rows
     # 2. sampling cost
     size = 128 if quick else 512
@@ -461,23 +639,43 @@ def run(quick: bool, device_name: str, out: Path) -> dict:
     zs_rows = [in_child(zssr_inference, h, w, device_name, threads) for h, w in zs_sizes]
     ct_rows = [in_child(ct_upsample, n, s, device_name, threads) for n, s in ct_sizes]
     results["scaling"] = {
-        "zero_shot_sr": {"rows": zs_rows, "time_exponent": round(fit_exponent(
-            [r["pixels"] for r in zs_rows], [r["seconds"] for r in zs_rows]), 3), "peak_rss_exponent": round(
-            fit_exponent([r["pixels"] for r in zs_rows], [r["peak_rss_mb"] for r in zs_rows]), 3)},
-        "through_plane": {"rows": ct_rows, "time_exponent": round(fit_exponent(
-            [r["voxels"] for r in ct_rows], [r["seconds"] for r in ct_rows]), 3), "peak_rss_exponent": round(
-            fit_exponent([r["voxels"] for r in ct_rows], [r["peak_rss_mb"] for r in ct_rows]), 3)},
+        "zero_shot_sr": {
+            "rows": zs_rows,
+            "time_exponent": round(
+                fit_exponent([r["pixels"] for r in zs_rows], [r["seconds"] for r in zs_rows]), 3
+            ),
+            "peak_rss_exponent": round(
+                fit_exponent([r["pixels"] for r in zs_rows], [r["peak_rss_mb"] for r in zs_rows]), 3
+            ),
+        },
+        "through_plane": {
+            "rows": ct_rows,
+            "time_exponent": round(
+                fit_exponent([r["voxels"] for r in ct_rows], [r["seconds"] for r in ct_rows]), 3
+            ),
+            "peak_rss_exponent": round(
+                fit_exponent([r["voxels"] for r in ct_rows], [r["peak_rss_mb"] for r in ct_rows]), 3
+            ),
+        },
     }
-    print(f"  scaling: zero-shot SR time exponent {results['scaling']['zero_shot_sr']['time_exponent']}", flush=True)
+    print(
+        f"  scaling: zero-shot SR time exponent {results['scaling']['zero_shot_sr']['time_exponent']}",
+        flush=True,
+    )
     # 4. distributed
     with tempfile.TemporaryDirectory() as tmp:
         results["distributed"] = distributed(device_name, 5 if quick else 30, Path(tmp))
     print(f"  distributed: efficiency {results['distributed']['scaling_efficiency']}", flush=True)
     # 6. before/after of the fix it pointed to (attention at 1/4 scale of a 256 / 512 px slice in the tiny UNet)
-    results["attention"] = in_child(attention_before_after, device_name, threads, [1024] if quick else [4096, 16384])
+    results["attention"] = in_child(
+        attention_before_after, device_name, threads, [1024] if quick else [4096, 16384]
+    )
     # 5. utilisation
     results["utilisation"] = in_child(utilisation, device_name, threads, "tiny" if quick else "medium", batch)
     print(f"  utilisation: {results['utilisation']['fraction_of_matmul']} of matmul FLOP/s", flush=True)
+    # 7. the ldct dose simulator (issue 13): seconds per slice, projection once, then one FBP per dose draw
+    results["dose_simulator"] = in_child(dose_simulator, 128 if quick else 512, device_name, threads)
+    print(f"  dose simulator: {results['dose_simulator'][0]['dose_draw_s']} s per dose draw", flush=True)
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))
@@ -496,11 +694,13 @@ def write_markdown(results: dict, path: Path) -> None:
     s = results["scaling"]
     ratios = [r["ratio_ours_over_peer"] for r in results["train"] if "ratio_ours_over_peer" in r]
     zs = s["zero_shot_sr"]["rows"]
-    per_px = (zs[-1]["peak_rss_mb"] - zs[1]["peak_rss_mb"]) * 2**20 / (4 * (zs[-1]["pixels"] - zs[1]["pixels"]))
+    per_px = (
+        (zs[-1]["peak_rss_mb"] - zs[1]["peak_rss_mb"]) * 2**20 / (4 * (zs[-1]["pixels"] - zs[1]["pixels"]))
+    )
     text = f"""# Benchmarks
 
-Generated by `{results['command']}` on {results['date']} (torch {results['torch']}, {m['platform']},
-{m['cpus']} CPUs, {m['threads']} threads, device {m['device']}{', ' + m['gpu'] if m['gpu'] else ''}).
+Generated by `{results["command"]}` on {results["date"]} (torch {results["torch"]}, {m["platform"]},
+{m["cpus"]} CPUs, {m["threads"]} threads, device {m["device"]}{", " + m["gpu"] if m["gpu"] else ""}).
 Every figure below is in `bench/results.json` and is reproduced by re-running the command: these machines are
 shared, so compare the ratios measured in one run, not absolute numbers across runs.
 
@@ -509,35 +709,55 @@ shared, so compare the ratios measured in one run, not absolute numbers across r
 `medium` = the tiny preset widened as `MEDIUM` in `bench/run.py` says. The peer is diffusers' `UNet2DModel` with our
 block layout and the width that matches our parameter count, on the same input and concat conditioning.
 
-{table(results['train'], ['script', 'preset', 'impl', 'params_m', 'batch', 'input', 'samples_per_s',
-                          'ratio_ours_over_peer', 'peak_rss_mb'])}
+{
+        table(
+            results["train"],
+            [
+                "script",
+                "preset",
+                "impl",
+                "params_m",
+                "batch",
+                "input",
+                "samples_per_s",
+                "ratio_ours_over_peer",
+                "peak_rss_mb",
+            ],
+        )
+    }
 
 ## 2. Sampling cost
 
-{table(results['sampling'], ['job', 'sampler', 'nfe', 'seconds', 'how'])}
+{table(results["sampling"], ["job", "sampler", "nfe", "seconds", "how"])}
 
 ## 3. Scaling with size (time and peak RSS; exponents fitted on log-log, 1 = linear)
 
 Zero-shot SR x2, the `inference` path from an in-memory 12-bit MG DICOM to both output DICOMs and the PNGs
 (tiny network, 1 DDIM step, 1 sample, 256 px tiles: the tiling, streaming and writing machinery):
-time exponent {s['zero_shot_sr']['time_exponent']}, peak-RSS exponent {s['zero_shot_sr']['peak_rss_exponent']}.
+time exponent {s["zero_shot_sr"]["time_exponent"]}, peak-RSS exponent {
+        s["zero_shot_sr"]["peak_rss_exponent"]
+    }.
 
-{table(s['zero_shot_sr']['rows'], ['input', 'pixels', 'seconds', 'rss_before_mb', 'peak_rss_mb'])}
+{table(s["zero_shot_sr"]["rows"], ["input", "pixels", "seconds", "rss_before_mb", "peak_rss_mb"])}
 
 Through-plane x3 (tiny UNet3D, full-preset 16x192x192 patches):
-time exponent {s['through_plane']['time_exponent']}, peak-RSS exponent {s['through_plane']['peak_rss_exponent']}.
+time exponent {s["through_plane"]["time_exponent"]}, peak-RSS exponent {
+        s["through_plane"]["peak_rss_exponent"]
+    }.
 
-{table(s['through_plane']['rows'], ['input', 'voxels', 'output', 'seconds', 'rss_before_mb', 'peak_rss_mb'])}
+{table(s["through_plane"]["rows"], ["input", "voxels", "output", "seconds", "rss_before_mb", "peak_rss_mb"])}
 
-## 4. Distributed ({results['distributed']['backend']}): `torchrun` 1 vs 2 processes, ldct tiny
+## 4. Distributed ({results["distributed"]["backend"]}): `torchrun` 1 vs 2 processes, ldct tiny
 
-{table(results['distributed']['rows'], ['processes', 'threads_per_process', 'samples_per_s'])}
+{table(results["distributed"]["rows"], ["processes", "threads_per_process", "samples_per_s"])}
 
-Scaling efficiency (2-process samples/s / twice the 1-process): {results['distributed']['scaling_efficiency']}.
+Scaling efficiency (2-process samples/s / twice the 1-process): {
+        results["distributed"]["scaling_efficiency"]
+    }.
 
 ## 5. Utilisation
 
-{table([results['utilisation']], list(results['utilisation']))}
+{table([results["utilisation"]], list(results["utilisation"]))}
 
 `torch.utils.flop_counter` counts nominal FLOPs (2 x multiply-adds of each convolution); oneDNN's convolutions
 can do fewer multiplications than that (Winograd), so a fraction above 1 reads "at least as fast as sgemm", not
@@ -550,21 +770,44 @@ tokens): `nn.MultiheadAttention`'s own path builds the N x N matrix with bmm + s
 runs the same weights through `F.scaled_dot_product_attention` (flash kernels on CPU and GPU); checkpoints are
 unchanged (tested equal in `tests/test_ldct_stages.py`).
 
-{table(results['attention'], list(results['attention'][0]))}
+{table(results["attention"], list(results["attention"][0]))}
+
+## 7. Dose simulator (`common/ct_sim.py`, ldct's low-dose data): seconds per slice
+
+The projection sets each ray's photon count and is made once per slice (cached); each further dose draw costs
+Poisson + electronic noise and one filtered back-projection.
+
+{
+        table(
+            results.get("dose_simulator", []),
+            [
+                "geometry",
+                "slice",
+                "device",
+                "threads",
+                "projection_s",
+                "dose_draw_s",
+                "dose_draw_s_per_slice_batch4",
+            ],
+        )
+    }
 
 ## Reading these numbers
 
-- Training throughput, ours / diffusers at equal parameter count and input: {min(ratios):.2f} to {max(ratios):.2f}.
-- Sampling on CPU: the full seed architectures are GPU models (the full mammo LDM spends ~{max(
-    r['seconds'] / r['nfe'] for r in results['sampling']):.0f} s per network evaluation here); DDPM-1000 rows are
+- Training throughput, ours / diffusers at equal parameter count and input: {min(ratios):.2f} to {
+        max(ratios):.2f}.
+- Sampling on CPU: the full seed architectures are GPU models (the full mammo LDM spends ~{
+        max(
+            r["seconds"] / r["nfe"] for r in results["sampling"]
+        ):.0f} s per network evaluation here); DDPM-1000 rows are
   seconds per evaluation x 1000, measured, not run end to end.
-- Scaling: time grows about linearly with pixels/voxels (exponents {s['zero_shot_sr']['time_exponent']} and
-  {s['through_plane']['time_exponent']}). Network memory is bounded by the patch. Zero-shot SR streams: the
+- Scaling: time grows about linearly with pixels/voxels (exponents {s["zero_shot_sr"]["time_exponent"]} and
+  {s["through_plane"]["time_exponent"]}). Network memory is bounded by the patch. Zero-shot SR streams: the
   normalised input and its bicubic upsampling are made per row of tiles, rows are blended as they finish and the
-  SR and std rows go to temporary files from which the DICOMs are encoded. From {zs[1]['input']} to
-  {zs[-1]['input']} its peak RSS grows {zs[-1]['peak_rss_mb'] - zs[1]['peak_rss_mb']:.0f} MB
-  ({100 * (zs[-1]['peak_rss_mb'] / zs[1]['peak_rss_mb'] - 1):.0f}%) while the output grows
-  {zs[-1]['pixels'] / zs[1]['pixels']:.0f}x: {per_px:.2f} bytes per extra output pixel, where holding the SR
+  SR and std rows go to temporary files from which the DICOMs are encoded. From {zs[1]["input"]} to
+  {zs[-1]["input"]} its peak RSS grows {zs[-1]["peak_rss_mb"] - zs[1]["peak_rss_mb"]:.0f} MB
+  ({100 * (zs[-1]["peak_rss_mb"] / zs[1]["peak_rss_mb"] - 1):.0f}%) while the output grows
+  {zs[-1]["pixels"] / zs[1]["pixels"]:.0f}x: {per_px:.2f} bytes per extra output pixel, where holding the SR
   image and its std map in float32 would take 8 and the input's own float32 values take 1 (x2: four output
   pixels per input pixel). What is left grows with the input and the image width (one row of tiles).
   Through-plane holds its output volume.
@@ -581,7 +824,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI: small sizes, under 2 minutes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
-    parser.add_argument("--markdown-only", action="store_true", help="rewrite BENCHMARKS.md from OUT/results.json")
+    parser.add_argument(
+        "--markdown-only", action="store_true", help="rewrite BENCHMARKS.md from OUT/results.json"
+    )
     args = parser.parse_args()
     if args.markdown_only:
         return write_markdown(json.loads((args.out / "results.json").read_text()), ROOT / "BENCHMARKS.md")

