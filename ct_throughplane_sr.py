@@ -350,6 +350,16 @@ def lerp_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.index_select(2, i0) * (1 - w) + x.index_select(2, i1) * w
 
 
+def spline_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Cubic spline along z (not-a-knot, as `cubic_z`) as a (positions x slices) matrix applied to a
+    (B, C, D, H, W) tensor; linear below 4 slices. Exact for polynomials up to degree 3, e.g. linear ramps."""
+    if x.shape[2] < 4:
+        return lerp_z(x, positions)
+    eye = np.eye(x.shape[2])
+    weights = make_interp_spline(np.arange(x.shape[2]), eye, k=3, axis=0)(positions.cpu().numpy())
+    return torch.einsum("nd,bcdhw->bcnhw", torch.from_numpy(weights).to(x), x)
+
+
 def pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
     size = x.shape[2:]
     pads = [(-s) % m for s, m in zip(size, multiples)]
@@ -370,8 +380,8 @@ def conv_relu(cin: int, cout: int, stride=1) -> nn.Sequential:
 
 class SimpleUNet3D(nn.Module):
     """Encoder-decoder on the LR grid (strided in-plane only: an LR patch has few slices), then the features
-    are interpolated to the output slice positions and a head adds a residual to the z-interpolated input.
-    The last conv starts at zero, so an untrained model is exactly linear interpolation along z."""
+    are interpolated to the output slice positions and a head adds a residual to the cubic-spline (z)
+    interpolated input. The last conv starts at zero: an untrained model is exactly that spline."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -394,7 +404,7 @@ class SimpleUNet3D(nn.Module):
         for up in reversed(self.ups):
             skip = skips.pop()
             feat = up(torch.cat([F.interpolate(feat, size=skip.shape[2:], mode="trilinear"), skip], 1))
-        out = lerp_z(x, positions) + self.head(lerp_z(feat, positions))
+        out = spline_z(x, positions) + self.head(lerp_z(feat, positions))
         return out[..., :h, :w]
 
 

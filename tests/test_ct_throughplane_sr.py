@@ -214,9 +214,8 @@ def test_untrained_models_start_from_interpolation_and_ignore_the_condition():
     torch.manual_seed(0)
     cfg = tiny_cfg()
     lr, pos = torch.randn(1, 1, 5, 20, 12), torch.from_numpy(sr.output_positions(5, 3.0))
-    torch.testing.assert_close(
-        sr.SimpleUNet3D(cfg.unet)(lr, pos), sr.lerp_z(lr, pos)
-    )  # zero-initialised head
+    out = sr.SimpleUNet3D(cfg.unet)(lr, pos)[0, 0].detach().numpy()  # zero-initialised head: the spline
+    np.testing.assert_allclose(out, sr.cubic_z(lr[0, 0].numpy(), pos.numpy()), atol=1e-5)
     net = sr.LatentDenoiser(cfg.ldm, 4).eval()
     x, t = torch.randn(2, 4, 4, 8, 8), torch.tensor([0, 14])
     torch.testing.assert_close(net(x, t, torch.randn_like(x)), net(x, t, torch.zeros_like(x)))  # zero convs
@@ -286,13 +285,13 @@ def test_resume_replays_the_uninterrupted_losses(tmp_path):
     assert best["best_step"] == min(val, key=lambda r: r["val_loss"])["step"]  # chosen on val.txt's volumes
 
 
-# --- landmarks through input and output geometry (in process, with a linear-interpolation checkpoint) ---
+# --- landmarks through input and output geometry (in process, an untrained = cubic-spline checkpoint) ---
 
 
 @pytest.fixture(scope="module")
 def linear_checkpoint(tmp_path_factory):
-    """An untrained UNet3D (lr 0): exactly linear interpolation, so any value pattern linear in patient
-    coordinates must come out equal to the patient coordinate the output geometry assigns."""
+    """An untrained UNet3D (lr 0) is exactly a cubic spline along z, which reproduces any value pattern
+    linear in patient coordinates: each output value must be the one at its voxel centre."""
     cfg = tiny_cfg("data.phantom_train=1", "train.lr=0", "train.val_batches=1")
     cfg.train.max_steps = 1
     return sr.train(cfg, "unet3d", tmp_path_factory.mktemp("lin") / "unet", "cpu", argv=[])

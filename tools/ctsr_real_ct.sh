@@ -37,7 +37,7 @@ for name, (i0, i1) in cuts.items():
 PYEOF
 
 $SR train --model unet3d --data "$RUN/data" --out "$RUN/unet3d" --max-steps "$UNET_STEPS" "${COMMON[@]}"
-$SR train-vae --data "$RUN/data" --out "$RUN/vae" --max-steps "$VAE_STEPS" "${COMMON[@]}"
+$SR train --model vae --data "$RUN/data" --out "$RUN/vae" --max-steps "$VAE_STEPS" "${COMMON[@]}"
 $SR train --model ldm --vae "$RUN/vae/best.pt" --data "$RUN/data" --out "$RUN/ldm" --max-steps "$LDM_STEPS" \
     "${COMMON[@]}"
 for axis in j k; do  # j, i: in-plane axes (0.98 mm) thinned to 3 mm; k: the scan's own 2 mm slice axis
