@@ -1,8 +1,8 @@
 """Fast projection-domain dose simulation for 2-D CT slices in torch (batched, CPU or GPU).
 
-A slice in HU -> linear attenuation -> line integrals -> Beer-Lambert counts with Poisson + electronic noise ->
-log -> filtered back-projection (FBP) of the noise -> HU. The slice's real PixelSpacing sets the geometry; whole
-slices only (a crop would be simulated as if it were the whole body).
+A slice in HU -> linear attenuation -> line integrals -> Beer-Lambert counts with Poisson + electronic
+noise -> log -> filtered back-projection (FBP) of the noise -> HU. The slice's real PixelSpacing sets the
+geometry; whole slices only (a crop would be simulated as if it were the whole body).
 
 Geometries:
 - `fan` (default, close to a Siemens SOMATOM Definition: source-isocentre 595 mm, source-detector 1085.6 mm,
@@ -106,7 +106,8 @@ class Simulator:
         elif g.kind == "fan":
             d_gamma = g.channel_mm / g.sdd_mm
             u_max = g.sid_mm * math.sin((g.channels - 1) / 2 * d_gamma)
-            # pixels coarser than the rebinned pitch: bin k channels (summed counts), else FBP aliases the noise
+            # pixels coarser than the rebinned pitch: bin k channels (summed counts), else FBP aliases the
+            # noise
             binning = max(1, round(min(py, px) / (g.sid_mm * d_gamma)))
             self.du = g.sid_mm * d_gamma * binning
             n_half = int(u_max / self.du)
@@ -131,7 +132,7 @@ class Simulator:
     def project(self, hu: torch.Tensor, coarse: int = 1) -> torch.Tensor:
         """(B, H, W) HU -> (B, views, U) line integrals of mu (unitless), ray-driven with bilinear samples.
         coarse = k: rays every k-th view and detector sample, k/2 pixels apart along the ray, linearly
-        interpolated back (the noise model needs each ray's photon count, not a sharp sinogram): ~k^3 faster."""
+        interpolated back (the noise model needs each ray's photon count, not a sharp sinogram): faster."""
         mu = hu_to_mu(hu.to(self.device, torch.float32))[:, None]
         if coarse > 1:
             mu = F.avg_pool2d(mu, 2, ceil_mode=True) if min(self.shape) >= 64 else mu
@@ -183,14 +184,14 @@ class Simulator:
     # --- FBP ---
 
     def fbp(self, sinogram: torch.Tensor) -> torch.Tensor:
-        """(B, views, U) line integrals -> (B, H, W) mu (1/mm): ramp x window, pixel-driven linear back-projection."""
+        """(B, views, U) line integrals -> (B, H, W) mu (1/mm): ramp x window, pixel-driven backprojection."""
         n_u = sinogram.shape[-1]
         spectrum = torch.fft.rfft(sinogram.float(), n=2 * (len(self.filter) - 1), dim=-1)
         q = torch.fft.irfft(spectrum * self.filter, dim=-1)[..., :n_u]
         return self.backproject(q) * (math.pi / len(self.theta))
 
     def backproject(self, q: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-        """Sum over views of q(theta, x cos(theta) + y sin(theta)), linear in u; (B, views, U) -> (B, H, W)."""
+        """Sum over views of q(theta, x cos(theta) + y sin(theta)), linear in u: (B, V, U) -> (B, H, W)."""
         b, n_views, n_u = q.shape
         h, w = self.shape
         q = F.pad(q, (1, 1))  # a zero either side: rays beyond the detector add nothing
@@ -228,8 +229,9 @@ class Simulator:
 
 
 def added_dose_i0(i0_full: float, dose: float) -> float:
-    """Photons per ray of the noise to ADD to a routine-dose image to reach `dose` of it: the image already holds
-    variance s^2 (~1 / i0_full), dose d needs s^2 / d, so the missing s^2 (1 / d - 1) is a draw at i0 d / (1 - d)."""
+    """Photons per ray of the noise to ADD to a routine-dose image to reach `dose` of it: the image already
+    holds variance s^2 (~1 / i0_full), dose d needs s^2 / d, so the missing s^2 (1 / d - 1) is a draw at
+    i0 d / (1 - d)."""
     if not 0 < dose < 1:
         raise ValueError(f"dose must be a fraction in (0, 1) of the routine dose, got {dose}")
     return i0_full * dose / (1 - dose)

@@ -11,28 +11,40 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import run_cli
 from pydicom.data import get_testdata_file
 
 from common import dicom_io, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "ldct_denoise.py"
 # A 64x64-phantom, 32x32-crop configuration of the tiny preset: seconds per run on 2 CPU cores.
-FAST = ["--preset", "tiny", "--device", "cpu", "--set", "data.phantom_size=64", "--set", "data.crop_size=32",
-        "--set", "data.phantom_train=8", "--set", "data.phantom_val=4", "--set", "train.batch_size=4",
-        "--set", "train.log_every=1", "--set", "train.ckpt_every=3"]
-
-
-def run(args, cwd=ROOT, ok=True, script=None):
-    cmd = [sys.executable, str(script or ROOT / "ldct_denoise.py"), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    if ok:
-        assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
-    return proc
+FAST = [
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--set",
+    "data.phantom_size=64",
+    "--set",
+    "data.crop_size=32",
+    "--set",
+    "data.phantom_train=8",
+    "--set",
+    "data.phantom_val=4",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.ckpt_every=3",
+]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 def sha(path: Path) -> str:
@@ -41,18 +53,37 @@ def sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Six steps straight, and three steps + --resume to six: the resumed losses must equal the straight run."""
+    """Six steps straight, and three steps + --resume to six: resumed losses must equal the straight run."""
     base = tmp_path_factory.mktemp("ldct")
-    run(["train", "--out", base / "straight", "--max-steps", 6, *FAST])
-    run(["train", "--out", base / "resumed", "--max-steps", 3, *FAST])
-    run(["train", "--out", base / "resumed", "--max-steps", 6, "--resume", base / "resumed" / "checkpoint.pt", *FAST])
+    run_cli(SCRIPT, ["train", "--out", base / "straight", "--max-steps", 6, *FAST])
+    run_cli(SCRIPT, ["train", "--out", base / "resumed", "--max-steps", 3, *FAST])
+    run_cli(
+        SCRIPT,
+        [
+            "train",
+            "--out",
+            base / "resumed",
+            "--max-steps",
+            6,
+            "--resume",
+            base / "resumed" / "checkpoint.pt",
+            *FAST,
+        ],
+    )
     return base
 
 
 def test_train_writes_a_complete_run_record(trained):
     run_dir = trained / "straight"
-    for name in ("config.yaml", "command.txt", "ldct_denoise.py", "metrics.jsonl", "train.log", "checkpoint.pt",
-                 "preview.png"):
+    for name in (
+        "config.yaml",
+        "command.txt",
+        "ldct_denoise.py",
+        "metrics.jsonl",
+        "train.log",
+        "checkpoint.pt",
+        "preview.png",
+    ):
         assert (run_dir / name).is_file(), name
     assert all(np.isfinite(v) for v in losses(run_dir).values())
     import torch
@@ -80,8 +111,22 @@ def test_denoise_dicom_series_keeps_study_and_geometry(trained, tmp_path):
     dicom_io.write_ct_series(volume, series, (2.0, 0.8, 0.8), shuffle_names=True)
     before = {p.name: sha(p) for p in series.iterdir()}
     out = tmp_path / "out"
-    run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", series, "--output", out,
-         "--steps", 3, "--device", "cpu"])
+    run_cli(
+        SCRIPT,
+        [
+            "denoise",
+            "--checkpoint",
+            trained / "straight" / "checkpoint.pt",
+            "--input",
+            series,
+            "--output",
+            out,
+            "--steps",
+            3,
+            "--device",
+            "cpu",
+        ],
+    )
     assert {p.name: sha(p) for p in series.iterdir()} == before  # input untouched
     written = sorted(out.glob("*.dcm"))
     assert len(written) == 3
@@ -98,10 +143,26 @@ def test_denoise_dicom_series_keeps_study_and_geometry(trained, tmp_path):
         assert "DERIVED" in ds.ImageType
         series_uids.add(ds.SeriesInstanceUID)
     assert len(series_uids) == 1  # one new series for the whole output
-    run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", series, "--output",
-         tmp_path / "again", "--steps", 3, "--device", "cpu"])
+    run_cli(
+        SCRIPT,
+        [
+            "denoise",
+            "--checkpoint",
+            trained / "straight" / "checkpoint.pt",
+            "--input",
+            series,
+            "--output",
+            tmp_path / "again",
+            "--steps",
+            3,
+            "--device",
+            "cpu",
+        ],
+    )
     for path in written:  # same seed, same command -> identical HU
-        assert np.array_equal(dicom_io.read_dicom(path)[0], dicom_io.read_dicom(tmp_path / "again" / path.name)[0])
+        assert np.array_equal(
+            dicom_io.read_dicom(path)[0], dicom_io.read_dicom(tmp_path / "again" / path.name)[0]
+        )
 
 
 def test_denoise_real_ct_slice_passes_validator(trained, tmp_path):
@@ -109,8 +170,22 @@ def test_denoise_real_ct_slice_passes_validator(trained, tmp_path):
     inp = tmp_path / "ct.dcm"
     shutil.copy(src, inp)
     out = tmp_path / "ct_denoised.dcm"
-    run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", inp, "--output", out,
-         "--steps", 2, "--device", "cpu"])
+    run_cli(
+        SCRIPT,
+        [
+            "denoise",
+            "--checkpoint",
+            trained / "straight" / "checkpoint.pt",
+            "--input",
+            inp,
+            "--output",
+            out,
+            "--steps",
+            2,
+            "--device",
+            "cpu",
+        ],
+    )
     ds_in, ds_out = pydicom.dcmread(inp), pydicom.dcmread(out)
     assert (ds_out.PatientID, ds_out.StudyInstanceUID) == (ds_in.PatientID, ds_in.StudyInstanceUID)
     assert (ds_out.Rows, ds_out.Columns) == (512, 512) and ds_out.PixelSpacing == ds_in.PixelSpacing
@@ -119,7 +194,9 @@ def test_denoise_real_ct_slice_passes_validator(trained, tmp_path):
     pad = dicom_io.padding_mask(hu_in, ds_read)
     assert pad is not None and pad.mean() > 0.1  # this slice has a circular FOV padded with -3024 HU
     assert np.array_equal(hu[pad], hu_in[pad])  # padding is "no data": restored unchanged
-    assert np.isfinite(hu).all() and hu[~pad].min() >= -1024 and hu[~pad].max() <= 3072  # the config's HU range
+    assert (
+        np.isfinite(hu).all() and hu[~pad].min() >= -1024 and hu[~pad].max() <= 3072
+    )  # the config's HU range
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
 
@@ -133,8 +210,22 @@ def test_denoise_real_ct_slice_passes_validator(trained, tmp_path):
 
 def test_eval_reports_input_nlm_and_model(trained, tmp_path):
     out = tmp_path / "eval"
-    run(["eval", "--checkpoint", trained / "straight" / "checkpoint.pt", "--out", out, "--steps", 3,
-         "--max-slices", 3, "--device", "cpu"])
+    run_cli(
+        SCRIPT,
+        [
+            "evaluate",
+            "--checkpoint",
+            trained / "straight" / "checkpoint.pt",
+            "--out",
+            out,
+            "--steps",
+            3,
+            "--max-slices",
+            3,
+            "--device",
+            "cpu",
+        ],
+    )
     report = json.loads((out / "metrics.json").read_text())
     methods = [r["method"] for r in report["rows"]]
     assert methods[0] == "low-dose input" and methods[1].startswith("NLM") and methods[2].startswith("BM3D")
@@ -150,17 +241,30 @@ def test_script_runs_from_a_copy_in_an_empty_folder(tmp_path):
     shutil.copy(ROOT / "ldct_denoise.py", tmp_path)
     shutil.copytree(ROOT / "common", tmp_path / "common")
     shutil.copy(ROOT / "configs" / "ldct_denoise.yaml", tmp_path / "configs")
-    run(["train", "--out", "run", "--max-steps", 2, *FAST], cwd=tmp_path, script=tmp_path / "ldct_denoise.py")
+    run_cli(tmp_path / "ldct_denoise.py", ["train", "--out", "run", "--max-steps", 2, *FAST], cwd=tmp_path)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not available")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun not available",
+)
 def test_torchrun_two_process_ddp(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "ldct_denoise.py"), "train", "--out",
-           str(tmp_path / "ddp"), "--max-steps", "2", *FAST]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "ldct_denoise.py"),
+        "train",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--max-steps",
+        "2",
+        *FAST,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import torch
@@ -198,8 +302,23 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, tmp_path):
         out = tmp_path / f"out_{name}"
         files = [bad] if bad.is_file() else sorted(bad.iterdir())
         before = [sha(f) for f in files]
-        proc = run(["denoise", "--checkpoint", trained / "straight" / "checkpoint.pt", "--input", bad, "--output",
-                    out / "x.dcm" if bad.is_file() else out, "--steps", 2, "--device", "cpu"], ok=False)
+        proc = run_cli(
+            SCRIPT,
+            [
+                "denoise",
+                "--checkpoint",
+                trained / "straight" / "checkpoint.pt",
+                "--input",
+                bad,
+                "--output",
+                out / "x.dcm" if bad.is_file() else out,
+                "--steps",
+                2,
+                "--device",
+                "cpu",
+            ],
+            ok=False,
+        )
         assert proc.returncode != 0, name
         lines = [line for line in proc.stderr.strip().splitlines() if line]
         assert len(lines) == 1 and lines[0].startswith("error:"), (name, proc.stderr[-2000:])
@@ -209,11 +328,13 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, tmp_path):
 
 
 def test_bad_config_and_checkpoint_fail_cleanly(tmp_path):
-    proc = run(["train", "--out", tmp_path / "r", "--set", "train.nope=1", *FAST], ok=False)
-    assert proc.returncode == 2 and "unknown key 'train.nope'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(SCRIPT, ["train", "--out", tmp_path / "r", "--set", "train.nope=1", *FAST], ok=False)
+    assert (
+        proc.returncode == 2 and "unknown key 'train.nope'" in proc.stderr and "Traceback" not in proc.stderr
+    )
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"nope")
-    proc = run(["eval", "--checkpoint", junk, "--device", "cpu"], ok=False)
+    proc = run_cli(SCRIPT, ["eval", "--checkpoint", junk, "--device", "cpu"], ok=False)  # the hidden old name
     assert proc.returncode == 2 and "not a loadable checkpoint" in proc.stderr
 
 
@@ -234,8 +355,23 @@ def test_simulate_writes_a_resumable_split_dataset_that_train_reads(tmp_path):
         write_volume(src / f"{patient}.nii.gz", np.stack([synthetic.ct_phantom(40, rng) for _ in range(3)]))
     before = {f: sha(f) for f in src.iterdir()}
     out = tmp_path / "pairs"
-    proc = run(["simulate", "--input", src, "--output", out, "--doses", "0.25,0.5", *FAST[:2],
-                "--set", "data.draws=2", "--set", "data.val_fraction=0.34"])
+    proc = run_cli(
+        SCRIPT,
+        [
+            "simulate",
+            "--input",
+            src,
+            "--output",
+            out,
+            "--doses",
+            "0.25,0.5",
+            *FAST[:2],
+            "--set",
+            "data.draws=2",
+            "--set",
+            "data.val_fraction=0.34",
+        ],
+    )
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"]) == ["000_p1", "001_p2"] and sorted(split["val"]) == ["002_p3"]
     low, full = np.load(out / "000_p1" / "low.npy"), np.load(out / "000_p1" / "full.npy")
@@ -248,11 +384,28 @@ def test_simulate_writes_a_resumable_split_dataset_that_train_reads(tmp_path):
     assert {f: sha(f) for f in src.iterdir()} == before  # inputs untouched
     # resumable: an unfinished volume is redone, finished ones are kept
     (out / "002_p3" / "meta.json").unlink()
-    proc = run(["simulate", "--input", src, "--output", out, "--doses", "0.25,0.5", *FAST[:2],
-                "--set", "data.draws=2", "--set", "data.val_fraction=0.34"])
+    proc = run_cli(
+        SCRIPT,
+        [
+            "simulate",
+            "--input",
+            src,
+            "--output",
+            out,
+            "--doses",
+            "0.25,0.5",
+            *FAST[:2],
+            "--set",
+            "data.draws=2",
+            "--set",
+            "data.val_fraction=0.34",
+        ],
+    )
     assert proc.stdout.count("done earlier, kept") == 2 and (out / "002_p3" / "meta.json").is_file()
-    proc = run(["train", "--data", out, "--out", tmp_path / "run", "--max-steps", 2, *FAST])
-    assert "simulated from 3 patient(s)" in proc.stdout and "24 slices" in proc.stdout  # 2 volumes x 3 x 4 draws
+    proc = run_cli(SCRIPT, ["train", "--data", out, "--out", tmp_path / "run", "--max-steps", 2, *FAST])
+    assert (
+        "simulated from 3 patient(s)" in proc.stdout and "24 slices" in proc.stdout
+    )  # 2 volumes x 3 x 4 draws
 
 
 def test_one_volume_splits_into_train_and_validation_blocks_with_a_gap():
@@ -260,8 +413,42 @@ def test_one_volume_splits_into_train_and_validation_blocks_with_a_gap():
 
     (spans,) = ld.split_volumes(["only"], [40], 0.2)
     train, val = range(*spans["train"]), range(*spans["val"])
-    assert len(val) == 8 and set(train).isdisjoint(val) and val[0] - train[-1] >= 2  # at least one slice between
+    assert (
+        len(val) == 8 and set(train).isdisjoint(val) and val[0] - train[-1] >= 2
+    )  # at least one slice between
     two = ld.split_volumes(["same", "same"], [10, 10], 0.2)  # one patient, two series: blocks over both
     assert "val" not in two[0] and two[1]["val"] == (6, 10) and two[1]["train"] == (0, 5)
     with pytest.raises(ld.UserError, match="at least 3"):
         ld.split_volumes(["one"], [2], 0.2)
+
+
+def test_denoise_warns_once_about_a_sheared_nifti_and_keeps_its_affine(trained, tmp_path):
+    import nibabel as nib
+
+    from common.nifti_io import Volume, write_nifti
+
+    affine = np.array(
+        [[0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0.35, 2.0, 0], [0, 0, 0, 1.0]]
+    )  # gantry-tilt shear
+    hu = np.stack([synthetic.ct_phantom(48, np.random.default_rng(k)) for k in range(2)])
+    src = write_nifti(tmp_path / "tilted.nii.gz", Volume(np.rint(hu), affine, {}))
+    out = tmp_path / "out.nii.gz"
+    proc = run_cli(
+        SCRIPT,
+        [
+            "denoise",
+            "--checkpoint",
+            trained / "straight" / "checkpoint.pt",
+            "--input",
+            src,
+            "--output",
+            out,
+            "--steps",
+            2,
+            "--device",
+            "cpu",
+        ],
+    )
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "tilted.nii.gz" in warnings[0] and "sheared" in warnings[0], proc.stderr
+    assert np.allclose(nib.load(out).affine, nib.load(src).affine)

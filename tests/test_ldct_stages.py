@@ -11,13 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import ldct_denoise as ld
 from common import UserError, dicom_io, metrics, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.phantom_size=64", "data.crop_size=32", "data.phantom_train=8", "data.phantom_val=4",
-        "train.batch_size=4", "train.log_every=1", "train.ckpt_every=3", "sample.steps=2", "upgrade.pretrain_steps=3"]
+TINY = [
+    "data.phantom_size=64",
+    "data.crop_size=32",
+    "data.phantom_train=8",
+    "data.phantom_val=4",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.ckpt_every=3",
+    "sample.steps=2",
+    "upgrade.pretrain_steps=3",
+]
 FAST = ["--preset", "tiny", "--device", "cpu"] + [a for kv in TINY for a in ("--set", kv)]
 NEW_MODULES = {1: "gfm.", 3: "xattn.", 4: "icr."}  # stages that add modules to the UNet
 
@@ -33,12 +43,8 @@ def batch(seed: int = 0, size: int = 32):
     return x_t, torch.tensor([10, 900]), low, edges
 
 
-def run(args, cwd=ROOT):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
-    return proc.stdout
+def run(args) -> str:
+    return run_cli("ldct_denoise.py", args).stdout
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -100,8 +106,12 @@ def test_edges_come_from_the_data_pipeline_in_unit_range_and_the_detector_is_fro
 @pytest.mark.parametrize("parameterization", ["eps", "x0"])
 def test_icr_head_is_identity_at_init(parameterization):
     torch.manual_seed(0)
-    with_icr = ld.build_model(tiny_cfg(4, f"diffusion.parameterization={parameterization}"), torch.device("cpu"))
-    without = ld.build_model(tiny_cfg(3, f"diffusion.parameterization={parameterization}"), torch.device("cpu"))
+    with_icr = ld.build_model(
+        tiny_cfg(4, f"diffusion.parameterization={parameterization}"), torch.device("cpu")
+    )
+    without = ld.build_model(
+        tiny_cfg(3, f"diffusion.parameterization={parameterization}"), torch.device("cpu")
+    )
     without.load_state_dict({k: v for k, v in with_icr.state_dict().items() if not k.startswith("icr.")})
     x_t, t, low, edges = batch()
     with torch.no_grad():
@@ -145,14 +155,20 @@ class CountingModel(torch.nn.Module):
 @pytest.fixture(scope="module")
 def briefly_trained(tmp_path_factory):
     """A tiny x0 model trained for 120 steps: enough to denoise a little, so samplers can be told apart."""
-    cfg = tiny_cfg(0, "train.max_steps=120", "train.ckpt_every=120", "train.log_every=120", "train.batch_size=8",
-                   "data.phantom_train=16")
+    cfg = tiny_cfg(
+        0,
+        "train.max_steps=120",
+        "train.ckpt_every=120",
+        "train.log_every=120",
+        "train.batch_size=8",
+        "data.phantom_train=16",
+    )
     return ld.load_model(ld.train(cfg, tmp_path_factory.mktemp("brief"), None, "cpu"), torch.device("cpu"))
 
 
 def test_bridge_sampler_10_steps_returns_finite_hu_with_5x_fewer_evaluations(briefly_trained):
-    """Counted network calls: bridge-10 makes 10, DDIM-50 from noise 50; the bridge output is no worse (PSNR in
-    the eval window against the full dose, held-back phantoms)."""
+    """Counted network calls: bridge-10 makes 10, DDIM-50 from noise 50; the bridge output is no worse (PSNR
+    in the eval window against the full dose, held-back phantoms)."""
     model, cfg, _ = briefly_trained
     schedule = ld.Schedule(cfg.diffusion, torch.device("cpu"))
     counted = CountingModel(model)
@@ -163,12 +179,15 @@ def test_bridge_sampler_10_steps_returns_finite_hu_with_5x_fewer_evaluations(bri
         x = torch.from_numpy(ld.hu_to_unit(low_hu, cfg.data.hu_range))[None, None]
         for name, steps, start in (("bridge", 10, cfg.upgrade.bridge_start), ("noise", 50, None)):
             counted.calls = 0
-            out, nfe = ld.sample(counted, schedule, x, "ddim", steps, generator=torch.Generator().manual_seed(0),
-                                 start=start)
+            out, nfe = ld.sample(
+                counted, schedule, x, "ddim", steps, generator=torch.Generator().manual_seed(0), start=start
+            )
             assert counted.calls == nfe == steps
             out_hu = ld.unit_to_hu(out[0, 0].numpy(), cfg.data.hu_range)
             assert np.isfinite(out_hu).all() and cfg.data.hu_range[0] <= out_hu.min() <= out_hu.max() <= 3072
-            psnr[name].append(metrics.psnr(*(metrics.to_unit_window(a, window) for a in (out_hu, full_hu)), 1.0))
+            psnr[name].append(
+                metrics.psnr(*(metrics.to_unit_window(a, window) for a in (out_hu, full_hu)), 1.0)
+            )
     assert np.mean(psnr["bridge"]) >= np.mean(psnr["noise"]) - 0.05, psnr
 
 
@@ -180,7 +199,8 @@ def test_ddim_grid_is_diffusers_trailing_with_exactly_steps_timesteps(steps):
     scheduler.set_timesteps(steps)
     ours = ld.ddim_timesteps(1000, steps)
     assert len(ours) == len(set(ours)) == steps and ours[0] == 999 and min(ours) >= 0
-    # diffusers 0.42 appends a stray -1 for 62 counts at T = 1000 (61, 103, 121, 201, ...): the rest must agree
+    # diffusers 0.42 appends a stray -1 for 62 counts at T = 1000 (61, 103, 121, 201, ...): the rest must
+    # agree
     assert ours == [t for t in scheduler.timesteps.tolist() if t >= 0]
 
 
@@ -263,7 +283,9 @@ def test_augmentations_keep_input_and_target_aligned():
     noisy = images[2] + np.random.default_rng(1).normal(0, 30, images[2].shape).astype(np.float32)
     low, full = ld.augment_pair(noisy, images[2].copy(), 0.25, rng, partner, a, cfg.sample.eval_window_hu)
     assert np.array_equal(full, images[2])  # physics noise: only the input changes ...
-    scale = float(np.std(low - full) / np.std(noisy - full))  # ... its own noise rescaled to a dose in dose_range
+    scale = float(
+        np.std(low - full) / np.std(noisy - full)
+    )  # ... its own noise rescaled to a dose in dose_range
     assert np.sqrt(0.25 / a.dose_range[1]) - 1e-3 <= scale <= np.sqrt(0.25 / a.dose_range[0]) + 1e-3
 
 
@@ -292,7 +314,20 @@ def test_transfer_copies_matching_tensors_and_lowers_their_lr():
 @pytest.fixture(scope="module")
 def stage7(tmp_path_factory):
     out = tmp_path_factory.mktemp("stages") / "s7"
-    run(["train", "--stage", 7, "--out", out, "--max-steps", 4, *FAST, "--set", "upgrade.adv_start_fraction=0.25"])
+    run(
+        [
+            "train",
+            "--stage",
+            7,
+            "--out",
+            out,
+            "--max-steps",
+            4,
+            *FAST,
+            "--set",
+            "upgrade.adv_start_fraction=0.25",
+        ]
+    )
     return out
 
 
@@ -310,20 +345,56 @@ def test_train_stage_7_logs_every_term(stage7):
 def test_resume_from_an_earlier_stage_prints_the_key_differences(stage7, tmp_path):
     base = tmp_path / "s0"
     run(["train", "--out", base, "--max-steps", 1, *FAST])
-    stdout = run(["train", "--stage", 4, "--resume-from", base / "checkpoint.pt", "--out", tmp_path / "s4",
-                  "--max-steps", 1, *FAST])
+    stdout = run(
+        [
+            "train",
+            "--stage",
+            4,
+            "--resume-from",
+            base / "checkpoint.pt",
+            "--out",
+            tmp_path / "s4",
+            "--max-steps",
+            1,
+            *FAST,
+        ]
+    )
     new = stdout.split("left new")[1].split("unexpected")[0]
     assert "gfm.0.0" in new and "icr.4" in new and "xattn.mid" in new and "init_conv" not in new
-    stdout = run(["train", "--stage", 1, "--resume-from", stage7 / "checkpoint.pt", "--out", tmp_path / "s1",
-                  "--max-steps", 1, *FAST])
+    stdout = run(
+        [
+            "train",
+            "--stage",
+            1,
+            "--resume-from",
+            stage7 / "checkpoint.pt",
+            "--out",
+            tmp_path / "s1",
+            "--max-steps",
+            1,
+            *FAST,
+        ]
+    )
     assert "unexpected" in stdout and "xattn.mid" in stdout
 
 
 def test_pretrain_then_init_from(tmp_path):
     run(["pretrain", "--out", tmp_path / "pre", *FAST])
     assert len(jsonl(tmp_path / "pre" / "metrics.jsonl")) == 3
-    stdout = run(["train", "--stage", 7, "--init-from", tmp_path / "pre" / "pretrain.pt", "--out", tmp_path / "s8",
-                  "--max-steps", 2, *FAST])
+    stdout = run(
+        [
+            "train",
+            "--stage",
+            7,
+            "--init-from",
+            tmp_path / "pre" / "pretrain.pt",
+            "--out",
+            tmp_path / "s8",
+            "--max-steps",
+            2,
+            *FAST,
+        ]
+    )
     assert "copied" in stdout and "left new" in stdout and "init_conv" not in stdout.split("left new")[1]
     state = torch.load(tmp_path / "s8" / "checkpoint.pt", weights_only=True)
     assert "init_conv.weight" in state["transferred"] and len(state["optimizer"]["param_groups"]) == 2
@@ -331,18 +402,55 @@ def test_pretrain_then_init_from(tmp_path):
 
 def test_bridge_denoise_and_dose_sweep_from_the_cli(stage7, tmp_path):
     series = tmp_path / "series"
-    dicom_io.write_ct_series(np.stack([synthetic.ct_phantom(48, np.random.default_rng(0))] * 2), series,
-                             (1.0, 0.8, 0.8), shuffle_names=True)
+    dicom_io.write_ct_series(
+        np.stack([synthetic.ct_phantom(48, np.random.default_rng(0))] * 2),
+        series,
+        (1.0, 0.8, 0.8),
+        shuffle_names=True,
+    )
     (series / "README.txt").write_text("not a DICOM file: skipped, not an error")
-    run(["denoise", "--checkpoint", stage7 / "checkpoint.pt", "--input", series, "--output", tmp_path / "out",
-         "--from-low-dose", "--start", 0.8, "--steps", 10, "--device", "cpu"])
+    run(
+        [
+            "denoise",
+            "--checkpoint",
+            stage7 / "checkpoint.pt",
+            "--input",
+            series,
+            "--output",
+            tmp_path / "out",
+            "--from-low-dose",
+            "--start",
+            0.8,
+            "--steps",
+            10,
+            "--device",
+            "cpu",
+        ]
+    )
     written = sorted((tmp_path / "out").iterdir())
     assert len(written) == 2 and all(p.suffix == ".dcm" for p in written)
     for path in written:
         hu, ds = dicom_io.read_dicom(path)
-        assert hu.shape == (48, 48) and np.isfinite(hu).all() and "low dose at 0.8" in ds.DerivationDescription
-    run(["eval", "--checkpoint", stage7 / "checkpoint.pt", "--out", tmp_path / "ev", "--doses", "0.5,0.1",
-         "--steps", 2, "--max-slices", 2, "--device", "cpu"])
+        assert (
+            hu.shape == (48, 48) and np.isfinite(hu).all() and "low dose at 0.8" in ds.DerivationDescription
+        )
+    run(
+        [
+            "eval",
+            "--checkpoint",
+            stage7 / "checkpoint.pt",
+            "--out",
+            tmp_path / "ev",
+            "--doses",
+            "0.5,0.1",
+            "--steps",
+            2,
+            "--max-slices",
+            2,
+            "--device",
+            "cpu",
+        ]
+    )
     rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"]
     assert [r["dose"] for r in rows] == [0.5] * 4 + [0.1] * 4  # input, NLM, BM3D, model at each dose
     assert rows[0]["psnr_db"] > rows[4]["psnr_db"]  # the input gets worse as the dose drops
@@ -350,8 +458,26 @@ def test_bridge_denoise_and_dose_sweep_from_the_cli(stage7, tmp_path):
 
 def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
     out = tmp_path / "abl"
-    run(["ablate", "--out", out, "--max-steps", 2, "--stages", "0,5,8", "--steps", 4, "--max-slices", 3,
-         "--time-size", 32, *FAST, "--set", "upgrade.bridge_steps=2"])
+    run(
+        [
+            "ablate",
+            "--out",
+            out,
+            "--max-steps",
+            2,
+            "--stages",
+            "0,5,8",
+            "--steps",
+            4,
+            "--max-slices",
+            3,
+            "--time-size",
+            32,
+            *FAST,
+            "--set",
+            "upgrade.bridge_steps=2",
+        ]
+    )
     report = json.loads((out / "ablation.json").read_text())
     methods = [r["method"] for r in report["rows"]]
     assert methods[:4] == ["low-dose input", methods[1], methods[2], "U-Net regression (RED-CNN-like)"]
@@ -365,12 +491,18 @@ def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "pretrain", "unet"])
-def test_interrupt_then_resume_reproduces_the_uninterrupted_run_for_every_training_kind(kind, tmp_path,
-                                                                                        killed_at_step):
-    """In-process (fast): 4 steps straight vs a run killed after its step-2 checkpoint + --resume; the diffusion at
+def test_interrupt_then_resume_reproduces_the_uninterrupted_run_for_every_training_kind(
+    kind, tmp_path, killed_at_step
+):
+    """In-process (fast): 4 steps straight vs a run killed after its step-2 checkpoint + --resume; diffusion
     stage 7 (bridge ramp, GAN from step 2, augmentations: every RNG path)."""
-    cfg = tiny_cfg(7 if kind == "diffusion" else 0, "upgrade.adv_start_fraction=0.5", "train.ckpt_every=2",
-                   "train.max_steps=4", "upgrade.pretrain_steps=4")
+    cfg = tiny_cfg(
+        7 if kind == "diffusion" else 0,
+        "upgrade.adv_start_fraction=0.5",
+        "train.ckpt_every=2",
+        "train.max_steps=4",
+        "upgrade.pretrain_steps=4",
+    )
     ckpt = ld.train(cfg, tmp_path / "straight", None, "cpu", kind=kind)
 
     with killed_at_step(3):
@@ -380,17 +512,35 @@ def test_interrupt_then_resume_reproduces_the_uninterrupted_run_for_every_traini
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
     a, b = (torch.load(tmp_path / d / ckpt.name, weights_only=True) for d in ("straight", "resumed"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # same seed -> identical weights
+    assert all(
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+    )  # same seed -> identical weights
 
 
 @pytest.mark.parametrize("command", [["train", "--stage", "2"], ["pretrain"], ["baseline", "--kind", "unet"]])
 def test_non_finite_loss_stops_with_the_step_and_saves_no_nan(command, tmp_path):
     out = tmp_path / "run"
-    args = [*command, "--out", out, "--max-steps", 4, *FAST, "--set", "train.lr=1e30",
-            "--set", "train.ckpt_every=1"]
+    args = [
+        *command,
+        "--out",
+        out,
+        "--max-steps",
+        4,
+        *FAST,
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.ckpt_every=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ldct_denoise.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert re.search(r"non-finite .*(at step 2|after step 1)", proc.stderr), proc.stderr
     for ckpt in out.glob("*.pt"):
@@ -399,7 +549,7 @@ def test_non_finite_loss_stops_with_the_step_and_saves_no_nan(command, tmp_path)
 
 
 def test_attention_through_sdpa_equals_multihead_attention():
-    """`attend` runs nn.MultiheadAttention's own weights through F.scaled_dot_product_attention (faster kernels):
+    """`attend` runs nn.MultiheadAttention's own weights through F.scaled_dot_product_attention (faster):
     same result, so checkpoints trained either way load and behave the same."""
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
