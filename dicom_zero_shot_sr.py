@@ -18,7 +18,8 @@ Usage:
   python dicom_zero_shot_sr.py inference --input MMG.dcm --checkpoint runs/mmg_x2/model.pt --out runs/infer
   python dicom_zero_shot_sr.py evaluate --input CT.dcm --input CR.dcm --preset small --out runs/eval
   --preset full (seed, GPU) | small (<= 60 min on 2 CPU cores) | fast (CPU minutes) | tiny (tests);
-  --sampler ddim --steps 10 --samples 3 --max-steps 500; any value: --set data.scales=[1.0,0.8].
+  --max-steps 500; any value: --set data.scales=[1.0,0.8] --set sample.ddim_steps=10;
+  inference: --sampler ddim --steps 10 --samples 3.
 """
 
 from __future__ import annotations
@@ -893,18 +894,15 @@ def run_train(
     return report(info, factor, f"{SCRIPT} {'full' if infer else 'train'}", out_dir, notes, device)
 
 
-def run_inference(
-    input_path: Path, model_path: Path, factor: int | None, overrides, out_dir: Path, device_name
-):
+def run_inference(input_path: Path, model_path: Path, overrides: list[str], out_dir: Path, device_name: str):
+    """`inference`: the model's own config and factor; `overrides` (sample.*) change only how it samples."""
     device = runtime.pick_device(device_name)
-    model, schedule, cfg, trained_factor = load_model(model_path, overrides, device)
-    if factor is not None and factor != trained_factor:
-        raise UserError(f"{model_path}: model was trained for x{trained_factor}, not x{factor}")
-    check_config(cfg, trained_factor)
+    model, schedule, cfg, factor = load_model(model_path, overrides, device)
+    check_config(cfg, factor)
     values, ds, pad = load_input(input_path)
     runtime.prepare_run_dir(out_dir, cfg, __file__)
-    info = infer_file(model, schedule, cfg, trained_factor, input_path, values, ds, pad, out_dir, device)
-    return report(info, trained_factor, f"{SCRIPT} inference", out_dir, [], device)
+    info = infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device)
+    return report(info, factor, f"{SCRIPT} inference", out_dir, [], device)
 
 
 # --- evaluate: a real image has no higher-resolution truth, so the image is the truth and is degraded ---
@@ -1071,9 +1069,6 @@ PresetOpt = typer.Option(
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 MaxStepsOpt = typer.Option(None, "--max-steps", help="training steps (train.steps)")
-SamplerOpt = typer.Option(None, "--sampler", help="ddpm (full schedule) | ddim (deterministic fast path)")
-StepsOpt = typer.Option(None, "--steps", help="DDIM sampling steps (sample.ddim_steps)")
-SamplesOpt = typer.Option(None, "--samples", help="samples per tile (mean + std uncertainty)")
 ResumeOpt = typer.Option(None, "--resume", help="OUT/train_state.pt of a stopped run: continue it exactly")
 
 
@@ -1098,14 +1093,10 @@ def full_cmd(
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
     max_steps: int = MaxStepsOpt,
-    sampler: str = SamplerOpt,
-    steps: int = StepsOpt,
-    samples: int = SamplesOpt,
     resume: Path = ResumeOpt,
 ):
     """Train on the input image, then super-resolve it: DICOM + uncertainty (PNG, DICOM) + model.pt."""
-    named = {"max_steps": max_steps, "sampler": sampler, "steps": steps, "samples": samples}
-    cfg = build_config(config, preset, set_, **named)
+    cfg = build_config(config, preset, set_, max_steps=max_steps)
     run_train(input, upscale, cfg, out, device, True, resume)
 
 
@@ -1131,26 +1122,19 @@ def inference_cmd(
     input: Path = InputOpt,
     checkpoint: Path = typer.Option(None, "--checkpoint", help="model.pt of `train`/`full`"),
     model_path: Path = typer.Option(None, "--model-path", hidden=True),  # old name of --checkpoint
-    upscale: int = typer.Option(None, "--upscale", help="must match the model (default: the model's)"),
     out: Path = typer.Option(Path("runs/zssr_inference"), "--out"),
-    config: list[Path] = ConfigOpt,
-    preset: str = typer.Option(None, "--preset", help="take this preset's `sample` section"),
-    set_: list[str] = SetOpt,
+    set_: list[str] = typer.Option(None, "--set", help="sampling overrides: sample.key=value (repeatable)"),
     device: str = DeviceOpt,
-    sampler: str = SamplerOpt,
-    steps: int = StepsOpt,
-    samples: int = SamplesOpt,
+    sampler: str = typer.Option(None, "--sampler", help="ddpm (full schedule) | ddim (deterministic)"),
+    steps: int = typer.Option(None, "--steps", help="DDIM sampling steps (sample.ddim_steps)"),
+    samples: int = typer.Option(None, "--samples", help="samples per tile (mean + std uncertainty)"),
 ):
-    """Super-resolve with a trained model.pt (its config; --preset/--set/--sampler/--steps/--samples
-    override sampling)."""
+    """Super-resolve with a trained model.pt at its factor, with its config; --set sample.*, --sampler,
+    --steps and --samples change how it samples."""
     if (checkpoint or model_path) is None:
         raise typer.BadParameter("give the trained model with --checkpoint", param_hint="--checkpoint")
-    base = []
-    if preset is not None or config:
-        sample_cfg = config_to_dict(build_config(config, preset or "full", None).sample)
-        base = [f"sample.{k}={v}" for k, v in sample_cfg.items()]
-    overrides = [*base, *(set_ or []), *flags(sampler=sampler, steps=steps, samples=samples)]
-    run_inference(input, checkpoint or model_path, upscale, overrides, out, device)
+    overrides = [*(set_ or []), *flags(sampler=sampler, steps=steps, samples=samples)]
+    run_inference(input, checkpoint or model_path, overrides, out, device)
 
 
 @app.command("evaluate")
@@ -1163,14 +1147,10 @@ def evaluate_cmd(
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
     max_steps: int = MaxStepsOpt,
-    sampler: str = SamplerOpt,
-    steps: int = StepsOpt,
-    samples: int = SamplesOpt,
 ):
     """Degrade each input (evaluate.degradations), super-resolve it back; PSNR/SSIM vs the original for the
     method, bicubic and Lanczos, and the method's gain over both."""
-    named = {"max_steps": max_steps, "sampler": sampler, "steps": steps, "samples": samples}
-    run_evaluate(input, upscale, build_config(config, preset, set_, **named), out, device)
+    run_evaluate(input, upscale, build_config(config, preset, set_, max_steps=max_steps), out, device)
 
 
 if __name__ == "__main__":

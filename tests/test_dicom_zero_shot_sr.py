@@ -291,38 +291,25 @@ def test_real_ct_outputs_pass_dciodvfy_with_no_new_errors(inputs, ct_run):
     check_with_dcmtk(inputs["ct"], ct_run)
 
 
-def test_inference_from_checkpoint_and_factor_mismatch(inputs, runs, tmp_path):
-    run(
-        [
-            "inference",
-            "--input",
-            inputs["mg"],
-            "--checkpoint",
-            runs / "mg" / "model.pt",
-            "--out",
-            tmp_path / "inf",
-            "--device",
-            "cpu",
-            "--samples",
-            3,
-        ]
-    )
+def test_inference_from_checkpoint_with_its_factor(inputs, runs, tmp_path):
+    model = runs / "mg" / "model.pt"
+    args = ["inference", "--input", inputs["mg"], "--checkpoint", model, "--out", tmp_path / "inf"]
+    run([*args, "--device", "cpu", "--samples", 3])
     check_output(inputs["mg"], tmp_path / "inf", 2, trained=False)
-    proc = run(
-        [
-            "inference",
-            "--input",
-            inputs["mg"],
-            "--model-path",  # the old name, a hidden alias
-            runs / "mg" / "model.pt",
-            "--upscale",
-            3,
-            "--out",
-            tmp_path / "bad",
-        ],
-        ok=False,
-    )
-    assert proc.returncode == 2 and "trained for x2" in proc.stderr and not (tmp_path / "bad").exists()
+    config = (tmp_path / "inf" / "config.yaml").read_text()
+    assert "n_samples: 3" in config and "base_channels: 8" in config  # the model's config, one sample change
+    missing = tmp_path / "missing.pt"
+    bad = [
+        "inference",
+        "--input",
+        inputs["mg"],
+        "--model-path",
+        missing,
+        "--out",
+        tmp_path / "bad",
+    ]  # old name
+    proc = run(bad, ok=False)
+    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and not (tmp_path / "bad").exists()
 
 
 def test_evaluate_reports_gains_over_both_baselines_under_each_degradation(inputs, tmp_path):
