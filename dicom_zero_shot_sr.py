@@ -564,7 +564,8 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
     step0 = 0
     if options.get("resume") is not None:
         step0 = resume_training(options["resume"], model, optimizer, gen, cfg, factor)
-    t0, cpu0, timed_from = time.perf_counter(), time.process_time(), None
+    t0, cpu0, timed_from, estimated = time.perf_counter(), time.process_time(), None, False
+    print(f"training {cfg.train.steps - step0} steps on {device}; a time estimate follows the first steps")
     model.train()
     total, every = cfg.train.steps, cfg.train.log_every
     with runtime.ProgressLogger(run_dir, total, "train", log_every=every, start_step=step0) as log:
@@ -581,9 +582,11 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
             log.log(step, **{k: v.item() for k, v in terms.items()}, lr=optimizer.param_groups[0]["lr"])
             if step == step0 + 1:  # the first step pays for warm-up: time the next ones
                 timed_from = time.perf_counter()
-            elif step == step0 + 4 and step < cfg.train.steps:
-                step_s = (time.perf_counter() - timed_from) / 3
-                estimate_run_time(model, cfg, step_s, total - step, options.get("infer_shape"), run_dir)
+            elif not estimated and step < total:  # after 3 timed steps, or 30 s on a slow machine
+                elapsed, shape = time.perf_counter() - timed_from, options.get("infer_shape")
+                if step == step0 + 4 or elapsed > 30:
+                    step_s, estimated = elapsed / (step - step0 - 1), True
+                    estimate_run_time(model, cfg, step_s, total - step, shape, run_dir)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 save_train_state(state_path, model, optimizer, gen, cfg, factor, step, terms["loss"].item())
     model.eval()
