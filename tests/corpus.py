@@ -137,7 +137,13 @@ def _anonymise(target: Path, sources: list[Path]) -> Path:
         ds.SOPClassUID = ds.SOPInstanceUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
         ds.pop("FrameOfReferenceUID", None)
         ds.file_meta.MediaStorageSOPClassUID = ds.file_meta.MediaStorageSOPInstanceUID = ""
-        ds.save_as(target if target.suffix == ".dcm" else target / source.name, enforce_file_format=False)
+        # in a folder, named like a PACS export: by UID, no suffix (so Path.stem is the same for every file)
+        name = (
+            target
+            if target.suffix == ".dcm"
+            else target / f"CT.1.2.826.0.1.3680043.8.498.{ds.InstanceNumber}"
+        )
+        ds.save_as(name, enforce_file_format=False)
     return target
 
 
@@ -249,16 +255,22 @@ def build_corpus(root: str | Path) -> dict[str, Case]:
     slices = sorted(_series(root / "series_for_anon", vol, [2.0 * k for k in range(6)]).iterdir())
     _anonymise(anonymised, slices)
     shutil.rmtree(root / "series_for_anon")
-    add("series_empty_uids", anonymised, "series", "the same, for every slice of a 6-slice series")
+    add(
+        "series_empty_uids",
+        anonymised,
+        "series",
+        "the same for a 6-slice series, files named by UID without a suffix (as PACS exports name them)",
+    )
 
     # folders
     study = generate_uid()
     _series(root / "series_two", vol[:3], [0.0, 2.0, 4.0], study_uid=study)
     _series(root / "series_two", vol[:3], [0.0, 2.0, 4.0], study_uid=study)
     add("series_two", root / "series_two", "series", "two SeriesInstanceUIDs in one folder")
+    long_vol = np.stack([ct_hu(seed=k) for k in range(10)])  # 18 mm: thick enough for a training patch
     add(
         "series_gap",
-        _series(root / "series_gap", vol[[0, 1, 2, 4, 5]], [0.0, 2.0, 4.0, 8.0, 10.0]),
+        _series(root / "series_gap", long_vol[[0, 1, 2, 4, 5, 6, 7, 8, 9]], [0, 2, 4, 8, 10, 12, 14, 16, 18]),
         "series",
         "slice at z=6 mm missing (gap 4 mm among 2 mm steps)",
     )
