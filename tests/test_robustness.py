@@ -382,6 +382,7 @@ EXPECT = {
 # Proceeding cases: the one `warning:` line the command must print (regex), where there must be one.
 WARNS = {
     "series_gap": r"uneven slice gaps",
+    "nifti_sheared": r"sheared",
     "dicom_empty_uids": r"empty or missing identifiers.*SOPClassUID",
     "series_empty_uids": r"empty or missing identifiers.*SOPClassUID",
 }
@@ -468,6 +469,7 @@ DEFAULT = [
     ("ct.train-vae", "nifti_4d"),
     ("ldct.denoise", "series_empty_uids"),
     ("ct.upsample", "series_empty_uids"),
+    ("ct.upsample", "nifti_sheared"),
     ("ldct.denoise", "dicom_empty_uids"),
     ("ct.evaluate", "nifti_short"),
     ("ct.evaluate", "yaml_partial"),
@@ -687,9 +689,16 @@ def check(command: str, case: str, corpus, ckpts, tmp_path: Path) -> None:
 
 def check_proceeded(command: str, case: str, source: Path, out: Path) -> None:
     """What a command that rightly proceeded must have written."""
-    if case == "nifti_sheared":  # the output keeps the sheared geometry exactly
-        written = out if out.suffix else out / source.name
-        np.testing.assert_allclose(nifti_io.read_nifti(written).affine, nifti_io.read_nifti(source).affine)
+    if (
+        case == "nifti_sheared"
+    ):  # outputs keep the sheared grid: same in-plane axes, slice axis along the old one
+        written = [out] if out.is_file() else sorted(out.rglob("*.nii*"))
+        assert written or command not in ("ldct.denoise", "ct.upsample"), f"no NIfTI written under {out}"
+        expected = nifti_io.read_nifti(source).affine
+        for path in written:
+            affine = nifti_io.read_nifti(path).affine
+            np.testing.assert_allclose(affine[:3, :2], expected[:3, :2], atol=1e-6)
+            np.testing.assert_allclose(np.cross(affine[:3, 2], expected[:3, 2]), 0, atol=1e-6)
     if case.endswith("_empty_uids"):  # valid derived DICOMs, one generated study for the whole series
         written = [dicom_io.pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
         assert written, f"no DICOM written under {out}"
