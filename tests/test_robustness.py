@@ -129,6 +129,13 @@ COMMANDS = {
         True,
         "series_valid",
     ),
+    "ldct.simulate": (
+        "ldct_denoise",
+        ["simulate", "--input", "{input}", "--output", "{out}", "--doses", "0.25", "--preset", "tiny"],
+        {"series", "nifti", "folder"},
+        True,
+        "series_valid",
+    ),
     "ldct.denoise": (
         "ldct_denoise",
         [
@@ -148,10 +155,10 @@ COMMANDS = {
         False,
         "ct_valid",
     ),
-    "ldct.eval": (
+    "ldct.evaluate": (
         "ldct_denoise",
         [
-            "eval",
+            "evaluate",
             "--checkpoint",
             "{ck}",
             "--data",
@@ -273,7 +280,7 @@ COMMANDS = {
     ),
     "zssr.inference": (
         "dicom_zero_shot_sr",
-        ["inference", "--input", "{input}", "--model-path", "{ck}", "--out", "{out}", "--device", "cpu"],
+        ["inference", "--input", "{input}", "--checkpoint", "{ck}", "--out", "{out}", "--device", "cpu"],
         {"dicom", "folder"},
         True,
         "ct_valid",
@@ -322,12 +329,13 @@ CKPT_OF = {
     "ct_throughplane_sr": "ct",
 }
 CT_ONLY = {
+    "ldct.simulate",
     "ldct.train",
     "ldct.pretrain",
     "ldct.baseline",
     "ldct.ablate",
     "ldct.denoise",
-    "ldct.eval",
+    "ldct.evaluate",
     "ct.prepare",
     "ct.train",
     "ct.train-vae",
@@ -449,9 +457,10 @@ DEFAULT = [
     ("ldct.train", "empty_folder"),
     ("ldct.train", "yaml_unknown_key"),
     ("ldct.pretrain", "nifti_nan"),
+    ("ldct.simulate", "series_two"),
     ("ldct.baseline", "series_mr"),
     ("ldct.ablate", "yaml_wrong_type"),
-    ("ldct.eval", "nifti_4d"),
+    ("ldct.evaluate", "nifti_4d"),
     ("vqvae.train", "extreme_65535"),
     ("vqvae.evaluate", "truncated_header"),
     ("vqvae.extract-latents", "ybr_full"),
