@@ -24,6 +24,26 @@ def default_config_path(script_file: str | Path) -> Path:
     return script.parent / "configs" / f"{script.stem}.yaml"
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    if isinstance(value, (bool, int)) and not isinstance(value, str):
+        return bool(value)
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    number = float(value) if isinstance(value, str) else value
+    if isinstance(number, float) and not number.is_integer():  # 2.5 steps is a typo, not 2
+        raise ValueError(value)
+    return int(number)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: float, str: str}
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -41,36 +61,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, where) for v in value]
         return tuple(items) if origin is tuple else items
-    if tp is Any:
+    if tp not in _SCALARS:
         return value
     try:
-        if tp is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("true", "yes", "on", "1"):
-                    return True
-                if low in ("false", "no", "off", "0"):
-                    return False
-                raise ValueError(value)
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError(value)
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            if isinstance(value, str):
-                f = float(value)
-                if not f.is_integer():
-                    raise ValueError(value)
-                return int(f)
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
+        return _SCALARS[tp](value)
     except (TypeError, ValueError):
         raise UserError(f"config: {where} = {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
-    return value
 
 
 def _apply(cfg: Any, updates: dict, where: str) -> None:
