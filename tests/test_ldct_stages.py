@@ -185,7 +185,7 @@ def test_bridge_sampler_10_steps_makes_5x_fewer_real_network_calls():
 def test_bridge_sampler_10_steps_scores_within_half_a_db_of_ddim_50_with_5x_fewer_evaluations(tmp_path):
     """A tiny model trained with bridge samples (stage 5's switch alone) for BRIDGE_STEPS steps on noisy
     phantoms: bridge-10 makes 10 real network calls (DDIM-50: 50). Its mean PSNR must stay within 0.5 dB of
-    DDIM-50's: measured 0.3-0.4 dB below it at 300 steps (bridge start 0.6 T), so "no worse" is not claimed."""
+    DDIM-50's: measured 0.3-0.4 dB below it at 300 steps (bridge start 0.6 T), "no worse" is not claimed."""
     settings = ["stages.bridge=true", f"train.max_steps={BRIDGE_STEPS}", "train.ckpt_every=1000"]
     cfg = tiny_cfg(
         0,
