@@ -1,22 +1,27 @@
-"""One benchmark run, every figure beside its comparison measured in the same run (these machines are shared and
-noisy: ratios measured together are what can be trusted, absolute numbers are a snapshot).
+"""One benchmark run, every figure beside its comparison measured in the same run (these machines are
+shared and noisy: ratios measured together are what can be trusted, absolute numbers are a snapshot).
 
 Usage:
-  make bench                          # = python bench/run.py: full run, writes BENCHMARKS.md + bench/results.json
+  make bench                          # = python bench/run.py: full run, writes BENCHMARKS.md + results.json
   python bench/run.py --quick         # CI: small sizes, < 2 minutes, writes bench/results.json only
   python bench/run.py --quick --out /tmp/b    # results somewhere else
   python bench/run.py --device cuda   # on a GPU box (nccl for the distributed part)
+  python bench/run.py --dose-simulator 512    # section 7 only, rows printed
 
 Sections (issue 7):
-  1. train     training throughput (samples/s, peak memory) of each script's model at the tiny and a medium size,
-               and diffusers' UNet2DModel with the same parameter count and input for the 2-D diffusion UNets
-  2. sampling  network evaluations and seconds per 512x512 CT slice for DDPM-1000, DDIM-50 and the bridge sampler
-               (ldct), DDIM-50 in the mammo latent, ResShift-15 vs DDIM-50 (through-plane)
-  3. scaling   zero-shot SR inference and through-plane upsampling at growing sizes: time, peak RSS, fitted exponent
+  1. train     training throughput (samples/s, peak memory) of each script's model at the tiny and a
+               medium size, and diffusers' UNet2DModel with the same parameter count and input for the
+               2-D diffusion UNets
+  2. sampling  network evaluations and seconds per 512x512 CT slice for DDPM-1000, DDIM-50 and the bridge
+               sampler (ldct), DDIM-50 in the mammo latent, ResShift-15 vs DDIM-50 (through-plane)
+  3. scaling   zero-shot SR inference and through-plane upsampling at growing sizes: time, peak RSS,
+               fitted exponent
   4. distributed  ldct training with 1 and 2 torchrun processes (gloo on CPU, nccl on GPU), scaling efficiency
   5. utilisation  model FLOPs per training step / step time against a large matmul's FLOP/s, same run
+  7. dose simulator  common/ct_sim seconds per 512x512 slice: projection once, then one FBP per dose draw
 
-Every measurement of time and memory runs in its own spawned process, so a peak RSS belongs to one measurement.
+Every measurement of time and memory runs in its own spawned process, so a peak RSS belongs to one
+measurement.
 """
 
 from __future__ import annotations
@@ -144,7 +149,8 @@ def build_job(script: str, preset: str, batch: int, device):
 
 
 def diffusers_peer(ours, script: str, preset: str, device):
-    """diffusers' UNet2DModel with our block layout (attention where ours has it) and the width that matches our
+    """diffusers' UNet2DModel with our block layout (attention where ours has it) and the width that matches
+    our
     parameter count best."""
     from diffusers import UNet2DModel
 
@@ -243,7 +249,8 @@ def seconds_per_nfe(make, n: int, device) -> float:
 
 def sampling_cost(size: int, preset: str, device_name: str, threads: int, real_steps: int) -> list[dict]:
     """ldct: the real sampler end to end for DDIM-`real_steps` and the preset's bridge sampler; DDPM-1000 and
-    DDIM-50 as measured seconds per network evaluation x evaluations (stated). Latent samplers the same way."""
+    DDIM-50 as measured seconds per network evaluation x evaluations (stated). Latent samplers the same
+    way."""
     import torch
 
     import ldct_denoise as ld
@@ -435,7 +442,8 @@ def utilisation(device_name: str, threads: int, preset: str, batch: int) -> dict
 
 
 def attention_before_after(device_name: str, threads: int, tokens: list[int]) -> list[dict]:
-    """The fix the benchmark pointed to: ldct's self-attention through nn.MultiheadAttention's own path (before) and
+    """The fix the benchmark pointed to: ldct's self-attention through nn.MultiheadAttention's own path
+    (before) and
     through F.scaled_dot_product_attention with the same weights (after, `ldct_denoise.attend`)."""
     import torch
 
@@ -482,12 +490,11 @@ def dose_simulator(size: int, device_name: str, threads: int) -> list[dict]:
         ("parallel (pi/2 N views)", ct_sim.parallel_geometry()),
     ):
         sim = ct_sim.Simulator((size, size), (0.7, 0.7), geometry, device)
-        project = mean_seconds(functools.partial(sim.project, hu, coarse=4), 2, device)
+        project = mean_seconds(functools.partial(sim.project, hu, coarse=4), 1, device, warmup=0)
         integrals = sim.project(hu, coarse=4)
-        draw = mean_seconds(functools.partial(sim.noise_hu, integrals, 5e4, 10.0), 2, device)
-        batch = mean_seconds(
-            functools.partial(sim.noise_hu, integrals.expand(4, -1, -1), 5e4, 10.0), 1, device
-        )
+        draw = mean_seconds(functools.partial(sim.noise_hu, integrals, 5e4, 10.0), 1, device, warmup=0)
+        batch = integrals.expand(4, -1, -1)
+        batch = mean_seconds(functools.partial(sim.noise_hu, batch, 5e4, 10.0), 1, device, warmup=0)
         rows.append(
             {
                 "geometry": name,
@@ -557,7 +564,8 @@ def distributed(device_name: str, steps: int, out: Path) -> dict:
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
         timed = [r for r in lines if "time_s" in r]
         first, last = timed[min(2, len(timed) - 2)], timed[-1]
-        batch = 8  # the tiny preset's global batch: each of the n processes takes batch / n (ldct_denoise.batches)
+        # the tiny preset's global batch: each of the n processes takes batch / n (ldct_denoise.batches)
+        batch = 8
         sps = batch * (last["step"] - first["step"]) / (last["time_s"] - first["time_s"])
         rows.append({"processes": nproc, "threads_per_process": threads, "samples_per_s": round(sps, 2)})
     efficiency = rows[1]["samples_per_s"] / (2 * rows[0]["samples_per_s"])
@@ -666,7 +674,8 @@ def run(quick: bool, device_name: str, out: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         results["distributed"] = distributed(device_name, 5 if quick else 30, Path(tmp))
     print(f"  distributed: efficiency {results['distributed']['scaling_efficiency']}", flush=True)
-    # 6. before/after of the fix it pointed to (attention at 1/4 scale of a 256 / 512 px slice in the tiny UNet)
+    # 6. before/after of the fix it pointed to (attention at 1/4 scale of a 256 / 512 px slice in the tiny
+    # UNet)
     results["attention"] = in_child(
         attention_before_after, device_name, threads, [1024] if quick else [4096, 16384]
     )
@@ -706,7 +715,8 @@ shared, so compare the ratios measured in one run, not absolute numbers across r
 
 ## 1. Training throughput (forward + backward + Adam step; peak RSS of a fresh process)
 
-`medium` = the tiny preset widened as `MEDIUM` in `bench/run.py` says. The peer is diffusers' `UNet2DModel` with our
+`medium` = the tiny preset widened as `MEDIUM` in `bench/run.py` says. The peer is diffusers' `UNet2DModel`
+with our
 block layout and the width that matches our parameter count, on the same input and concat conditioning.
 
 {
@@ -760,7 +770,8 @@ Scaling efficiency (2-process samples/s / twice the 1-process): {
 {table([results["utilisation"]], list(results["utilisation"]))}
 
 `torch.utils.flop_counter` counts nominal FLOPs (2 x multiply-adds of each convolution); oneDNN's convolutions
-can do fewer multiplications than that (Winograd), so a fraction above 1 reads "at least as fast as sgemm", not
+can do fewer multiplications than that (Winograd), so a fraction above 1 reads "at least as fast as sgemm",
+not
 more than the machine can do.
 
 ## 6. Before / after: the fix this benchmark pointed to
@@ -803,7 +814,8 @@ Poisson + electronic noise and one filtered back-projection.
   seconds per evaluation x 1000, measured, not run end to end.
 - Scaling: time grows about linearly with pixels/voxels (exponents {s["zero_shot_sr"]["time_exponent"]} and
   {s["through_plane"]["time_exponent"]}). Network memory is bounded by the patch. Zero-shot SR streams: the
-  normalised input and its bicubic upsampling are made per row of tiles, rows are blended as they finish and the
+  normalised input and its bicubic upsampling are made per row of tiles, rows are blended as they finish and
+  the
   SR and std rows go to temporary files from which the DICOMs are encoded. From {zs[1]["input"]} to
   {zs[-1]["input"]} its peak RSS grows {zs[-1]["peak_rss_mb"] - zs[1]["peak_rss_mb"]:.0f} MB
   ({100 * (zs[-1]["peak_rss_mb"] / zs[1]["peak_rss_mb"] - 1):.0f}%) while the output grows
@@ -827,7 +839,14 @@ def main() -> None:
     parser.add_argument(
         "--markdown-only", action="store_true", help="rewrite BENCHMARKS.md from OUT/results.json"
     )
+    parser.add_argument(
+        "--dose-simulator", type=int, metavar="SIZE", help="only section 7 at SIZE px; print rows"
+    )
     args = parser.parse_args()
+    if args.dose_simulator:
+        threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+        rows = dose_simulator(args.dose_simulator, "cpu" if args.device == "auto" else args.device, threads)
+        return print(json.dumps({"rows": rows, "loadavg": os.getloadavg()}, indent=1))
     if args.markdown_only:
         return write_markdown(json.loads((args.out / "results.json").read_text()), ROOT / "BENCHMARKS.md")
     import torch
