@@ -245,6 +245,7 @@ def test_script_runs_from_a_copy_in_an_empty_folder(tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun not available",

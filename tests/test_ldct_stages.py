@@ -465,6 +465,7 @@ def test_bridge_denoise_and_dose_sweep_from_the_cli(stage7, tmp_path):
     assert rows[0]["psnr_db"] > rows[4]["psnr_db"]  # the input gets worse as the dose drops
 
 
+@pytest.mark.slow
 def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
     out = tmp_path / "abl"
     run(
@@ -499,7 +500,14 @@ def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
     assert (out / "stage8" / "pretrain" / "pretrain.pt").is_file()
 
 
-@pytest.mark.parametrize("kind", ["diffusion", "pretrain", "unet"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "diffusion",
+        pytest.param("pretrain", marks=pytest.mark.slow),
+        pytest.param("unet", marks=pytest.mark.slow),
+    ],
+)
 def test_interrupt_then_resume_reproduces_the_uninterrupted_run_for_every_training_kind(
     kind, tmp_path, killed_at_step
 ):
@@ -526,7 +534,14 @@ def test_interrupt_then_resume_reproduces_the_uninterrupted_run_for_every_traini
     )  # same seed -> identical weights
 
 
-@pytest.mark.parametrize("command", [["train", "--stage", "2"], ["pretrain"], ["baseline", "--kind", "unet"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--stage", "2"],
+        pytest.param(["pretrain"], marks=pytest.mark.slow),
+        pytest.param(["baseline", "--kind", "unet"], marks=pytest.mark.slow),
+    ],
+)
 def test_non_finite_loss_stops_with_the_step_and_saves_no_nan(command, tmp_path):
     out = tmp_path / "run"
     args = [
