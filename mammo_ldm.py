@@ -787,6 +787,11 @@ def candidates(restorer: Restorer, item: dict, with_baselines: bool) -> dict[str
         outputs[f"Gaussian smoothing of the input (sigma {sigma:g} px)"] = smoothed
     outputs["VQ-VAE-2 of the full-dose image (ceiling)"] = restorer.decode(restorer.encode(clean))
     outputs["VQ-VAE-2 of the low-dose image (no diffusion)"] = restorer.decode(restorer.encode(degraded))
+    if sigma > 0:  # the same step on the first stage alone: what the diffusion adds
+        first_stage = outputs["VQ-VAE-2 of the low-dose image (no diffusion)"]
+        outputs["... + data consistency (no diffusion)"] = data_consistency(
+            first_stage, degraded, mask, sigma
+        )
     outputs["LDM restored"] = restorer(degraded, mask)
     return outputs
 

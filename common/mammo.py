@@ -564,12 +564,12 @@ class MammoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         clean, mask = self.canvas(i % len(self.sources))
         rng = np.random.default_rng([self.cfg.seed, i, 0 if self.fixed_noise else self.epoch + 1])
+        if self.crop is not None:  # crop first: the noise is independent per pixel, so only the crop needs it
+            top, left = random_crop(clean.shape, self.crop, mask, rng)
+            clean, mask = (v[top : top + self.crop[0], left : left + self.crop[1]] for v in (clean, mask))
         images = {"clean": clean, "mask": mask.astype(np.float32)}
         if self.paired:
             images["degraded"] = degrade(clean, self.cfg, rng, mask)
-        if self.crop is not None:
-            top, left = random_crop(clean.shape, self.crop, mask, rng)
-            images = {k: v[top : top + self.crop[0], left : left + self.crop[1]] for k, v in images.items()}
         item = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in images.items()}
         item["clean"] = unit_to_model(item["clean"])
         if "degraded" in item:
