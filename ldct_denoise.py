@@ -256,7 +256,8 @@ def volume_pair(hu: np.ndarray, pixel_mm, cfg: DataConfig, key):
 
 
 def disk_pair(low: np.ndarray, full: np.ndarray, z: int, draw: int, dose: float):
-    return np.asarray(low[z, draw], np.float32), np.asarray(full[z], np.float32), dose
+    """Memory-map views: a training crop reads only its own pixels, and nothing is held in RAM."""
+    return low[z, draw], full[z], dose
 
 
 def find_mayo_pairs(root: Path) -> dict[str, list[tuple[Path, Path]]]:
