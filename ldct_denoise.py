@@ -260,6 +260,17 @@ def disk_pair(low: np.ndarray, full: np.ndarray, z: int, draw: int, dose: float)
     return low[z, draw], full[z], dose
 
 
+def slice_positions(folder: Path) -> dict[float, Path]:
+    out = {}
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            z = float(dicom_io.pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+        except Exception:  # noqa: BLE001 - non-DICOM files (README, DICOMDIR) in a series folder are skipped
+            continue
+        out[round(z, 2)] = f
+    return out
+
+
 def find_mayo_pairs(root: Path) -> dict[str, list[tuple[Path, Path]]]:
     """<root>/<patient>/full*/ and quarter*/ (or low*/) series, matched by slice position, not file name."""
     pairs = {}
@@ -273,17 +284,6 @@ def find_mayo_pairs(root: Path) -> dict[str, list[tuple[Path, Path]]]:
             if matched:
                 pairs[patient.name] = matched
     return pairs
-
-
-def slice_positions(folder: Path) -> dict[float, Path]:
-    out = {}
-    for f in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            z = float(dicom_io.pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
-        except Exception:  # noqa: BLE001 - non-DICOM files (README, DICOMDIR) in a series folder are skipped
-            continue
-        out[round(z, 2)] = f
-    return out
 
 
 def mayo_sources(cfg: DataConfig, root: Path, mayo: dict, seed: int, dose: float | None):
@@ -584,6 +584,15 @@ def coord_grid(b: int, h: int, w: int, device) -> torch.Tensor:
     return torch.stack([xs, ys])[None].expand(b, -1, -1, -1)
 
 
+def attend(attn: nn.MultiheadAttention, q, kv):
+    """nn.MultiheadAttention's weights through SDPA: flash kernels, ~4x faster than MHA at 16k CPU tokens."""
+    q, k, v = (
+        F.linear(x, w, b).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+        for x, w, b in zip((q, kv, kv), attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3))
+    )
+    return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, attn_head_ch: int = 0):
         super().__init__()
@@ -605,15 +614,6 @@ class ResBlock(nn.Module):
             return h
         tokens = self.norm_attn(h).flatten(2).transpose(1, 2)
         return h + attend(self.attn, tokens, tokens).transpose(1, 2).reshape(h.shape)
-
-
-def attend(attn: nn.MultiheadAttention, q, kv):
-    """nn.MultiheadAttention's weights through SDPA: flash kernels, ~4x faster than MHA at 16k CPU tokens."""
-    q, k, v = (
-        F.linear(x, w, b).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
-        for x, w, b in zip((q, kv, kv), attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3))
-    )
-    return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -769,13 +769,6 @@ def patch_discriminator(ch: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(c_in, 1, 4, 1, 1))
 
 
-def build_model(cfg: Config, device: torch.device, kind: str = "diffusion") -> UNet:
-    if kind == "unet":
-        return UNet(cfg.model, in_channels=1).to(device)
-    ab = Schedule(cfg.diffusion, torch.device("cpu")).alphas_cumprod
-    return UNet(cfg.model, 2, cfg.stages, cfg.upgrade, ab, cfg.diffusion.parameterization).to(device)
-
-
 # --- diffusion and samplers ---
 
 
@@ -813,6 +806,13 @@ class Schedule:
         if self.parameterization == "eps":
             return (x_t - (1 - ab).sqrt() * model_out) / ab.sqrt(), model_out
         return model_out, (x_t - ab.sqrt() * model_out) / (1 - ab).sqrt()
+
+
+def build_model(cfg: Config, device: torch.device, kind: str = "diffusion") -> UNet:
+    if kind == "unet":
+        return UNet(cfg.model, in_channels=1).to(device)
+    ab = Schedule(cfg.diffusion, torch.device("cpu")).alphas_cumprod
+    return UNet(cfg.model, 2, cfg.stages, cfg.upgrade, ab, cfg.diffusion.parameterization).to(device)
 
 
 def diffusion_loss(
@@ -1117,32 +1117,6 @@ def train_loss(
     return loss, logs
 
 
-def train(
-    cfg: Config,
-    out_dir: Path,
-    resume: Path | None = None,
-    device_name: str = "auto",
-    argv=None,
-    init_from: Path | None = None,
-    resume_from: Path | None = None,
-    kind: str = "diffusion",
-) -> Path:
-    """-> checkpoint. kind: diffusion (cfg's stages) | pretrain (stage 8) | unet (baseline); torchrun works.
-    `resume`: continue exactly; `resume_from` (earlier stage), `init_from` (pretrain): copy matching tensors.
-    Stage 8 without a starting point: masked pre-training runs first (OUT/pretrain), then the diffusion."""
-    if sum(x is not None for x in (resume, resume_from, init_from)) > 1:
-        raise UserError("use only one of --resume, --resume-from and --init-from")
-    if (
-        kind == "diffusion"
-        and cfg.stages.pretrain
-        and resume is None
-        and resume_from is None
-        and init_from is None
-    ):
-        init_from = train_run(cfg, out_dir / "pretrain", None, device_name, argv, kind="pretrain")
-    return train_run(cfg, out_dir, resume, device_name, argv, init_from, resume_from, kind)
-
-
 def train_run(
     cfg: Config,
     out_dir: Path,
@@ -1293,7 +1267,54 @@ def train_run(
     return ckpt_path
 
 
+def train(
+    cfg: Config,
+    out_dir: Path,
+    resume: Path | None = None,
+    device_name: str = "auto",
+    argv=None,
+    init_from: Path | None = None,
+    resume_from: Path | None = None,
+    kind: str = "diffusion",
+) -> Path:
+    """-> checkpoint. kind: diffusion (cfg's stages) | pretrain (stage 8) | unet (baseline); torchrun works.
+    `resume`: continue exactly; `resume_from` (earlier stage), `init_from` (pretrain): copy matching tensors.
+    Stage 8 without a starting point: masked pre-training runs first (OUT/pretrain), then the diffusion."""
+    if sum(x is not None for x in (resume, resume_from, init_from)) > 1:
+        raise UserError("use only one of --resume, --resume-from and --init-from")
+    if (
+        kind == "diffusion"
+        and cfg.stages.pretrain
+        and resume is None
+        and resume_from is None
+        and init_from is None
+    ):
+        init_from = train_run(cfg, out_dir / "pretrain", None, device_name, argv, kind="pretrain")
+    return train_run(cfg, out_dir, resume, device_name, argv, init_from, resume_from, kind)
+
+
 # --- evaluate ---
+
+
+def uniform_region_noise(pred_hu: np.ndarray, ref_hu: np.ndarray, box: int = 32) -> tuple[float, float]:
+    """(std, NPS peak in cycles/pixel) of `pred_hu` in the box where the reference varies least (in the body):
+    a stand-in for the water-phantom ROI of a noise measurement on a patient slice."""
+    from scipy import ndimage
+
+    box = min(box, *ref_hu.shape)
+    mean = ndimage.uniform_filter(ref_hu.astype(np.float64), box)
+    local_var = ndimage.uniform_filter(ref_hu.astype(np.float64) ** 2, box) - mean**2
+    inside = ndimage.binary_erosion(metrics.body_mask(ref_hu), np.ones((box, box)))
+    local_var[~inside] = np.inf
+    cy, cx = np.unravel_index(np.argmin(local_var), local_var.shape)
+    y0, x0 = max(0, cy - box // 2), max(0, cx - box // 2)
+    roi = pred_hu[y0 : y0 + box, x0 : x0 + box].astype(np.float64)
+    roi = roi - roi.mean()
+    power = np.abs(np.fft.fftshift(np.fft.fft2(roi))) ** 2
+    fy, fx = np.meshgrid(*(np.fft.fftshift(np.fft.fftfreq(n)) for n in roi.shape), indexing="ij")
+    radius = np.round(np.hypot(fy, fx) * roi.shape[0]).astype(int)
+    radial = np.bincount(radius.ravel(), power.ravel()) / np.maximum(np.bincount(radius.ravel()), 1)
+    return float(roi.std()), float(np.argmax(radial[1 : roi.shape[0] // 2 + 1]) + 1) / roi.shape[0]
 
 
 def compare(
@@ -1381,27 +1402,6 @@ def compare(
         "command: " + " ".join(sys.argv),
     ]
     return rows, outputs, test, notes
-
-
-def uniform_region_noise(pred_hu: np.ndarray, ref_hu: np.ndarray, box: int = 32) -> tuple[float, float]:
-    """(std, NPS peak in cycles/pixel) of `pred_hu` in the box where the reference varies least (in the body):
-    a stand-in for the water-phantom ROI of a noise measurement on a patient slice."""
-    from scipy import ndimage
-
-    box = min(box, *ref_hu.shape)
-    mean = ndimage.uniform_filter(ref_hu.astype(np.float64), box)
-    local_var = ndimage.uniform_filter(ref_hu.astype(np.float64) ** 2, box) - mean**2
-    inside = ndimage.binary_erosion(metrics.body_mask(ref_hu), np.ones((box, box)))
-    local_var[~inside] = np.inf
-    cy, cx = np.unravel_index(np.argmin(local_var), local_var.shape)
-    y0, x0 = max(0, cy - box // 2), max(0, cx - box // 2)
-    roi = pred_hu[y0 : y0 + box, x0 : x0 + box].astype(np.float64)
-    roi = roi - roi.mean()
-    power = np.abs(np.fft.fftshift(np.fft.fft2(roi))) ** 2
-    fy, fx = np.meshgrid(*(np.fft.fftshift(np.fft.fftfreq(n)) for n in roi.shape), indexing="ij")
-    radius = np.round(np.hypot(fy, fx) * roi.shape[0]).astype(int)
-    radial = np.bincount(radius.ravel(), power.ravel()) / np.maximum(np.bincount(radius.ravel()), 1)
-    return float(roi.std()), float(np.argmax(radial[1 : roi.shape[0] // 2 + 1]) + 1) / roi.shape[0]
 
 
 def evaluate(
