@@ -274,8 +274,11 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_losses_and_weights(chain,
         if name == "vq"
         else ["--vqvae", chain["vq"] / "checkpoint.pt", "--latents", chain["base"] / "latents"]
     )
-    total = ["--set", "train.max_epochs=3"] if name == "vq" else ["--max-steps", "10"]
-    run_cli(script, ["train", "--out", tmp_path / "r", *extra, *TINY, *total, "--set", "train.max_steps=3"])
+    total = ["--set", "train.max_epochs=3"] if name == "vq" else ["--max-steps", "10"]  # as in the chain
+    run_cli(
+        script,
+        ["train", "--out", tmp_path / "r", *extra, *TINY, "--set", "train.max_epochs=3", "--max-steps", "3"],
+    )
     resume = ["--resume", tmp_path / "r" / "checkpoint.pt"]
     run_cli(script, ["train", "--out", tmp_path / "r", *extra, *TINY, *total, *resume])
     straight, resumed = records(chain[name]), records(tmp_path / "r")
