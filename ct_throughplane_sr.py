@@ -10,7 +10,7 @@ orientation and in-plane grid; only the slice axis (found from the affine) is re
 Usage:
   python ct_throughplane_sr.py prepare --input /data/lidc_dicom --out data/ct   # NIfTI in HU + patient split
   python ct_throughplane_sr.py train --model unet3d --out runs/unet3d [--data data/ct]   # default: phantoms
-  python ct_throughplane_sr.py train-vae --out runs/vae [--data data/ct]
+  python ct_throughplane_sr.py train --model vae --out runs/vae [--data data/ct]
   python ct_throughplane_sr.py train --model ldm --vae runs/vae/best.pt --out runs/ldm
   python ct_throughplane_sr.py upsample --checkpoint runs/unet3d/best.pt --input lr.nii.gz --output sr.nii.gz
   python ct_throughplane_sr.py upsample --checkpoint CKPT --input lr_dicom/ --output sr.nii.gz   # + sr_dicom/
@@ -708,22 +708,19 @@ class Predictor:
         trailing_timesteps(self.cfg.ldm.timesteps, infer.sample_steps)  # a bad count fails before any work
 
     def __call__(self, lr: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
-        interp = lerp_z(lr.to(self.device), rel.to(self.device))
+        lr, rel = lr.to(self.device), rel.to(self.device)
         if self.kind == "unet3d":
-            out = self.model(lr.to(self.device), rel.to(self.device))
-            return out[0, 0].float().cpu().numpy()
-        x, size = pad_to(interp, (self.vae.factor * self.model.multiple,) * 3)
+            return self.model(lr, rel)[0, 0].float().cpu().numpy()
+        x, size = pad_to(lerp_z(lr, rel), (self.vae.factor * self.model.multiple,) * 3)
         y0 = self.vae.encode(x)[0] * self.scale
         if not self.roundtrip:
-            scale = self.cfg.infer.guidance_scale
-            steps = self.cfg.infer.sample_steps
-            y0 = self.schedule.sample(self.denoise(y0, scale), y0, steps, self.generator)
+            y0 = self.schedule.sample(self.denoiser(y0), y0, self.cfg.infer.sample_steps, self.generator)
         out = self.vae.decoder(y0 / self.scale)
         return out[0, 0, : size[0], : size[1], : size[2]].float().cpu().numpy()
 
-    def denoise(self, y0: torch.Tensor, scale: float):
+    def denoiser(self, y0: torch.Tensor):
         def predict_x0(x, t):
-            return guided_x0(self.model, x, t, y0, scale)
+            return guided_x0(self.model, x, t, y0, self.cfg.infer.guidance_scale)
 
         return predict_x0
 
