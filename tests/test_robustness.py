@@ -443,6 +443,7 @@ DEFAULT = [
     ("zssr.evaluate", "multiframe"),
     ("zssr.inference", "ckpt_pickle_payload"),
     ("zssr.inference", "ckpt_other_script"),
+    ("zssr.inference", "dicom_empty_uids"),
     ("ldct.denoise", "mr"),
     ("ldct.denoise", "nifti_sheared"),
     ("ldct.denoise", "out_is_input"),
