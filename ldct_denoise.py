@@ -1700,9 +1700,9 @@ def denoise_files(
     series_uid, written = dicom_io.generate_uid(), []
     description = f"ldct_denoise conditional {name}, trained {trained_steps} steps"
     for hu, ds, path in slices:
-        target = (
-            output / f"{path.stem}_denoised.dcm" if (input_path.is_dir() or output.suffix == "") else output
-        )
+        # PACS exports name files by UID without a suffix: Path.stem would cut the last UID part and collide
+        name = path.stem if path.suffix.lower() == ".dcm" else path.name
+        target = output / f"{name}_denoised.dcm" if (input_path.is_dir() or output.suffix == "") else output
         runtime.refuse_overwrite_input(target, path)
         written.append(
             dicom_io.write_derived_dicom(
