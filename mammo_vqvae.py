@@ -564,8 +564,7 @@ def evaluate(
         q.reset_usage()
     names = ["low-dose input", "VQ-VAE-2 reconstruction", f"bicubic x{cfg.model.scaling_rates[0]} down/up"]
     scores: dict[str, list] = {name: [] for name in names}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(len(dataset)):
+    for i in range(len(dataset)):  # no mkdir up front: the panels and the table create it (bad input: none)
         item = dataset[i]
         recon, _, _ = model(item["clean"][None].to(device))
         clean, low = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))

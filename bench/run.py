@@ -396,7 +396,7 @@ def ct_upsample(slices: int, size: int, device_name: str, threads: int) -> dict:
 
     hu = np.random.default_rng(0).integers(-1000, 1500, (slices, size, size)).astype(np.float32)
     t0 = time.perf_counter()
-    out = ct.upsample_hu(hu, 3.0, predict, cfg)
+    out = ct.upsample_hu(hu, ct.output_positions(len(hu), 3.0), predict, cfg)
     sync(device)
     return {
         "job": "through-plane x3",
