@@ -31,10 +31,17 @@ def test_ddim_matches_diffusers_ddim_scheduler(schedule, steps):
     cfg = ld.DiffusionConfig(timesteps=1000, schedule=schedule, parameterization="eps")
     ours = ld.Schedule(cfg, torch.device("cpu"))
     betas = 1 - ours.alphas_cumprod / torch.cat([torch.ones(1), ours.alphas_cumprod[:-1]])
-    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, trained_betas=betas.numpy(), clip_sample=True,
-                                     clip_sample_range=1.0, set_alpha_to_one=True, timestep_spacing="trailing",
-                                     prediction_type="epsilon")
-    theirs.set_timesteps(steps)  # steps divide T: diffusers' prev = t - T // steps is then the next grid point
+    theirs = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=betas.numpy(),
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
+    # steps divide T: diffusers' prev = t - T // steps is then the next grid point
+    theirs.set_timesteps(steps)
     low = torch.rand(2, 1, 16, 16) * 2 - 1
     gen = torch.Generator().manual_seed(3)
     x_ours, nfe = ld.sample(FakeNet(), ours, low, "ddim", steps, 0.0, gen)
@@ -50,21 +57,49 @@ def test_ddim_matches_diffusers_ddim_scheduler(schedule, steps):
 
 def test_quick_bench_writes_the_documented_schema(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
-    assert {"date", "command", "machine", "torch", "train", "sampling", "scaling", "distributed",
-            "utilisation"} <= set(r)
+    assert {
+        "date",
+        "command",
+        "machine",
+        "torch",
+        "train",
+        "sampling",
+        "scaling",
+        "distributed",
+        "utilisation",
+    } <= set(r)
     peers = [row for row in r["train"] if row["impl"].startswith("diffusers")]
     assert {row["script"] for row in peers} == {"ldct_denoise", "dicom_zero_shot_sr", "mammo_ldm"}
     for row in r["train"]:
         assert row["samples_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["params_m"] > 0
-    for ours in (row for row in r["train"] if row["impl"] == "ours" and row["script"] in
-                 {"ldct_denoise", "dicom_zero_shot_sr", "mammo_ldm"}):
+    for ours in (
+        row
+        for row in r["train"]
+        if row["impl"] == "ours" and row["script"] in {"ldct_denoise", "dicom_zero_shot_sr", "mammo_ldm"}
+    ):
         peer = next(p for p in peers if p["script"] == ours["script"] and p["preset"] == ours["preset"])
         assert abs(peer["params_m"] - ours["params_m"]) / ours["params_m"] < 0.15  # a like-for-like peer
-        assert ours["ratio_ours_over_peer"] == pytest.approx(ours["samples_per_s"] / peer["samples_per_s"], rel=1e-2)
+        assert ours["ratio_ours_over_peer"] == pytest.approx(
+            ours["samples_per_s"] / peer["samples_per_s"], rel=1e-2
+        )
     samplers = {row["sampler"].split(" ")[0] for row in r["sampling"]}
     assert {"DDPM-1000", "DDIM-50", "ResShift-15", "bridge-10"} <= samplers
     assert all(row["nfe"] > 0 and row["seconds"] > 0 for row in r["sampling"])
