@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt requirements-bench.txt | sha256sum | cut -c1-16)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test test-all lint bench clean-venv
 
 # The stamp is named by the hash of the requirements files: a second call installs nothing unless they changed.
 $(STAMP): requirements.txt requirements-dev.txt requirements-bench.txt
@@ -21,12 +21,20 @@ demo: $(STAMP)
 	$(PY) ldct_denoise.py demo --out runs/demo
 
 # pytest exits 5 when it collects no test: that is a broken suite here, not a pass.
+# `make test` (~8 min on 2 cores) runs every script's CLI end to end; `make test-all` adds the `slow` product
+# tests (the full robustness command x case product, longer trainings).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -m "not slow"; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-all: $(STAMP)
+	$(VENV)/bin/ruff check .
+	ROBUSTNESS_FULL=1 $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-bench.txt

@@ -12,8 +12,15 @@ from skimage.transform import iradon, radon
 MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy
 
 # (HU, relative size) of tissue classes used by the phantoms
-TISSUE_HU = {"air": -1000.0, "lung": -850.0, "fat": -100.0, "soft": 40.0, "liver": 60.0, "contrast": 180.0,
-             "bone": 700.0}
+TISSUE_HU = {
+    "air": -1000.0,
+    "lung": -850.0,
+    "fat": -100.0,
+    "soft": 40.0,
+    "liver": 60.0,
+    "contrast": 180.0,
+    "bone": 700.0,
+}
 
 
 def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -43,14 +50,23 @@ def ct_phantom(shape: int | tuple[int, int], rng: np.random.Generator) -> np.nda
     img[inner] = TISSUE_HU["soft"] + rng.normal(0, 5)
     if rng.random() < 0.6:  # thorax: two lungs
         for side in (-1, 1):
-            lung = _ellipse(y, x, body_cy - 0.05, side * rng.uniform(0.3, 0.42), rng.uniform(0.3, 0.45),
-                            rng.uniform(0.18, 0.28), rng.uniform(-0.3, 0.3))
+            lung = _ellipse(
+                y,
+                x,
+                body_cy - 0.05,
+                side * rng.uniform(0.3, 0.42),
+                rng.uniform(0.3, 0.45),
+                rng.uniform(0.18, 0.28),
+                rng.uniform(-0.3, 0.3),
+            )
             img[lung & inner] = TISSUE_HU["lung"] + rng.normal(0, 15)
     else:  # abdomen: liver-like organ and a contrast-filled one
         img[_ellipse(y, x, body_cy - 0.1, -0.3, 0.35, 0.3, 0.3) & inner] = TISSUE_HU["liver"]
         img[_ellipse(y, x, body_cy + 0.05, 0.35, 0.12, 0.1, 0.0) & inner] = TISSUE_HU["contrast"]
     # spine and a few ribs
-    img[_ellipse(y, x, body_cy + body_ry - 0.22, 0, 0.1, 0.09, 0)] = TISSUE_HU["bone"] + rng.uniform(-100, 200)
+    img[_ellipse(y, x, body_cy + body_ry - 0.22, 0, 0.1, 0.09, 0)] = TISSUE_HU["bone"] + rng.uniform(
+        -100, 200
+    )
     img[_ellipse(y, x, body_cy + body_ry - 0.22, 0, 0.05, 0.045, 0)] = 250.0  # marrow
     for _ in range(rng.integers(2, 6)):
         t = rng.uniform(0, 2 * np.pi)
@@ -70,8 +86,8 @@ def ct_phantom(shape: int | tuple[int, int], rng: np.random.Generator) -> np.nda
 
 
 def ct_phantom_volume(shape_zyx: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """A 3-D CT-like phantom in HU whose structures vary smoothly along z (ellipsoids, tilted vessels, spheres):
-    through-plane detail exists, so z super-resolution has something to recover."""
+    """A 3-D CT-like phantom in HU whose structures vary smoothly along z (ellipsoids, tilted vessels,
+    spheres): through-plane detail exists, so z super-resolution has something to recover."""
     z, y, x = _grid(shape_zyx)
     vol = np.full(shape_zyx, TISSUE_HU["air"], np.float32)
     body_ry, body_rx = rng.uniform(0.6, 0.75), rng.uniform(0.75, 0.9)
@@ -109,13 +125,26 @@ def ct_phantom_volume(shape_zyx: tuple[int, int, int], rng: np.random.Generator)
 def _fbp(sinogram: np.ndarray, theta: np.ndarray, size: int) -> np.ndarray:
     # Shepp-Logan filter + nearest-neighbour back-projection: its noise power spectrum matched real scanner
     # noise much better than ramp + linear (DATA_NOTES.md).
-    return iradon(sinogram, theta=theta, output_size=size, filter_name="shepp-logan", interpolation="nearest",
-                  circle=False).astype(np.float32)
+    return iradon(
+        sinogram,
+        theta=theta,
+        output_size=size,
+        filter_name="shepp-logan",
+        interpolation="nearest",
+        circle=False,
+    ).astype(np.float32)
 
 
-def simulate_low_dose_ct(hu: np.ndarray, dose: float, rng: np.random.Generator, *, noise_std_full_hu: float = 20.0,
-                         electronic_std: float = 5.0, n_angles: int | None = None, fov_mm: float = 360.0,
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def simulate_low_dose_ct(
+    hu: np.ndarray,
+    dose: float,
+    rng: np.random.Generator,
+    *,
+    noise_std_full_hu: float = 20.0,
+    electronic_std: float = 5.0,
+    n_angles: int | None = None,
+    fov_mm: float = 360.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Projection-domain low-dose simulation of one square slice in HU.
 
     HU -> linear attenuation -> parallel-beam line integrals (radon) -> Beer-Lambert counts with incident
@@ -139,11 +168,14 @@ def simulate_low_dose_ct(hu: np.ndarray, dose: float, rng: np.random.Generator, 
     def recon_hu(sino: np.ndarray) -> np.ndarray:
         return _fbp(sino, theta, size) * to_hu - 1000.0
 
-    # Calibrate I0 on this slice: with Gaussian-approximated Poisson noise the FBP noise std scales as 1/sqrt(I0),
-    # so one reconstruction of unit-I0 noise fixes the I0 that gives the target std (measured inside the body).
+    # Calibrate I0 on this slice: with Gaussian-approximated Poisson noise the FBP noise std scales as
+    # 1/sqrt(I0), so one reconstruction of unit-I0 noise fixes the I0 that gives the target std (measured
+    # inside the body).
     body = hu > -500
     calib_integrals = line_integrals
-    if body.mean() < 0.01:  # no tissue to calibrate on (an air crop): calibrate on a water disk of half the FOV
+    if (
+        body.mean() < 0.01
+    ):  # no tissue to calibrate on (an air crop): calibrate on a water disk of half the FOV
         y, x = np.mgrid[:size, :size] - (size - 1) / 2
         body = np.hypot(y, x) < size / 4
         calib_integrals = radon(np.where(body, MU_WATER_PER_MM, 0.0), theta=theta, circle=False) * pixel_mm
@@ -159,8 +191,9 @@ def simulate_low_dose_ct(hu: np.ndarray, dose: float, rng: np.random.Generator, 
     return low.astype(np.float32), full.astype(np.float32)
 
 
-def image_domain_poisson(hu: np.ndarray, dose: float, rng: np.random.Generator, *,
-                         noise_std_full_hu: float = 20.0) -> np.ndarray:
+def image_domain_poisson(
+    hu: np.ndarray, dose: float, rng: np.random.Generator, *, noise_std_full_hu: float = 20.0
+) -> np.ndarray:
     """Seed 000's cheap augmentation, done in HU: map [-1024, 3072] HU to [0, 1] 'intensity', draw Poisson
     counts with N0*dose photons, map back. N0 is set so soft tissue at dose 1 gets `noise_std_full_hu`.
     It is white noise (no FBP texture): an augmentation, not physics."""
@@ -188,19 +221,23 @@ def _power_law_noise(shape: tuple[int, int], beta: float, rng: np.random.Generat
     return ((field - field.mean()) / (field.std() + 1e-12)).astype(np.float32)
 
 
-def mammogram(shape: tuple[int, int], rng: np.random.Generator, *, bits_stored: int = 14,
-              beta: float = 3.0) -> np.ndarray:
+def mammogram(
+    shape: tuple[int, int], rng: np.random.Generator, *, bits_stored: int = 14, beta: float = 3.0
+) -> np.ndarray:
     """A synthetic cranio-caudal mammogram as stored values (MONOCHROME2: dense = bright, background 0).
 
     Breast outline as a half-ellipse against the chest wall (left edge), fat/fibroglandular mixture from a
-    1/f^beta field, a thickness fall-off towards the skin, a bright skin line and micro-calcification clusters.
+    1/f^beta field, a thickness fall-off towards the skin, a bright skin line and micro-calcification
+    clusters.
     """
     h, w = shape
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     cy, ry, rx = h * rng.uniform(0.45, 0.55), h * rng.uniform(0.38, 0.47), w * rng.uniform(0.6, 0.85)
     r = np.sqrt(((y - cy) / ry) ** 2 + (x / rx) ** 2)
     breast = r <= 1.0
-    thickness = np.clip(np.sqrt(np.clip(1.0 - r**2, 0, 1)), 0, 1) ** 0.5  # compressed breast thins at the edge
+    thickness = (
+        np.clip(np.sqrt(np.clip(1.0 - r**2, 0, 1)), 0, 1) ** 0.5
+    )  # compressed breast thins at the edge
     density = 1 / (1 + np.exp(-(_power_law_noise(shape, beta, rng) * 1.5 + rng.uniform(-1.0, 0.5))))
     density *= np.clip(1.2 - r, 0, 1)  # fibroglandular tissue sits away from the skin
     signal = 0.25 + 0.35 * thickness + 0.35 * density

@@ -55,6 +55,7 @@ def test_ddim_matches_diffusers_ddim_scheduler(schedule, steps):
     assert torch.allclose(x_ours, x, atol=1e-5), (x_ours - x).abs().max()
 
 
+@pytest.mark.slow  # ~2.5 min: a product-level run of bench/run.py (`make test-all`)
 def test_quick_bench_writes_the_documented_schema(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import run_cli
+from fixtures import make_ct_dataset, write_ct_series
 from pydicom.data import get_testdata_file
 
 from common import dicom_io, synthetic
@@ -108,7 +109,7 @@ def test_denoise_dicom_series_keeps_study_and_geometry(trained, tmp_path):
     rng = np.random.default_rng(0)
     volume = np.stack([synthetic.ct_phantom(48, rng) for _ in range(3)])
     series = tmp_path / "series"
-    dicom_io.write_ct_series(volume, series, (2.0, 0.8, 0.8), shuffle_names=True)
+    write_ct_series(volume, series, (2.0, 0.8, 0.8), shuffle_names=True)
     before = {p.name: sha(p) for p in series.iterdir()}
     out = tmp_path / "out"
     run_cli(
@@ -276,7 +277,7 @@ def test_torchrun_two_process_ddp(tmp_path):
 
 def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
-    good = dicom_io.make_ct_dataset(synthetic.ct_phantom(32, rng))
+    good = make_ct_dataset(synthetic.ct_phantom(32, rng))
     dicom_io.write_dataset(good, tmp_path / "good.dcm")
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes((tmp_path / "good.dcm").read_bytes()[:900])
@@ -287,8 +288,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     rgb = tmp_path / "rgb.dcm"
     shutil.copy(get_testdata_file("SC_rgb_16bit.dcm"), rgb)
     two_series = tmp_path / "two_series"
-    dicom_io.write_ct_series(np.stack([synthetic.ct_phantom(32, rng)] * 2), two_series / "a", (1.0, 0.7, 0.7))
-    dicom_io.write_ct_series(np.stack([synthetic.ct_phantom(32, rng)] * 2), two_series / "b", (1.0, 0.7, 0.7))
+    write_ct_series(np.stack([synthetic.ct_phantom(32, rng)] * 2), two_series / "a", (1.0, 0.7, 0.7))
+    write_ct_series(np.stack([synthetic.ct_phantom(32, rng)] * 2), two_series / "b", (1.0, 0.7, 0.7))
     for f in (two_series / "b").iterdir():
         f.rename(two_series / f"b_{f.name}")
     for f in (two_series / "a").iterdir():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from fixtures import write_ct_series
 
 import ldct_denoise as ld
 from common import UserError, dicom_io, metrics, synthetic
@@ -175,6 +176,7 @@ def bridge_and_ddim_50(model, cfg, sources) -> dict[str, list[float]]:
     return psnr
 
 
+@pytest.mark.slow
 def test_bridge_sampler_10_steps_makes_5x_fewer_real_network_calls():
     cfg = tiny_cfg(0, "stages.bridge=true")
     model = ld.build_model(cfg, torch.device("cpu")).eval()
@@ -411,7 +413,7 @@ def test_pretrain_then_init_from(tmp_path):
 
 def test_bridge_denoise_and_dose_sweep_from_the_cli(stage7, tmp_path):
     series = tmp_path / "series"
-    dicom_io.write_ct_series(
+    write_ct_series(
         np.stack([synthetic.ct_phantom(48, np.random.default_rng(0))] * 2),
         series,
         (1.0, 0.8, 0.8),
@@ -503,7 +505,7 @@ def test_ablate_writes_one_table_and_a_panel_per_stage(tmp_path):
 @pytest.mark.parametrize(
     "kind",
     [
-        "diffusion",
+        pytest.param("diffusion", marks=pytest.mark.slow),
         pytest.param("pretrain", marks=pytest.mark.slow),
         pytest.param("unet", marks=pytest.mark.slow),
     ],

@@ -91,7 +91,7 @@ def random_model(cfg) -> zssr.UNet:
     return model
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", [pytest.param("ddpm", marks=pytest.mark.slow), "ddim"])
 def test_same_seed_repeats_and_other_seeds_differ(sampler):
     cfg = tiny_cfg(f"sample.sampler={sampler}")
     model = random_model(cfg)
