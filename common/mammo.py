@@ -22,7 +22,7 @@ import hashlib
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -287,9 +287,6 @@ class Geometry:
     resized_shape: tuple[int, int]
     offset: tuple[int, int]  # top, left of the resized crop on the canvas
     canvas_shape: tuple[int, int]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def plan_geometry(mask: np.ndarray, canvas_shape, margin: float) -> Geometry:
