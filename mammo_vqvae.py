@@ -653,8 +653,7 @@ def extract_latents(
     checkpoint: Path, out_dir: Path, device_name: str = "auto", data_path: str | None = None, overrides=None
 ) -> Path:
     """Paired clean / low-dose level-0 latents (fp16, one file per image) and `index.json` describing them:
-    the
-    VQ-VAE's fingerprint and the data config (canvas, dose) they were made with, which the LDM checks."""
+    the VQ-VAE's fingerprint and the data config (canvas, dose) they were made with, which the LDM checks."""
     device = runtime.pick_device(device_name)
     model, cfg = load_vqvae(checkpoint, device)
     cfg = config_with_sets(Config, config_to_dict(cfg), overrides)

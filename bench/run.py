@@ -150,8 +150,7 @@ def build_job(script: str, preset: str, batch: int, device):
 
 def diffusers_peer(ours, script: str, preset: str, device):
     """diffusers' UNet2DModel with our block layout (attention where ours has it) and the width that matches
-    our
-    parameter count best."""
+    our parameter count best."""
     from diffusers import UNet2DModel
 
     _, cfg = load_cfg(script, preset, [])
@@ -674,8 +673,7 @@ def run(quick: bool, device_name: str, out: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         results["distributed"] = distributed(device_name, 5 if quick else 30, Path(tmp))
     print(f"  distributed: efficiency {results['distributed']['scaling_efficiency']}", flush=True)
-    # 6. before/after of the fix it pointed to (attention at 1/4 scale of a 256 / 512 px slice in the tiny
-    # UNet)
+    # 6. before/after of the fix it pointed to (attention at 1/4 scale of a 256 / 512 px slice, tiny UNet)
     results["attention"] = in_child(
         attention_before_after, device_name, threads, [1024] if quick else [4096, 16384]
     )
@@ -771,8 +769,7 @@ Scaling efficiency (2-process samples/s / twice the 1-process): {
 
 `torch.utils.flop_counter` counts nominal FLOPs (2 x multiply-adds of each convolution); oneDNN's convolutions
 can do fewer multiplications than that (Winograd), so a fraction above 1 reads "at least as fast as sgemm",
-not
-more than the machine can do.
+not more than the machine can do.
 
 ## 6. Before / after: the fix this benchmark pointed to
 
@@ -815,8 +812,7 @@ Poisson + electronic noise and one filtered back-projection.
 - Scaling: time grows about linearly with pixels/voxels (exponents {s["zero_shot_sr"]["time_exponent"]} and
   {s["through_plane"]["time_exponent"]}). Network memory is bounded by the patch. Zero-shot SR streams: the
   normalised input and its bicubic upsampling are made per row of tiles, rows are blended as they finish and
-  the
-  SR and std rows go to temporary files from which the DICOMs are encoded. From {zs[1]["input"]} to
+  the SR and std rows go to temporary files from which the DICOMs are encoded. From {zs[1]["input"]} to
   {zs[-1]["input"]} its peak RSS grows {zs[-1]["peak_rss_mb"] - zs[1]["peak_rss_mb"]:.0f} MB
   ({100 * (zs[-1]["peak_rss_mb"] / zs[1]["peak_rss_mb"] - 1):.0f}%) while the output grows
   {zs[-1]["pixels"] / zs[1]["pixels"]:.0f}x: {per_px:.2f} bytes per extra output pixel, where holding the SR

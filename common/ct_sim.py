@@ -106,8 +106,7 @@ class Simulator:
         elif g.kind == "fan":
             d_gamma = g.channel_mm / g.sdd_mm
             u_max = g.sid_mm * math.sin((g.channels - 1) / 2 * d_gamma)
-            # pixels coarser than the rebinned pitch: bin k channels (summed counts), else FBP aliases the
-            # noise
+            # pixels coarser than the rebinned pitch: bin k channels (summed counts), else FBP aliases noise
             binning = max(1, round(min(py, px) / (g.sid_mm * d_gamma)))
             self.du = g.sid_mm * d_gamma * binning
             n_half = int(u_max / self.du)
