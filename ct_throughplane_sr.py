@@ -4,8 +4,8 @@ latent diffusion model (KL-VAE + ResShift residual shifting + ControlNet conditi
 Training pairs come from high-resolution (HR) volumes by a slice-profile simulation: blur along z with the
 slice sensitivity profile (Gaussian or rectangular, FWHM = target thickness), then resample to the target
 spacing. With `data.in_plane_hr` (default) the in-plane axes of every volume are HR training directions too
-(SMORE-style), so 1.25-5 mm clinical volumes train as well as thin-slice ones. Outputs keep the input's
-orientation and in-plane grid; only the slice axis (found from the affine) is resampled.
+(SMORE), so 1.25-5 mm clinical volumes train as well. Outputs keep the input's orientation and in-plane grid;
+only the slice axis (found from the affine) is resampled.
 
 Usage:
   python ct_throughplane_sr.py prepare --input /data/lidc_dicom --out data/ct   # NIfTI in HU + patient split
@@ -14,15 +14,16 @@ Usage:
   python ct_throughplane_sr.py train --model ldm --vae runs/vae/best.pt --out runs/ldm
   python ct_throughplane_sr.py upsample --checkpoint runs/unet3d/best.pt --input lr.nii.gz --output sr.nii.gz
   python ct_throughplane_sr.py upsample --checkpoint CKPT --input lr_dicom/ --output sr.nii.gz   # + sr_dicom/
-  python ct_throughplane_sr.py evaluate --hr hr.nii.gz --unet runs/unet3d/best.pt --ldm runs/ldm/best.pt
+  python ct_throughplane_sr.py evaluate --input hr.nii.gz --unet runs/unet3d/best.pt --ldm runs/ldm/best.pt
   torchrun --nproc_per_node 2 ct_throughplane_sr.py train --model unet3d --preset tiny --out runs/ddp
-Every command takes --config (repeatable), --preset full|small|tiny, --set section.key=value, --device, --out.
+Every command takes --config (repeatable), --preset full|small|tiny, --set section.key=value, --device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -159,10 +160,10 @@ def axis_first(vol: nifti_io.Volume, axis: int, back: bool = False) -> nifti_io.
 def check_geometry(affine: np.ndarray, source) -> None:
     """One warning line for a sheared (e.g. gantry-tilted) or oblique slice stack; the output keeps it."""
     columns = np.asarray(affine, np.float64)[:3, :3]
+    columns = columns / np.linalg.norm(columns, axis=0)
     normal = np.cross(columns[:, 0], columns[:, 1])
     normal /= np.linalg.norm(normal)
-    step = columns[:, 2] / np.linalg.norm(columns[:, 2])
-    shear = math.degrees(math.acos(min(1.0, abs(float(step @ normal)))))
+    shear = math.degrees(math.acos(min(1.0, abs(float(columns[:, 2] @ normal)))))
     tilt = math.degrees(math.acos(min(1.0, float(np.abs(normal).max()))))
     if shear > 0.2:
         warnings.warn(
@@ -182,27 +183,24 @@ def output_positions(n_in: int, factor: float) -> np.ndarray:
     """Output slice m sits at input slice index offset + m / factor: the spacing divides by `factor` and the
     grid is centred on the input's extent (offset 0 when (n_in - 1) * factor is a whole number)."""
     n_out = int(math.floor((n_in - 1) * factor + 1e-6)) + 1
-    offset = ((n_in - 1) - (n_out - 1) / factor) / 2
-    return offset + np.arange(n_out) / factor
+    return ((n_in - 1) - (n_out - 1) / factor) / 2 + np.arange(n_out) / factor
 
 
 def resampled_affine(affine: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Affine of slices taken at `positions` (input slice indices, evenly spaced): only the slice column
     scales, the origin moves to the first new slice centre."""
-    step = float(positions[1] - positions[0]) if len(positions) > 1 else 1.0
-    return nifti_io.scale_z_affine(affine, step, float(positions[0]))
+    new = np.array(affine, np.float64)
+    new[:3, 3] += new[:3, 2] * positions[0]
+    new[:3, 2] *= positions[1] - positions[0] if len(positions) > 1 else 1.0
+    return new
 
 
 def no_data_mask(vol: nifti_io.Volume) -> np.ndarray:
     """Scanner padding: values below air, and a DICOM series' PixelPaddingValue (/RangeLimit) where declared.
     Training, inference and metrics all treat it as 'no data'."""
-    mask = vol.hu < NO_DATA_HU
     datasets = vol.meta.get("datasets")
-    if datasets:
-        declared = dicom_io.padding_mask(vol.hu, datasets[0])
-        if declared is not None:
-            mask |= declared
-    return mask
+    declared = dicom_io.padding_mask(vol.hu, datasets[0]) if datasets else None
+    return (vol.hu < NO_DATA_HU) | (False if declared is None else declared)
 
 
 # --- data: slice-profile simulation, volumes, random patches ---
@@ -223,36 +221,33 @@ def ssp_kernel(fwhm_vox: float, profile: str) -> np.ndarray:
     return (kernel / kernel.sum()).astype(np.float32)
 
 
-def sample_z(vol: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Linear interpolation along axis 0 at fractional slice indices (exact at integers): `lerp_z`."""
+def sample_z(vol: np.ndarray, positions: np.ndarray, cubic: bool = False) -> np.ndarray:
+    """`lerp_z` (or, `cubic`, `spline_z`) of a (z, y, x) array at fractional slice indices."""
     vol = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
-    return lerp_z(vol, torch.as_tensor(np.asarray(positions, np.float64)))[0, 0].numpy()
+    positions = torch.as_tensor(np.asarray(positions, np.float64))
+    return (spline_z(vol, positions) if cubic else lerp_z(vol, positions))[0, 0].numpy()
 
 
-def simulate_thick_slices(hu, spacing_z_mm, target_spacing_mm, thickness_mm, profile, start=0.0):
-    """Blur along z with the slice profile (FWHM = thickness), then resample at `start + j * ratio` HR slices.
-    Returns the LR slices and their positions in HR slice indices."""
-    kernel = ssp_kernel(thickness_mm / spacing_z_mm, profile)
+def simulate_thick_slices(hu: np.ndarray, spacing_z_mm: float, cfg: DataConfig, start: float = 0.0):
+    """Blur along z with the slice profile (FWHM = data.target_thickness_mm), then resample at
+    `start + j * ratio` HR slices. Returns the LR slices and their positions in HR slice indices."""
+    kernel = ssp_kernel(cfg.target_thickness_mm / spacing_z_mm, cfg.profile)
     blurred = ndimage.correlate1d(np.asarray(hu, np.float32), kernel, axis=0, mode="nearest")
-    ratio = target_spacing_mm / spacing_z_mm
-    n = int(math.floor((hu.shape[0] - 1 - start) / ratio + 1e-6)) + 1
-    positions = start + ratio * np.arange(n)
+    ratio = cfg.target_spacing_mm / spacing_z_mm
+    positions = start + ratio * np.arange(int(math.floor((hu.shape[0] - 1 - start) / ratio + 1e-6)) + 1)
     return sample_z(blurred, positions), positions
 
 
 def simulate_lr_volume(vol: nifti_io.Volume, cfg: DataConfig) -> nifti_io.Volume:
     """LR volume (slice axis = hu axis 0) with the affine of its grid: first slice at the HR first slice."""
-    lr, positions = simulate_thick_slices(
-        vol.hu, vol.spacing_mm[0], cfg.target_spacing_mm, cfg.target_thickness_mm, cfg.profile
-    )
+    lr, positions = simulate_thick_slices(vol.hu, vol.spacing_mm[0], cfg)
     return nifti_io.Volume(lr, resampled_affine(vol.affine, positions), {})
 
 
 def compact(hu: np.ndarray) -> np.ndarray:
     """Integer HU volumes are kept as int16 in memory (half the RAM of float32, still exact)."""
-    if np.array_equal(hu, np.rint(hu)) and hu.min() >= -32768 and hu.max() <= 32767:
-        return hu.astype(np.int16)
-    return hu.astype(np.float32)
+    exact = np.array_equal(hu, np.rint(hu)) and hu.min() >= -32768 and hu.max() <= 32767
+    return hu.astype(np.int16 if exact else np.float32)
 
 
 def phantom(cfg: DataConfig, seed: int) -> np.ndarray:
@@ -272,13 +267,11 @@ def hr_views(vol: nifti_io.Volume, cfg: DataConfig, source) -> list[np.ndarray]:
         view = axis_first(vol, axis)
         spacing, n = view.spacing_mm[0], view.hu.shape[0]
         if spacing <= cfg.hr_spacing_mm * 1.05 and n > 1:
-            positions = np.arange(0, n - 1 + 1e-6, cfg.hr_spacing_mm / spacing)
-            views.append(compact(sample_z(view.hu, positions)))
+            views.append(compact(sample_z(view.hu, np.arange(0, n - 1 + 1e-6, cfg.hr_spacing_mm / spacing))))
         elif axis == 0:
             warnings.warn(
-                f"{source}: slice spacing {spacing:.2f} mm > data.hr_spacing_mm {cfg.hr_spacing_mm}: "
-                f"its slice axis is not an HR training direction"
-                + ("" if cfg.in_plane_hr else "; volume skipped"),
+                f"{source}: slice spacing {spacing:.2f} mm > data.hr_spacing_mm {cfg.hr_spacing_mm}: its "
+                f"slice axis is not an HR training direction{'' if cfg.in_plane_hr else '; volume skipped'}",
                 stacklevel=2,
             )
     return views
@@ -304,38 +297,29 @@ def load_volumes(cfg: DataConfig, split: str, seed: int) -> tuple[list[np.ndarra
     return vols, f"{len(vols)} HR views of the volumes in {split_file}"
 
 
-def patch_shape(vols: list[np.ndarray], cfg: DataConfig) -> tuple[int, int, int, int]:
-    """HR patch (z, y, x) that fits every volume, and its number of LR slices."""
-    shape = np.min([v.shape for v in vols], axis=0)
-    pz, py, px = (int(min(p, s)) for p, s in zip(cfg.patch_size, shape))
-    ratio = cfg.target_spacing_mm / cfg.hr_spacing_mm
+def random_batch(vols: list[np.ndarray], cfg: Config, batch: int, rng: np.random.Generator, device):
+    """Normalised LR patches simulated on the fly (blur + resample of a z-slab with the kernel's margin: equal
+    to the whole-volume simulation), HR targets at the output positions, and those positions."""
+    dc, ratio = cfg.data, cfg.data.target_spacing_mm / cfg.data.hr_spacing_mm
+    shape = np.min([v.shape for v in vols], axis=0)  # the configured patch, cut to fit every volume
+    pz, py, px = (int(min(p, s)) for p, s in zip(dc.patch_size, shape))
     d_lr = int(math.floor((pz - 1) / ratio + 1e-6)) + 1
     if d_lr < 2:
         raise UserError(f"volumes of {shape[0]} HR slices are too thin for two LR slices at x{ratio:g}")
-    return pz, py, px, d_lr
-
-
-def random_batch(vols: list[np.ndarray], cfg: DataConfig, batch: int, rng: np.random.Generator):
-    """LR patches simulated on the fly (blur + resample of a slab), HR targets and the output positions."""
-    ratio = cfg.target_spacing_mm / cfg.hr_spacing_mm
-    _, py, px, d_lr = patch_shape(vols, cfg)
     positions = output_positions(d_lr, ratio)
-    radius = len(ssp_kernel(cfg.target_thickness_mm / cfg.hr_spacing_mm, cfg.profile)) // 2 + 1
+    radius = len(ssp_kernel(dc.target_thickness_mm / dc.hr_spacing_mm, dc.profile)) // 2 + 1
     lrs, hrs = [], []
     for _ in range(batch):
         vol = vols[rng.integers(len(vols))]
-        n_lr = int(math.floor((vol.shape[0] - 1) / ratio + 1e-6)) + 1
-        z_start = rng.integers(n_lr - d_lr + 1) * ratio
+        z_start = rng.integers(int(math.floor((vol.shape[0] - 1) / ratio + 1e-6)) + 2 - d_lr) * ratio
         y0, x0 = rng.integers(vol.shape[1] - py + 1), rng.integers(vol.shape[2] - px + 1)
         lo = max(0, int(z_start) - radius)
         hi = min(vol.shape[0], int(math.ceil(z_start + positions[-1] * ratio)) + radius + 1)
         slab = vol[lo:hi, y0 : y0 + py, x0 : x0 + px].astype(np.float32)
-        lr, _ = simulate_thick_slices(
-            slab, cfg.hr_spacing_mm, cfg.target_spacing_mm, cfg.target_thickness_mm, cfg.profile, z_start - lo
-        )
-        lrs.append(lr[:d_lr])
+        lrs.append(simulate_thick_slices(slab, dc.hr_spacing_mm, dc, z_start - lo)[0][:d_lr])
         hrs.append(sample_z(slab, z_start - lo + positions * ratio))
-    return np.stack(lrs)[:, None], np.stack(hrs)[:, None], positions
+    lr, hr = (hu_to_unit(torch.from_numpy(np.stack(a)[:, None]), dc.hu_range).to(device) for a in (lrs, hrs))
+    return lr, hr, torch.from_numpy(positions).to(device)
 
 
 # --- models ---
@@ -351,8 +335,8 @@ def lerp_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def spline_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Cubic spline along z (not-a-knot, as `cubic_z`) as a (positions x slices) matrix applied to a
-    (B, C, D, H, W) tensor; linear below 4 slices. Exact for polynomials up to degree 3, e.g. linear ramps."""
+    """Cubic spline along z (not-a-knot, scipy) as a (positions x slices) matrix; linear below 4 slices.
+    Exact for polynomials up to degree 3, e.g. linear ramps."""
     if x.shape[2] < 4:
         return lerp_z(x, positions)
     eye = np.eye(x.shape[2])
@@ -386,7 +370,7 @@ class SimpleUNet3D(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         ch = cfg.channels
-        self.levels = len(ch)
+        self.multiple = 2 ** (len(ch) - 1)
         self.inc = nn.Sequential(conv_relu(1, ch[0]), conv_relu(ch[0], ch[0]))
         self.downs = nn.ModuleList(
             nn.Sequential(conv_relu(ch[i], ch[i + 1], (1, 2, 2)), conv_relu(ch[i + 1], ch[i + 1]))
@@ -396,7 +380,7 @@ class SimpleUNet3D(nn.Module):
         self.head = nn.Sequential(conv_relu(ch[0], ch[0]), zeroed(nn.Conv3d(ch[0], 1, 3, 1, 1)))
 
     def forward(self, lr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, (_, h, w) = pad_to(lr, (1, 2 ** (self.levels - 1), 2 ** (self.levels - 1)))
+        x, (_, h, w) = pad_to(lr, (1, self.multiple, self.multiple))
         feat, skips = self.inc(x), []
         for down in self.downs:
             skips.append(feat)
@@ -515,11 +499,10 @@ class LatentDenoiser(nn.Module):
         super().__init__()
         ch, nb, temb_dim = cfg.channels, cfg.num_res_blocks, 4 * cfg.channels[0]
         self.encoder = LatentEncoder(cfg, latent_channels)
-        self.ups = nn.ModuleList()
-        for i in range(len(ch)):
-            blocks = [ResBlock(2 * ch[i], ch[i], temb_dim)]
-            blocks += [ResBlock(ch[i], ch[i], temb_dim) for _ in range(nb - 1)]
-            self.ups.append(nn.ModuleList(blocks))
+        self.ups = nn.ModuleList(
+            nn.ModuleList(ResBlock((1 + (j == 0)) * ch[i], ch[i], temb_dim) for j in range(nb))
+            for i in range(len(ch))
+        )
         self.upsamples = nn.ModuleList(up_conv(ch[i + 1], ch[i]) for i in range(len(ch) - 1))
         self.out = nn.Sequential(norm(ch[0]), nn.SiLU(), nn.Conv3d(ch[0], latent_channels, 3, 1, 1))
         self.control = copy.deepcopy(self.encoder)
@@ -572,21 +555,21 @@ class ResShift:
     def sample(self, predict_x0, y0: torch.Tensor, steps: int, generator: torch.Generator | None = None):
         """ResShift's posterior q(x_s | x_t, x0) between consecutive timesteps t > s of the trailing grid
         (all T steps when steps == T): mean eta_s/eta_t x_t + (1 - eta_s/eta_t) x0, variance
-        kappa^2 eta_s/eta_t (eta_t - eta_s)."""
+        kappa^2 eta_s/eta_t (eta_t - eta_s). Noise is drawn on the CPU: the same on every device."""
+
+        def noise():
+            return torch.randn(y0.shape, generator=generator, device="cpu").to(y0.device)
+
         grid = trailing_timesteps(self.T, steps)
-        x = y0 + self.kappa * self.eta[grid[0]].sqrt() * self.noise(y0, generator)
+        x = y0 + self.kappa * self.eta[grid[0]].sqrt() * noise()
         for t, s in zip(grid, [*grid[1:], -1]):
             x0 = predict_x0(x, torch.full((y0.shape[0],), int(t), device=y0.device, dtype=torch.long))
             if s < 0:
                 return x0
             ratio = self.eta[s] / self.eta[t]
             std = self.kappa * (ratio * (self.eta[t] - self.eta[s])).sqrt()
-            x = ratio * x + (1 - ratio) * x0 + std * self.noise(y0, generator)
+            x = ratio * x + (1 - ratio) * x0 + std * noise()
         return x
-
-    @staticmethod
-    def noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(like.shape, generator=generator, device="cpu").to(like.device)
 
 
 def guided_x0(net, x, t, y0, scale: float):
@@ -659,15 +642,11 @@ def upsample_hu(hu: np.ndarray, positions: np.ndarray, predict, cfg: Config, no_
     no_data = hu < NO_DATA_HU if no_data is None else no_data
     norm_lr = hu_to_unit(np.where(no_data, -1000.0, hu).astype(np.float32), cfg.data.hu_range)
     with torch.no_grad():  # predict() may be any model: no autograd graph at inference
-        blended = blend_patches(
-            norm_lr.astype(np.float32), positions, predict, cfg.infer.patch_lr, cfg.infer.overlap
-        )
+        blended = blend_patches(norm_lr, positions, predict, cfg.infer.patch_lr, cfg.infer.overlap)
     out = unit_to_hu(blended, cfg.data.hu_range)
     for m, k in enumerate(np.rint(positions).astype(np.int64)):
         out[m][no_data[k]] = hu[k][no_data[k]]
-    if np.array_equal(hu, np.rint(hu)):
-        out = np.rint(out)
-    return out.astype(np.float32)
+    return (np.rint(out) if np.array_equal(hu, np.rint(hu)) else out).astype(np.float32)
 
 
 def load_checkpoint_cfg(checkpoint: Path, kinds: tuple[str, ...]) -> tuple[dict, Config]:
@@ -689,74 +668,6 @@ def load_weights(model: nn.Module, weights: dict, checkpoint: Path) -> nn.Module
     return model
 
 
-class Predictor:
-    """A trained model as `predictor(lr_patch, rel_positions) -> (n, h, w)` in normalised units (call it
-    under no_grad). For the LDM, `roundtrip=True` gives the VAE's encode-decode of the input: its ceiling."""
-
-    def __init__(self, checkpoint: Path, infer: InferConfig, device: torch.device, roundtrip: bool = False):
-        self.state, self.cfg = load_checkpoint_cfg(checkpoint, ("unet3d", "ldm"))
-        self.cfg.infer, self.device, self.roundtrip = infer, device, roundtrip
-        self.kind, weights = self.state["kind"], self.state["ema"]
-        if self.kind == "unet3d":
-            self.model = load_weights(SimpleUNet3D(self.cfg.unet), weights, checkpoint).to(device).eval()
-            return
-        self.vae = load_weights(VAE3D(self.cfg.vae), self.state["vae"], checkpoint).to(device).eval()
-        net = LatentDenoiser(self.cfg.ldm, self.cfg.vae.latent_channels)
-        self.model = load_weights(net, weights, checkpoint).to(device).eval()
-        self.schedule, self.scale = ResShift(self.cfg.ldm, device), float(self.state["latent_scale"])
-        self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        trailing_timesteps(self.cfg.ldm.timesteps, infer.sample_steps)  # a bad count fails before any work
-
-    def __call__(self, lr: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
-        lr, rel = lr.to(self.device), rel.to(self.device)
-        if self.kind == "unet3d":
-            return self.model(lr, rel)[0, 0].float().cpu().numpy()
-        x, size = pad_to(lerp_z(lr, rel), (self.vae.factor * self.model.multiple,) * 3)
-        y0 = self.vae.encode(x)[0] * self.scale
-        if not self.roundtrip:
-            y0 = self.schedule.sample(self.denoiser(y0), y0, self.cfg.infer.sample_steps, self.generator)
-        out = self.vae.decoder(y0 / self.scale)
-        return out[0, 0, : size[0], : size[1], : size[2]].float().cpu().numpy()
-
-    def denoiser(self, y0: torch.Tensor):
-        def predict_x0(x, t):
-            return guided_x0(self.model, x, t, y0, self.cfg.infer.guidance_scale)
-
-        return predict_x0
-
-
-# --- train ---
-
-
-def hu_aware_loss(pred_hu: torch.Tensor, target_hu: torch.Tensor, tc: TrainConfig) -> torch.Tensor:
-    """L1 + SSIM + gradient on the HU window mapped to [0, 1] (L1, gradient unclipped: bone still counts)."""
-    lo, hi = tc.loss_window_hu
-    pred, target = (pred_hu - lo) / (hi - lo), (target_hu - lo) / (hi - lo)
-    loss = tc.loss_l1 * (pred - target).abs().mean()
-    if tc.loss_ssim and min(pred.shape[2:]) >= 11:  # an 11-tap 'valid' SSIM window must fit
-        loss = loss + tc.loss_ssim * losses.ssim_loss(pred.clamp(0, 1), target.clamp(0, 1), data_range=1.0)
-    if tc.loss_gradient:
-        loss = loss + tc.loss_gradient * losses.gradient_loss(pred, target)
-    return loss
-
-
-def load_vae(checkpoint: Path | None, cfg: Config, device: torch.device) -> VAE3D:
-    """The frozen VAE for LDM training; its config replaces cfg.vae: the LDM checkpoint is self-contained."""
-    if checkpoint is None:
-        raise UserError(
-            "train --model ldm needs --vae CHECKPOINT (from `train-vae`, or local pre-trained weights)"
-        )
-    state, vae_cfg = load_checkpoint_cfg(checkpoint, ("vae",))
-    if tuple(vae_cfg.data.hu_range) != tuple(cfg.data.hu_range):
-        raise UserError(
-            f"{checkpoint}: VAE trained with data.hu_range {vae_cfg.data.hu_range}, this run uses "
-            f"{cfg.data.hu_range}"
-        )
-    cfg.vae = vae_cfg.vae
-    vae = load_weights(VAE3D(cfg.vae), state["ema"], checkpoint).to(device).eval()
-    return vae.requires_grad_(False)
-
-
 def build_model(kind: str, cfg: Config) -> nn.Module:
     if kind == "unet3d":
         return SimpleUNet3D(cfg.unet)
@@ -765,16 +676,74 @@ def build_model(kind: str, cfg: Config) -> nn.Module:
     return LatentDenoiser(cfg.ldm, cfg.vae.latent_channels)
 
 
+class Predictor:
+    """A trained model as `predictor(lr_patch, rel_positions) -> (n, h, w)` in normalised units (call it
+    under no_grad). For the LDM, `roundtrip=True` gives the VAE's encode-decode of the input: its ceiling."""
+
+    def __init__(self, checkpoint: Path, infer: InferConfig, device: torch.device, roundtrip: bool = False):
+        self.state, self.cfg = load_checkpoint_cfg(checkpoint, ("unet3d", "ldm"))
+        self.cfg.infer, self.device, self.roundtrip, self.kind = infer, device, roundtrip, self.state["kind"]
+        model = load_weights(build_model(self.kind, self.cfg), self.state["ema"], checkpoint)
+        self.model = model.to(device).eval()
+        if self.kind == "ldm":
+            self.vae = load_weights(VAE3D(self.cfg.vae), self.state["vae"], checkpoint).to(device).eval()
+            self.schedule, self.scale = ResShift(self.cfg.ldm, device), float(self.state["latent_scale"])
+            self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
+            trailing_timesteps(self.cfg.ldm.timesteps, infer.sample_steps)  # a bad count fails here, early
+
+    def __call__(self, lr: torch.Tensor, rel: torch.Tensor) -> np.ndarray:
+        lr, rel = lr.to(self.device), rel.to(self.device)
+        if self.kind == "unet3d":
+            return self.model(lr, rel)[0, 0].float().cpu().numpy()
+        x, size = pad_to(lerp_z(lr, rel), (self.vae.factor * self.model.multiple,) * 3)
+        y0 = self.vae.encode(x)[0] * self.scale
+        if not self.roundtrip:
+            predict_x0 = functools.partial(guided_x0, self.model, y0=y0, scale=self.cfg.infer.guidance_scale)
+            y0 = self.schedule.sample(predict_x0, y0, self.cfg.infer.sample_steps, self.generator)
+        out = self.vae.decoder(y0 / self.scale)
+        return out[0, 0, : size[0], : size[1], : size[2]].float().cpu().numpy()
+
+
+# --- train ---
+
+
+def load_vae(checkpoint: Path | None, cfg: Config, vols, device) -> tuple[VAE3D, float]:
+    """The frozen VAE for LDM training (its config replaces cfg.vae: the LDM checkpoint is self-contained) and
+    the latent scale: 1 / std of HR latents on a fixed batch (the same on every DDP rank)."""
+    if checkpoint is None:
+        raise UserError(
+            "train --model ldm needs --vae CHECKPOINT (from `train --model vae`, or local weights)"
+        )
+    state, vae_cfg = load_checkpoint_cfg(checkpoint, ("vae",))
+    if tuple(vae_cfg.data.hu_range) != tuple(cfg.data.hu_range):
+        raise UserError(
+            f"{checkpoint}: VAE trained with data.hu_range {vae_cfg.data.hu_range}, this run uses "
+            f"{cfg.data.hu_range}"
+        )
+    cfg.vae = vae_cfg.vae
+    vae = load_weights(VAE3D(cfg.vae), state["ema"], checkpoint).to(device).eval().requires_grad_(False)
+    _, hr, _ = random_batch(
+        vols, cfg, max(2, cfg.train.batch_size), np.random.default_rng(cfg.train.seed), device
+    )
+    with torch.no_grad():
+        return vae, float(1.0 / vae.encode(pad_to(hr, (vae.factor,) * 3)[0])[0].std().clamp(min=1e-6))
+
+
 def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None, schedule, scale: float):
-    """One batch's loss for each model kind; lr, hr normalised to [-1, 1]."""
-    if kind == "unet3d":
-        pred_hu, hr_hu = unit_to_hu(net(lr, pos), cfg.data.hu_range), unit_to_hu(hr, cfg.data.hu_range)
-        return hu_aware_loss(pred_hu, hr_hu, cfg.train)
+    """One batch's loss; lr, hr normalised to [-1, 1]. Padding multiples come from the config: `net` may be
+    wrapped by DDP or torch.compile."""
+    if kind == "unet3d":  # HU-aware: L1 + SSIM + gradient on the HU window mapped to [0, 1]
+        lo, hi = cfg.train.loss_window_hu
+        pred, target = ((unit_to_hu(x, cfg.data.hu_range) - lo) / (hi - lo) for x in (net(lr, pos), hr))
+        loss = cfg.train.loss_l1 * (pred - target).abs().mean()  # L1 and gradient unclipped: bone counts
+        if cfg.train.loss_ssim and min(pred.shape[2:]) >= 11:  # an 11-tap 'valid' SSIM window must fit
+            loss = loss + cfg.train.loss_ssim * losses.ssim_loss(pred.clamp(0, 1), target.clamp(0, 1), 1.0)
+        return loss + cfg.train.loss_gradient * losses.gradient_loss(pred, target)
     if kind == "vae":  # HR patches and interpolated-LR patches: the LDM encodes both
-        x, _ = pad_to(torch.cat([hr, lerp_z(lr, pos)]), (runtime.unwrap(net).factor,) * 3)
+        x, _ = pad_to(torch.cat([hr, lerp_z(lr, pos)]), (2 ** (len(cfg.vae.channels) - 1),) * 3)
         recon, kl = net(x)
         return (recon - x).abs().mean() + cfg.vae.kl_weight * kl
-    multiple = (vae.factor * runtime.unwrap(net).multiple,) * 3
+    multiple = (vae.factor * 2 ** (len(cfg.ldm.channels) - 1),) * 3
     with torch.no_grad():
         x0 = vae.encode(pad_to(hr, multiple)[0])[0] * scale
         y0 = vae.encode(pad_to(lerp_z(lr, pos), multiple)[0])[0] * scale
@@ -782,21 +751,6 @@ def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None, sche
     x_t = schedule.q_sample(x0, y0, t, torch.randn_like(x0))
     keep = (torch.rand(x0.shape[0], device=x0.device) >= cfg.ldm.cond_dropout).float().view(-1, 1, 1, 1, 1)
     return F.mse_loss(net(x_t, t, y0 * keep), x0)  # ResShift predicts x0
-
-
-def tensor_batch(vols, cfg: Config, batch: int, rng: np.random.Generator, device):
-    lr, hr, pos = random_batch(vols, cfg.data, batch, rng)
-    lr, hr = (hu_to_unit(torch.from_numpy(a).float(), cfg.data.hu_range).to(device) for a in (lr, hr))
-    return lr, hr, torch.from_numpy(pos).to(device)
-
-
-def latent_scale(vae: VAE3D, vols, cfg: Config, device) -> float:
-    """1 / std of HR latents on a fixed batch (same on every DDP rank), as in latent diffusion."""
-    rng = np.random.default_rng(cfg.train.seed)
-    _, hr, _ = tensor_batch(vols, cfg, max(2, cfg.train.batch_size), rng, device)
-    with torch.no_grad():
-        z = vae.encode(pad_to(hr, (vae.factor,) * 3)[0])[0]
-    return float(1.0 / z.std().clamp(min=1e-6))
 
 
 @torch.no_grad()
@@ -807,7 +761,7 @@ def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, schedule, scale
     torch.manual_seed(cfg.train.seed + 999)
     total = 0.0
     for _ in range(cfg.train.val_batches):
-        lr, hr, pos = tensor_batch(val_vols, cfg, cfg.train.batch_size, rng, device)
+        lr, hr, pos = random_batch(val_vols, cfg, cfg.train.batch_size, rng, device)
         total += float(batch_loss(kind, ema_model, lr, hr, pos, cfg, vae, schedule, scale))
     return total / max(1, cfg.train.val_batches)
 
@@ -817,19 +771,14 @@ def restore_state(resume: Path, kind: str, model, ema, optimizer) -> tuple[int, 
     load_weights(model, state["model"], resume)
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
-    keep = ("latent_scale", "best_val_loss", "best_step")
-    return int(state["step"]), {k: state[k] for k in keep if k in state}
+    return int(state["step"]), {
+        k: state[k] for k in ("latent_scale", "best_val_loss", "best_step") if k in state
+    }
 
 
 def train(
-    cfg: Config,
-    kind: str,
-    out_dir: Path,
-    device_name: str = "auto",
-    vae_checkpoint: Path | None = None,
-    resume: Path | None = None,
-    argv: list[str] | None = None,
-) -> Path:
+    cfg: Config, kind: str, out_dir: Path, device_name="auto", vae_checkpoint=None, resume=None, argv=None
+):
     """Train unet3d | vae | ldm on random 3-D patches; writes checkpoint.pt (latest, for --resume) and best.pt
     (EMA weights of the lowest validation loss); returns best.pt. Single process or torchrun."""
     dist = runtime.init_distributed(device_name)
@@ -839,14 +788,14 @@ def train(
     val_vols, _ = load_volumes(cfg.data, "val", cfg.train.seed) if dist.is_main else ([], "")
     if dist.is_main and not val_vols:
         warnings.warn("no validation volumes (val.txt empty): best.pt is the latest checkpoint", stacklevel=2)
-    vae = load_vae(vae_checkpoint, cfg, device) if kind == "ldm" else None
+    vae, scale = load_vae(vae_checkpoint, cfg, vols, device) if kind == "ldm" else (None, 1.0)
     model = build_model(kind, cfg).to(device)
     ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     step, extra = restore_state(resume, kind, model, ema, optimizer) if resume else (0, {})
-    if vae is not None:
-        extra.setdefault("latent_scale", latent_scale(vae, vols, cfg, device))
+    if vae is not None:  # a resumed run keeps its scale
+        scale = extra.setdefault("latent_scale", scale)
         extra["vae"] = vae.state_dict()
     if dist.is_main:
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
@@ -855,24 +804,24 @@ def train(
     net = runtime.ddp_wrap(model, dist)
     if runtime.switch_on(cfg.train.compile, device):
         net = torch.compile(net)
-    use_amp = runtime.switch_on(cfg.train.amp, device)
-    schedule, scale = ResShift(cfg.ldm, device), extra.get("latent_scale", 1.0)
+    use_amp, schedule = runtime.switch_on(cfg.train.amp, device), ResShift(cfg.ldm, device)
     ratio = cfg.data.target_spacing_mm / cfg.data.hr_spacing_mm
     if dist.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{kind}: {n_params:.2f} M parameters; {data_desc}; {len(val_vols)} val views; x{ratio:g}")
     per_rank = max(1, cfg.train.batch_size // dist.world_size)
-    log_dir = out_dir if dist.is_main else None  # rank 0 writes the records, other ranks stay silent
     facts = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "factor": ratio, **extra}
+    log_dir = out_dir if dist.is_main else None  # rank 0 writes the records, other ranks stay silent
+    args = (cfg, vae, schedule, scale)
     with runtime.ProgressLogger(
         log_dir, cfg.train.max_steps, f"train {kind}", dist.is_main, cfg.train.log_every, step
     ) as progress:
         while step < cfg.train.max_steps:
             rng = np.random.default_rng([cfg.train.seed, dist.rank, step])  # batches depend only on the step:
             torch.manual_seed(cfg.train.seed * 1_000_003 + dist.rank * 7919 + step)  # resume replays exactly
-            lr, hr, pos = tensor_batch(vols, cfg, per_rank, rng, device)
+            lr, hr, pos = random_batch(vols, cfg, per_rank, rng, device)
             with runtime.amp_autocast(device, use_amp):
-                loss = batch_loss(kind, net, lr, hr, pos, cfg, vae, schedule, scale)
+                loss = batch_loss(kind, net, lr, hr, pos, *args)
             runtime.stop_if_not_finite(loss, step, out_dir / "checkpoint.pt")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -883,8 +832,7 @@ def train(
             scalars = {"loss": loss.item(), "grad_norm": grad_norm.item()}
             if dist.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps):
                 if val_vols:
-                    args = (cfg, vae, schedule, scale, device)
-                    scalars["val_loss"] = validation_loss(kind, ema.module, val_vols, *args)
+                    scalars["val_loss"] = validation_loss(kind, ema.module, val_vols, *args, device)
                 save_checkpoints(out_dir, facts, step, scalars.get("val_loss"), (model, ema, optimizer))
             progress.log(step, **scalars)
     return out_dir / "best.pt"
@@ -896,9 +844,7 @@ def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | No
     model, ema, optimizer = training
     better = val_loss is None or val_loss <= facts.get("best_val_loss", math.inf)
     if better:
-        facts.update(
-            {"best_step": step} if val_loss is None else {"best_step": step, "best_val_loss": val_loss}
-        )
+        facts.update({"best_step": step} | ({} if val_loss is None else {"best_val_loss": val_loss}))
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
     runtime.save_checkpoint(
         out_dir / "checkpoint.pt", {**facts, **state, "step": step, "rng": runtime.rng_state()}
@@ -910,41 +856,25 @@ def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | No
 # --- evaluate ---
 
 
-class Measure:
-    """Wall time and peak resident memory of a block (Linux VmHWM, reset on entry; else the process peak)."""
-
-    def __enter__(self):
-        with contextlib.suppress(OSError):  # '5' resets the high-water mark
-            Path("/proc/self/clear_refs").write_text("5")
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-        try:
-            peak_kb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
-        except (OSError, IndexError):  # not Linux
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.peak_rss_mb = round(peak_kb / 1024, 1)
-        return False
-
-
-def cubic_z(lr: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Cubic spline along z only (not-a-knot, scipy); linear when there are too few slices for a cubic."""
-    if len(lr) < 4:
-        return sample_z(lr, positions)
-    return make_interp_spline(np.arange(len(lr)), lr, k=3, axis=0)(positions).astype(np.float32)
-
-
-def reformat(hu: np.ndarray, axis: int, spacing_zyx) -> np.ndarray:
-    """Sagittal (axis=2) or coronal (axis=1) centre plane, superior up, stretched to the physical aspect."""
-    plane = np.take(hu, hu.shape[axis] // 2, axis=axis)[::-1]
-    return ndimage.zoom(plane, (spacing_zyx[0] / spacing_zyx[3 - axis], 1.0), order=1)
+@contextlib.contextmanager
+def measure(row: dict):
+    """Adds the block's wall time and peak resident memory (Linux VmHWM, reset on entry; elsewhere the
+    process peak) to `row` as time_s and peak_rss_mb."""
+    with contextlib.suppress(OSError):  # '5' resets the high-water mark
+        Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    yield row
+    row["time_s"] = round(time.perf_counter() - t0, 3)
+    try:
+        peak_kb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError):  # not Linux
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    row["peak_rss_mb"] = round(peak_kb / 1024, 1)
 
 
 def quality(out_hu: np.ndarray, ref_hu: np.ndarray, mask: np.ndarray, window) -> tuple[dict, str]:
     """Masked PSNR / SSIM / HU-MAE; SSIM falls back to 2-D per slice or a smaller window on short volumes
-    (`metrics.ssim_plan`), and is left out, with the reason, when no masked voxel has a whole window."""
+    (`common.metrics`), and is left out, with the reason, when no masked voxel has a whole window."""
     try:
         row = metrics.image_metrics(out_hu, ref_hu, window, mask=mask)
     except ValueError as exc:
@@ -970,17 +900,8 @@ def evaluation_volume(cfg: Config, hr_path: Path | None, thin_axis: str) -> tupl
     return axis_first(vol, axis), f"{hr_path} (thinned along voxel axis {'kji'[axis]})"
 
 
-def restore(lr_hu: np.ndarray, ref_hu: np.ndarray, positions: np.ndarray, method) -> np.ndarray:
-    if method == "linear":
-        return sample_z(lr_hu, positions)
-    if method == "cubic":
-        return cubic_z(lr_hu, positions)
-    if method.roundtrip:  # the VAE ceiling: the HR reference itself through encode-decode
-        return upsample_hu(ref_hu, np.arange(len(ref_hu), dtype=np.float64), method, method.cfg)
-    return upsample_hu(lr_hu, positions, method, method.cfg)
-
-
 def evaluation_methods(cfg: Config, unet: Path | None, ldm: Path | None, factor: float, device) -> list:
+    """(name, method): "linear" / "cubic" interpolation along z, or a Predictor."""
     methods = [("linear (z)", "linear"), ("cubic spline (z)", "cubic")]
     for name, path in (("unet3d", unet), ("ldm", ldm)):
         if path is None:
@@ -999,6 +920,14 @@ def evaluation_methods(cfg: Config, unet: Path | None, ldm: Path | None, factor:
     return methods
 
 
+def restore(lr_hu: np.ndarray, ref_hu: np.ndarray, positions: np.ndarray, method) -> np.ndarray:
+    if isinstance(method, str):
+        return sample_z(lr_hu, positions, cubic=method == "cubic")
+    if method.roundtrip:  # the VAE ceiling: the HR reference itself through encode-decode
+        return upsample_hu(ref_hu, np.arange(len(ref_hu), dtype=np.float64), method, method.cfg)
+    return upsample_hu(lr_hu, positions, method, method.cfg)
+
+
 def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, device="auto", thin_axis="auto"):
     """Simulate LR from a held-out HR volume, restore it with every method; masked metrics, time, RAM."""
     device = runtime.pick_device(device)
@@ -1015,11 +944,11 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
         raise UserError(f"{source}: no voxel above {cfg.infer.mask_threshold_hu} HU; nothing to evaluate")
     rows, outputs, conventions = [], {}, set()
     for name, method in evaluation_methods(cfg, unet, ldm, factor, device):
-        with Measure() as mem:
+        with measure({}) as cost:
             outputs[name] = restore(lr.hu, ref, positions, method)
         row, convention = quality(outputs[name], ref, mask, tuple(cfg.infer.window_hu))
         conventions.add(convention)
-        rows.append({"method": name, **row, "time_s": round(mem.seconds, 3), "peak_rss_mb": mem.peak_rss_mb})
+        rows.append({"method": name, **row, **cost})
     spacing = tuple(round(s, 3) for s in hr.spacing_mm)
     notes = [
         f"HR: {source}, {hr.hu.shape} (thinned axis first), spacing {spacing} mm",
@@ -1036,9 +965,12 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
 
 
 def save_reformats(out_dir: Path, outputs: dict, ref: np.ndarray, spacing_zyx, window) -> None:
+    """Sagittal and coronal centre planes of every output, superior up, stretched to the physical aspect."""
     last = [name for name in outputs if "ceiling" not in name][-1]  # error panel: the most elaborate method
+    volumes = [*outputs.values(), ref, outputs[last] - ref]
     for axis, view in ((2, "sagittal"), (1, "coronal")):
-        images = [reformat(a, axis, spacing_zyx) for a in [*outputs.values(), ref, outputs[last] - ref]]
+        aspect = (spacing_zyx[0] / spacing_zyx[3 - axis], 1.0)
+        images = [ndimage.zoom(np.take(v, v.shape[axis] // 2, axis)[::-1], aspect, order=1) for v in volumes]
         viz.save_panel(
             out_dir / f"{view}.png",
             images,
@@ -1052,26 +984,6 @@ def save_reformats(out_dir: Path, outputs: dict, ref: np.ndarray, spacing_zyx, w
 # --- prepare and upsample (files in, files out) ---
 
 
-def too_thin(vol: nifti_io.Volume, cfg: DataConfig) -> str | None:
-    """Why a volume cannot give one HR training patch along its slice axis (None: it can)."""
-    axis = slice_axis(vol.affine)
-    extent = (vol.hu.shape[axis] - 1) * vol.spacing_mm[axis]
-    need = (cfg.patch_size[0] - 1) * cfg.hr_spacing_mm
-    if extent + 1e-6 < need:
-        return f"{vol.hu.shape[axis]} slice(s) span {extent:.1f} mm < {need:.1f} mm of one training patch"
-    return None
-
-
-def read_candidate(path: Path) -> nifti_io.Volume | None:
-    try:
-        return nifti_io.read_volume(path, "CT")
-    except UserError as exc:
-        if path.is_file():  # a broken NIfTI is the user's to fix; a folder without one series is skipped
-            raise
-        print(f"skipped: {exc}", file=sys.stderr)
-        return None
-
-
 def collect_volumes(input_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, list[str]]:
     """NIfTI files listed as they are (patient = file name up to the first '_'), DICOM series (one per
     folder) written as NIfTI in HU; volumes too thin for a training patch are left out with a warning."""
@@ -1079,17 +991,26 @@ def collect_volumes(input_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str
     folders = sorted({p.parent for p in input_dir.rglob("*") if p.is_file() and p not in niftis})
     patients: dict[str, list[str]] = {}
     for i, path in enumerate([*niftis, *folders]):
-        vol = read_candidate(path)
-        reason = vol is not None and too_thin(vol, cfg)
-        if reason:
-            warnings.warn(f"{path}: left out of the split lists: {reason}", stacklevel=2)
-        if vol is None or reason:
+        try:
+            vol = nifti_io.read_volume(path, "CT")
+        except UserError as exc:
+            if path.is_file():  # a broken NIfTI is the user's to fix; a folder without one series is skipped
+                raise
+            print(f"skipped: {exc}", file=sys.stderr)
+            continue
+        axis = slice_axis(vol.affine)  # too thin for one training patch along its slice axis: left out
+        extent, need = (
+            (vol.hu.shape[axis] - 1) * vol.spacing_mm[axis],
+            (cfg.patch_size[0] - 1) * cfg.hr_spacing_mm,
+        )
+        if extent + 1e-6 < need:
+            span = f"{vol.hu.shape[axis]} slice(s) span {extent:.1f} mm < {need:.1f} mm of one training patch"
+            warnings.warn(f"{path}: left out of the split lists: {span}", stacklevel=2)
             continue
         if path.is_file():
             patient, name = path.name.split("_")[0].split(".nii")[0], str(path.resolve())
         else:
-            ds = vol.meta["datasets"][0]
-            patient_id = str(ds.get("PatientID", "") or path.name)
+            patient_id = str(vol.meta["datasets"][0].get("PatientID", "") or path.name)
             patient = "".join(c if c.isalnum() or c in "-." else "-" for c in patient_id)
             name = f"{patient}_{i:04d}.nii.gz"
             nifti_io.write_nifti(out_dir / name, nifti_io.Volume(vol.hu, vol.affine, {}))
@@ -1111,35 +1032,32 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
         )
     ids = sorted(patients)
     order = [ids[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(ids))]
-    n_test = max(1, round(len(ids) * test_fraction)) if len(ids) >= 3 else 0
-    n_val = max(1, round(len(ids) * val_fraction)) if len(ids) >= 3 else 0
-    split = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     if len(ids) < 3:
         warnings.warn(f"only {len(ids)} patient(s): all in train, none held out", stacklevel=2)
+    n_test, n_val = (
+        max(1, round(len(ids) * f)) if len(ids) >= 3 else 0 for f in (test_fraction, val_fraction)
+    )
+    split = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, members in split.items():
         with runtime.atomic_path(out_dir / f"{name}.txt") as tmp:
             tmp.write_text("".join(f"{f}\n" for p in members for f in patients[p]))
     with runtime.atomic_path(out_dir / "patients.json") as tmp:
         tmp.write_text(json.dumps({"split": split, "files": patients}, indent=2))
-    counts = ", ".join(f"{k} {len(v)}" for k, v in split.items())
-    print(f"{len(ids)} patients: {counts}; lists in {out_dir}")
+    print(f"{len(ids)} patients: {', '.join(f'{k} {len(v)}' for k, v in split.items())}; lists in {out_dir}")
     return split
 
 
-def choose_factor(
-    factor: float | None, spacing_mm: float | None, input_spacing: float, model_cfg: Config
-) -> float:
+def choose_factor(factor: float | None, spacing_mm: float | None, input_spacing: float, cfg: Config) -> float:
     """--factor, or the input's slice spacing over --spacing-mm (default: the model's HR spacing)."""
     if factor is not None and spacing_mm is not None:
         raise UserError("give --factor or --spacing-mm, not both")
-    if factor is None:
-        factor = input_spacing / (spacing_mm or model_cfg.data.hr_spacing_mm)
+    factor = input_spacing / (spacing_mm or cfg.data.hr_spacing_mm) if factor is None else factor
     if not factor >= 1:
         raise UserError(
             f"factor {factor:.3g} < 1: the input's {input_spacing:.2f} mm slices are already finer"
         )
-    trained = model_cfg.data.target_spacing_mm
+    trained = cfg.data.target_spacing_mm
     if abs(input_spacing - trained) > 0.1 * trained:
         warnings.warn(
             f"input slice spacing {input_spacing:.2f} mm; the model was trained on {trained} mm input",
@@ -1168,34 +1086,26 @@ def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device_
     if from_dicom and dicom_dir.exists():
         raise UserError(f"{dicom_dir} exists; remove it or choose another --output")
     positions = output_positions(work.hu.shape[0], factor)
-    with Measure() as mem:
+    with measure({}) as cost:
         sr = upsample_hu(work.hu, positions, model, model.cfg, no_data_mask(work))
     meta = {k: v for k, v in vol.meta.items() if k == "nifti_header"}
     sr_vol = axis_first(nifti_io.Volume(sr, resampled_affine(work.affine, positions), meta), axis, back=True)
-    written = write_outputs(sr_vol, vol, output, dicom_dir, f"ct_throughplane_sr {model.kind} x{factor:g}")
-    print(
-        f"{vol.hu.shape} -> {sr_vol.hu.shape} (x{factor:g} along {'kji'[axis]}) in {mem.seconds:.1f} s, "
-        f"peak RSS {mem.peak_rss_mb} MB; wrote {', '.join(map(str, written))}"
-    )
-    return written
-
-
-def write_outputs(
-    sr_vol: nifti_io.Volume, source: nifti_io.Volume, output: Path, dicom_dir: Path, description
-):
-    """The NIfTI; for DICOM input also a series, in a temporary folder renamed once the NIfTI is written."""
-    tmp_dir = dicom_dir.parent / f".{dicom_dir.name}.tmp"
-    from_dicom = "datasets" in source.meta
+    tmp_dir = dicom_dir.parent / f".{dicom_dir.name}.tmp"  # the series is renamed once the NIfTI is written
     try:
         if from_dicom:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            dicom_io.write_dicom_series(sr_vol, source.meta["datasets"], tmp_dir, description=description)
+            description = f"ct_throughplane_sr {model.kind} x{factor:g}"
+            dicom_io.write_dicom_series(sr_vol, vol.meta["datasets"], tmp_dir, description=description)
         written = [nifti_io.write_nifti(output, sr_vol)]
         if from_dicom:
             os.replace(tmp_dir, dicom_dir)
             written.append(dicom_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(
+        f"{vol.hu.shape} -> {sr_vol.hu.shape} (x{factor:g} along {'kji'[axis]}) in {cost['time_s']:.1f} s, "
+        f"peak RSS {cost['peak_rss_mb']} MB; wrote {', '.join(map(str, written))}"
+    )
     return written
 
 
@@ -1206,7 +1116,6 @@ ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override
 PresetOpt = typer.Option("full", "--preset", help="full (seed 004), small (CPU, ~1 h) or tiny (tests)")
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
-DataOpt = typer.Option(None, "--data", help="folder written by `prepare` (default: synthetic phantoms)")
 
 
 def build_config(config, preset, overrides, data=None, max_steps=None) -> Config:
@@ -1237,7 +1146,9 @@ def prepare_cmd(
 def train_cmd(
     model: str = typer.Option("unet3d", "--model", help="unet3d | vae (the LDM's autoencoder) | ldm"),
     out: Path = typer.Option(None, "--out", help="run folder (default runs/<model>)"),
-    data: str = DataOpt,
+    data: str = typer.Option(
+        None, "--data", help="folder written by `prepare` (default: synthetic phantoms)"
+    ),
     vae: Path = typer.Option(None, "--vae", help="VAE checkpoint for --model ldm"),
     max_steps: int = typer.Option(None, "--max-steps"),
     resume: Path = typer.Option(None, "--resume", help="checkpoint.pt of an interrupted run"),
@@ -1266,8 +1177,7 @@ def upsample_cmd(
     device: str = DeviceOpt,
 ):
     """Upsample an LR volume along its slice axis; model from the checkpoint, infer.* from the config."""
-    cfg = build_config(config, preset, set_)
-    upsample_file(checkpoint, input, output, factor, cfg, device, spacing_mm)
+    upsample_file(checkpoint, input, output, factor, build_config(config, preset, set_), device, spacing_mm)
 
 
 @app.command("evaluate")
@@ -1286,22 +1196,9 @@ def evaluate_cmd(
     evaluate(build_config(config, preset, set_), out, input, unet, ldm, device, thin_axis)
 
 
-@app.command("train-vae", hidden=True)
-def train_vae_cmd(
-    out: Path = typer.Option(Path("runs/vae"), "--out"),
-    data: str = DataOpt,
-    max_steps: int = typer.Option(None, "--max-steps"),
-    resume: Path = typer.Option(None, "--resume"),
-    config: list[Path] | None = ConfigOpt,
-    preset: str = PresetOpt,
-    set_: list[str] = SetOpt,
-    device: str = DeviceOpt,
-):
-    """Old name of `train --model vae`."""
-    train_cmd("vae", out, data, None, max_steps, resume, config, preset, set_, device)
-
-
-app.command("eval", hidden=True)(evaluate_cmd)
+app.command("eval", hidden=True)(evaluate_cmd)  # old names, kept hidden: `eval`, `evaluate --hr`, `train-vae`
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["train-vae"]:  # = `train --model vae` (default --out runs/vae, as before)
+        sys.argv[1:2] = ["train", "--model", "vae"]
     runtime.cli_main(app)

@@ -15,6 +15,7 @@ import torch
 from conftest import run_cli
 from fixtures import make_ct_dataset, write_ct_series
 from pydicom.uid import generate_uid
+from scipy.interpolate import make_interp_spline
 
 import ct_throughplane_sr as sr
 from common import dicom_io, nifti_io, synthetic
@@ -27,6 +28,10 @@ TINY = ["--preset", "tiny", "--device", "cpu", "--set", "data.phantom_train=2", 
 
 def tiny_cfg(*overrides):
     return load_config(sr.Config, ROOT / "configs" / "ct_throughplane_sr.yaml", "tiny", list(overrides))
+
+
+def profile_cfg(spacing_mm, thickness_mm, profile):
+    return sr.DataConfig(target_spacing_mm=spacing_mm, target_thickness_mm=thickness_mm, profile=profile)
 
 
 def rotation(angle_deg: float) -> np.ndarray:
@@ -55,7 +60,7 @@ def world(affine, k):
 @pytest.mark.parametrize("spacing,target", [(1.0, 3.0), (1.0, 2.0), (0.8, 3.0)])
 def test_constant_volume_stays_constant(profile, spacing, target):
     hu = np.full((40, 6, 5), 37.0, np.float32)
-    lr, _ = sr.simulate_thick_slices(hu, spacing, target, target, profile)
+    lr, _ = sr.simulate_thick_slices(hu, spacing, profile_cfg(target, target, profile))
     assert np.abs(lr - 37.0).max() < 1e-4
 
 
@@ -75,26 +80,30 @@ def test_lr_volume_spacing_and_affine(spacing, target):
 def test_thin_sheet_spreads_over_the_slice_thickness():
     sheet = np.zeros((41, 3, 3), np.float32)
     sheet[20] = 300.0
-    lr, _ = sr.simulate_thick_slices(sheet, 1.0, 1.0, 3.0, "rect")  # 3 mm rect on 1 mm: three thirds
+    lr, _ = sr.simulate_thick_slices(
+        sheet, 1.0, profile_cfg(1.0, 3.0, "rect")
+    )  # 3 mm rect on 1 mm: three thirds
     assert np.flatnonzero(lr[:, 1, 1] > 1e-6).tolist() == [19, 20, 21]
     np.testing.assert_allclose(lr[19:22, 1, 1], 100.0, rtol=1e-6)
     for fwhm in (3.0, 5.0):  # Gaussian: the slices above half maximum are the FWHM
-        lr, _ = sr.simulate_thick_slices(sheet, 1.0, 1.0, fwhm, "gaussian")
+        lr, _ = sr.simulate_thick_slices(sheet, 1.0, profile_cfg(1.0, fwhm, "gaussian"))
         assert int((lr[:, 1, 1] > lr[:, 1, 1].max() / 2).sum()) == int(fwhm)
-    lr, positions = sr.simulate_thick_slices(sheet, 1.0, 2.0, 4.0, "rect")  # the sheet's HU x mm is conserved
+    lr, positions = sr.simulate_thick_slices(
+        sheet, 1.0, profile_cfg(2.0, 4.0, "rect")
+    )  # the sheet's HU x mm is conserved
     assert np.flatnonzero(lr[:, 1, 1] > 1e-6).tolist() == [9, 10, 11] and positions[10] == 20.0
     assert lr[:, 1, 1].sum() * 2.0 == pytest.approx(300.0, rel=1e-5)
     for z in (20, 21, 22):  # x3 (3 mm rect): LR slice 7 sits at HR slice 21 and integrates HR slices 20-22
         sheet = np.zeros((41, 3, 3), np.float32)
         sheet[z] = 300.0
-        lr, positions = sr.simulate_thick_slices(sheet, 1.0, 3.0, 3.0, "rect")
+        lr, positions = sr.simulate_thick_slices(sheet, 1.0, profile_cfg(3.0, 3.0, "rect"))
         assert np.flatnonzero(lr[:, 1, 1] > 1e-6).tolist() == [7] and positions[7] == 21.0
         assert lr[7, 1, 1] * 3.0 == pytest.approx(300.0, rel=1e-5)
 
 
 def test_non_integer_ratio_resamples_between_slices():
     ramp = (np.arange(60, dtype=np.float32) * 5.0)[:, None, None] * np.ones((1, 2, 2), np.float32)
-    lr, positions = sr.simulate_thick_slices(ramp, 1.0, 2.5, 2.5, "gaussian")
+    lr, positions = sr.simulate_thick_slices(ramp, 1.0, profile_cfg(2.5, 2.5, "gaussian"))
     assert positions[:3].tolist() == [0.0, 2.5, 5.0]  # half-slice positions: resampling, not striding
     inner = (positions > 6) & (positions < 50)  # a symmetric blur keeps a ramp away from the ends
     np.testing.assert_allclose(lr[inner, 0, 0], 5.0 * positions[inner], atol=1e-3)
@@ -215,7 +224,9 @@ def test_untrained_models_start_from_interpolation_and_ignore_the_condition():
     cfg = tiny_cfg()
     lr, pos = torch.randn(1, 1, 5, 20, 12), torch.from_numpy(sr.output_positions(5, 3.0))
     out = sr.SimpleUNet3D(cfg.unet)(lr, pos)[0, 0].detach().numpy()  # zero-initialised head: the spline
-    np.testing.assert_allclose(out, sr.cubic_z(lr[0, 0].numpy(), pos.numpy()), atol=1e-5)
+    cubic = make_interp_spline(np.arange(5), lr[0, 0].numpy(), k=3, axis=0)(pos.numpy())  # not-a-knot
+    np.testing.assert_allclose(out, cubic, atol=1e-5)
+    np.testing.assert_allclose(sr.sample_z(lr[0, 0].numpy(), pos.numpy(), cubic=True), cubic, atol=1e-5)
     net = sr.LatentDenoiser(cfg.ldm, 4).eval()
     x, t = torch.randn(2, 4, 4, 8, 8), torch.tensor([0, 14])
     torch.testing.assert_close(net(x, t, torch.randn_like(x)), net(x, t, torch.zeros_like(x)))  # zero convs
