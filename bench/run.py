@@ -7,6 +7,7 @@ Usage:
   python bench/run.py --quick --out /tmp/b    # results somewhere else
   python bench/run.py --device cuda   # on a GPU box (nccl for the distributed part)
   python bench/run.py --dose-simulator 512    # section 7 only, rows printed
+  python bench/run.py --data-loader 200       # section 8 only (200 training steps each), rows printed
 
 Sections (issue 7):
   1. train     training throughput (samples/s, peak memory) of each script's model at the tiny and a
@@ -19,6 +20,7 @@ Sections (issue 7):
   4. distributed  ldct training with 1 and 2 torchrun processes (gloo on CPU, nccl on GPU), scaling efficiency
   5. utilisation  model FLOPs per training step / step time against a large matmul's FLOP/s, same run
   7. dose simulator  common/ct_sim seconds per 512x512 slice: projection once, then one FBP per dose draw
+  8. data loader  ldct training steps/s on a `simulate`d dataset on disk against in-memory phantoms
 
 Every measurement of time and memory runs in its own spawned process, so a peak RSS belongs to one
 measurement.
@@ -491,9 +493,10 @@ def dose_simulator(size: int, device_name: str, threads: int) -> list[dict]:
         sim = ct_sim.Simulator((size, size), (0.7, 0.7), geometry, device)
         project = mean_seconds(functools.partial(sim.project, hu, coarse=4), 1, device, warmup=0)
         integrals = sim.project(hu, coarse=4)
-        draw = mean_seconds(functools.partial(sim.noise_hu, integrals, 5e4, 10.0), 1, device, warmup=0)
+        # a dataset draws many times from one simulator: steady state, after one warm-up draw
+        draw = mean_seconds(functools.partial(sim.noise_hu, integrals, 5e4, 10.0), 3, device)
         batch = integrals.expand(4, -1, -1)
-        batch = mean_seconds(functools.partial(sim.noise_hu, batch, 5e4, 10.0), 1, device, warmup=0)
+        batch = mean_seconds(functools.partial(sim.noise_hu, batch, 5e4, 10.0), 1, device)
         rows.append(
             {
                 "geometry": name,
@@ -570,6 +573,61 @@ def distributed(device_name: str, steps: int, out: Path) -> dict:
     efficiency = rows[1]["samples_per_s"] / (2 * rows[0]["samples_per_s"])
     backend = "nccl" if device_name == "cuda" else "gloo"
     return {"backend": backend, "rows": rows, "scaling_efficiency": round(efficiency, 3)}
+
+
+def steps_per_s(run_dir: Path) -> float:
+    """Training steps/s over the second half of a run's metrics.jsonl (start-up and first epoch excluded)."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    timed = [r for r in lines if "time_s" in r]
+    first, last = timed[len(timed) // 2], timed[-1]
+    return (last["step"] - first["step"]) / (last["time_s"] - first["time_s"])
+
+
+def data_loader(device_name: str, steps: int, out: Path) -> list[dict]:
+    """Issue 13: is the cached dataset of `simulate` read at disk speed? `ldct_denoise.py train` (tiny) on
+    pairs simulated from a 128 x 128 x 24 phantom volume (NIfTI) against in-memory phantoms of the same size;
+    same model, crop and batch, so a difference is the data path. Runs alternate twice, best of each kept:
+    load from other processes on a shared machine only ever slows a run down."""
+    import numpy as np
+
+    from common import nifti_io, synthetic
+
+    volume = np.stack([synthetic.ct_phantom(128, np.random.default_rng(z)) for z in range(24)])
+    (out / "ct").mkdir(parents=True)
+    affine = np.diag([2.8, 2.8, 2.5, 1.0])
+    nifti_io.write_nifti(out / "ct" / "phantom.nii.gz", nifti_io.Volume(volume, affine, {}))
+    script = [sys.executable, str(ROOT / "ldct_denoise.py")]
+    subprocess.run(
+        [*script, "simulate", "--input", str(out / "ct"), "--output", str(out / "pairs"), "--preset", "tiny"],
+        check=True,
+        capture_output=True,
+    )
+    common = ["train", "--preset", "tiny", "--device", device_name, "--max-steps", str(steps)]
+    common += [
+        "--set",
+        f"train.log_every={max(1, steps // 20)}",
+        "--set",
+        f"train.ckpt_every={steps}",
+        "--set",
+        "sample.steps=2",
+    ]
+    data = {"in-memory phantoms": [], "simulated pairs on disk": ["--data", str(out / "pairs")]}
+    best = dict.fromkeys(data, 0.0)
+    for repeat in range(2):
+        for name, extra in data.items():
+            run_dir = out / f"{len(extra)}_{repeat}"
+            proc = subprocess.run(
+                [*script, *common, "--out", str(run_dir), *extra],
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"ldct train ({name}) failed:\n{proc.stderr[-2000:]}")
+            best[name] = max(best[name], steps_per_s(run_dir))
+    rows = [{"data": name, "steps": steps, "steps_per_s": round(sps, 3)} for name, sps in best.items()]
+    rows[1]["ratio_to_memory"] = round(rows[1]["steps_per_s"] / rows[0]["steps_per_s"], 3)
+    return rows
 
 
 def fit_exponent(sizes: list[float], values: list[float]) -> float:
@@ -683,6 +741,10 @@ def run(quick: bool, device_name: str, out: Path) -> dict:
     # 7. the ldct dose simulator (issue 13): seconds per slice, projection once, then one FBP per dose draw
     results["dose_simulator"] = in_child(dose_simulator, 128 if quick else 512, device_name, threads)
     print(f"  dose simulator: {results['dose_simulator'][0]['dose_draw_s']} s per dose draw", flush=True)
+    # 8. the ldct data path (issue 13): training on `simulate`d pairs on disk vs in-memory phantoms
+    with tempfile.TemporaryDirectory() as tmp:
+        results["data_loader"] = data_loader(device_name, 20 if quick else 200, Path(tmp))
+    print(f"  data loader: disk / memory {results['data_loader'][1]['ratio_to_memory']}", flush=True)
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))
@@ -800,6 +862,12 @@ Poisson + electronic noise and one filtered back-projection.
         )
     }
 
+## 8. ldct data path: training on `simulate`d pairs on disk vs in-memory phantoms (tiny, same crops)
+
+Issue 13 asks for real-data training within 10 % of in-memory synthetic training (`ratio_to_memory` >= 0.9).
+
+{table(results.get("data_loader", []), ["data", "steps", "steps_per_s", "ratio_to_memory"])}
+
 ## Reading these numbers
 
 - Training throughput, ours / diffusers at equal parameter count and input: {min(ratios):.2f} to {
@@ -838,7 +906,17 @@ def main() -> None:
     parser.add_argument(
         "--dose-simulator", type=int, metavar="SIZE", help="only section 7 at SIZE px; print rows"
     )
+    parser.add_argument(
+        "--data-loader",
+        type=int,
+        metavar="STEPS",
+        help="only section 8 with STEPS training steps; print rows",
+    )
     args = parser.parse_args()
+    if args.data_loader:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = data_loader("cpu" if args.device == "auto" else args.device, args.data_loader, Path(tmp))
+        return print(json.dumps({"rows": rows, "loadavg": os.getloadavg()}, indent=1))
     if args.dose_simulator:
         threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
         rows = dose_simulator(args.dose_simulator, "cpu" if args.device == "auto" else args.device, threads)

@@ -110,3 +110,9 @@ def test_quick_bench_writes_the_documented_schema(tmp_path):
     assert r["distributed"]["backend"] == "gloo" and r["distributed"]["scaling_efficiency"] > 0
     assert 0 < r["utilisation"]["fraction_of_matmul"] and r["utilisation"]["model_gflop_per_step"] > 0
     assert r["attention"][0]["mha_s"] > 0 and r["attention"][0]["sdpa_s"] > 0
+    sim = r["dose_simulator"]
+    assert [row["geometry"].split(" ")[0] for row in sim[:2]] == ["fan", "parallel"]
+    assert all(row["dose_draw_s"] > 0 and row["projection_s"] > 0 for row in sim[:2])
+    loader = r["data_loader"]
+    assert [row["data"] for row in loader] == ["in-memory phantoms", "simulated pairs on disk"]
+    assert all(row["steps_per_s"] > 0 for row in loader) and loader[1]["ratio_to_memory"] > 0

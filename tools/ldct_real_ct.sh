@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Real-CT table of ldct_denoise.py (docs/ldct_denoise.md, "Real CT"): one command from public CT to the table.
+# Data: four 512x512 CT slices of four patients in pydicom-data, and TotalSegmentator 2.18.0's DICOM series
+# tests/reference_files/example_ct_dicom (its sdist: pip download --no-deps --no-binary :all:
+# totalsegmentator==2.18.0). The NIfTI cases reserved by issue 13 are never read.
+#   bash tools/ldct_real_ct.sh TOTALSEG_EXAMPLE_CT_DICOM RUN_DIR [MAX_STEPS] [SAMPLES]
+# Env: PYTHON (default python), THREADS per process (default 1). The two diffusion runs (eps, x0) and the
+# U-Net regression train in three parallel processes (identical to what `ablate` would train one after the
+# other), then `ablate` finds them finished and scores every row on the held-out patients.
+set -euo pipefail
+SERIES=${1:?usage: ldct_real_ct.sh TOTALSEG_EXAMPLE_CT_DICOM RUN_DIR [MAX_STEPS] [SAMPLES]}
+RUN=${2:?usage: ldct_real_ct.sh TOTALSEG_EXAMPLE_CT_DICOM RUN_DIR [MAX_STEPS] [SAMPLES]}
+STEPS=${3:-3000}
+SAMPLES=${4:-4}
+PY=${PYTHON:-python}
+export OMP_NUM_THREADS=${THREADS:-1}
+cd "$(dirname "$0")/.."
+LDCT="$PY ldct_denoise.py"
+COMMON=(--preset small --device cpu --max-steps "$STEPS")
+
+# one folder per patient: the split is by patient (simulate reads PatientID)
+"$PY" - "$SERIES" "$RUN/real_ct" <<'PYEOF'
+import shutil
+import sys
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+
+series, out = Path(sys.argv[1]), Path(sys.argv[2])
+names = {"cq500": "693_UNCR.dcm", "jxd": "J2K_pixelrep_mismatch.dcm", "neck": "bad_sequence.dcm",
+         "pancreas": "explicit_VR-UN.dcm"}
+for folder, name in names.items():
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(get_testdata_file(name), out / folder / name)
+if not (out / "totalseg").exists():
+    shutil.copytree(series, out / "totalseg")
+print(f"{out}: {len(names)} pydicom-data slices + {len(list((out / 'totalseg').iterdir()))} files of {series}")
+PYEOF
+
+# held out: the patients of the neck slice and of PANCREAS_0001 (never trained on)
+$LDCT simulate --input "$RUN/real_ct" --output "$RUN/pairs" --preset small --doses 0.25 \
+  --set 'data.val_patients=[PANCREAS_0001,b2cbe507f250]'
+$LDCT train --data "$RUN/pairs" --out "$RUN/table/stage0_eps" --set diffusion.parameterization=eps \
+  "${COMMON[@]}" > "$RUN/train_eps.log" 2>&1 &
+EPS=$!
+$LDCT train --data "$RUN/pairs" --out "$RUN/table/stage0_x0" --set diffusion.parameterization=x0 \
+  "${COMMON[@]}" > "$RUN/train_x0.log" 2>&1 &
+X0=$!
+$LDCT baseline --kind unet --data "$RUN/pairs" --out "$RUN/table/unet" --max-slices 3 \
+  "${COMMON[@]}" > "$RUN/train_unet.log" 2>&1 &
+UNET=$!
+wait $EPS && wait $X0 && wait $UNET || { echo "a training failed: see $RUN/train_*.log" >&2; exit 1; }
+$LDCT ablate --data "$RUN/pairs" --out "$RUN/table" --stages 0 --parameterizations eps,x0 \
+  --samples "$SAMPLES" --steps 50 --max-slices 3 --time-size 0 "${COMMON[@]}"
