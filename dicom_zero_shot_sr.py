@@ -2,15 +2,11 @@
 
 Self-supervised: training pairs come only from the input image (random high-resolution patches and their
 downsampled versions, at one or more scales, with flips/rot90). The low-resolution patch, upsampled
-bicubically, is concatenated to x_t; a UNet with a sinusoidal time embedding predicts x0 as a residual over
-that bicubic conditioning. Losses: L1 + VGG16 perceptual + SSIM + gradient. Inference upscales the image in
-overlapping tiles blended with a smooth window, draws n samples per tile and writes the mean as a DICOM in the
-input's study (geometry moved to the new pixel grid) plus the per-pixel standard deviation (uncertainty) as
-PNG and DICOM.
-Samplers: the full ancestral schedule (`ddpm`) or deterministic DDIM with few steps (`ddim`).
-
-Normalisation: physical values (stored x slope + intercept) map to [-1, 1] by the 0.5/99.5 percentiles of the
-image's non-padding pixels, in float64, inverted exactly on output; no 8-bit anywhere.
+bicubically, is concatenated to x_t; a UNet predicts x0 as a residual over that conditioning. Losses: L1 +
+VGG16 perceptual + SSIM + gradient. Inference samples overlapping tiles n times (`ddpm`: the full ancestral
+schedule, `ddim`: deterministic, few steps), blends them and writes the mean as a DICOM in the input's study
+(geometry moved to the new pixel grid) and the per-pixel standard deviation (uncertainty) as PNG and DICOM.
+Physical values map to [-1, 1] by two percentiles of the image in float64, inverted exactly: never 8-bit.
 
 Usage:
   python dicom_zero_shot_sr.py full --input MMG.dcm --upscale 2 --out runs/mmg_x2        # train, then infer
@@ -122,9 +118,6 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
-DEGRADATIONS = ("matched", "area", "gaussian")
-
-
 def check_config(cfg: Config, factor: int) -> None:
     if factor < 2 or factor > 8:
         raise UserError(f"--upscale must be an integer from 2 to 8, got {factor}")
@@ -141,9 +134,10 @@ def check_config(cfg: Config, factor: int) -> None:
         raise UserError("config: need 0 <= sample.overlap < sample.patch_size and sample.n_samples >= 1")
     if not all(0.1 <= s <= 1.0 for s in cfg.data.scales) or not cfg.data.scales:
         raise UserError(f"config: data.scales must be values in [0.1, 1], got {cfg.data.scales}")
+    known = ("matched", "area", "gaussian")
     for name in cfg.evaluate.degradations:
-        if name.removesuffix("+noise") not in DEGRADATIONS:
-            raise UserError(f"config: evaluate.degradations: '{name}' is not one of {DEGRADATIONS} (+noise)")
+        if name.removesuffix("+noise") not in known:
+            raise UserError(f"config: evaluate.degradations: '{name}' is not one of {known} (+noise)")
 
 
 # --- data: the one image, normalised, and patch pairs cut from it ---
@@ -189,27 +183,24 @@ def load_input(path: Path) -> tuple[np.ndarray, object, np.ndarray | None]:
 
 
 def fill_padding(values: np.ndarray, pad: np.ndarray | None, lowest: float | None = None) -> np.ndarray:
-    """Padding (e.g. CT outside the FOV) set to the lowest real value, so its 2000-HU step neither dominates
-    training nor leaks into neighbours through the bicubic conditioning; outputs restore the padding.
-    `lowest`: the whole image's, when `values` are only some of its rows."""
+    """Padding (CT outside the FOV) set to the lowest real value (`lowest`: the whole image's, for some rows),
+    so its 2000-HU step neither dominates training nor leaks into the bicubic conditioning."""
     if pad is None:
         return values
     return np.where(pad, values[~pad].min() if lowest is None else lowest, values).astype(np.float32)
 
 
 def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """(H, W) or (B, 1, H, W) resize; antialiased when shrinking with a linear/cubic kernel (area-like)."""
-    x = img[None, None] if img.ndim == 2 else img
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    """(H, W) resize; antialiased when shrinking with a linear/cubic kernel (area-like)."""
+    shrink = size[0] < img.shape[0] or size[1] < img.shape[1]
     kwargs = {"align_corners": False, "antialias": shrink} if mode in ("bilinear", "bicubic") else {}
-    out = F.interpolate(x, size=size, mode=mode, **kwargs)
-    return out[0, 0] if img.ndim == 2 else out
+    return F.interpolate(img[None, None], size=size, mode=mode, **kwargs)[0, 0]
 
 
 def degrade(hr: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
     """The LR image of a pair: HR (cropped to a multiple of factor) shrunk by `factor`."""
-    h, w = hr.shape[-2] // factor, hr.shape[-1] // factor
-    return resize(hr[..., : h * factor, : w * factor], (h, w), mode)
+    h, w = hr.shape[0] // factor, hr.shape[1] // factor
+    return resize(hr[: h * factor, : w * factor], (h, w), mode)
 
 
 def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
@@ -263,51 +254,24 @@ def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device
 
 
 def sample_batch(pairs: list[tuple], batch: int, patch: int, cfg: DataConfig, gen: torch.Generator):
-    """Random aligned (HR, cond) patches; flat patches are redrawn a few times (background holds nothing)."""
-    his, conds = [], []
+    """Random aligned (HR, cond) patches (`patch` fits every pair); flat patches are redrawn a few times
+    (background holds nothing)."""
+    patches = []
     for _ in range(batch):
         for _attempt in range(20):
             hr, cond = pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
-            ph, pw = min(patch, hr.shape[0]), min(patch, hr.shape[1])
-            y = int(torch.randint(hr.shape[0] - ph + 1, (1,), generator=gen))
-            x = int(torch.randint(hr.shape[1] - pw + 1, (1,), generator=gen))
-            hr_p, cond_p = hr[y : y + ph, x : x + pw], cond[y : y + ph, x : x + pw]
-            if hr_p.std() > cfg.min_patch_std:
+            y = int(torch.randint(hr.shape[0] - patch + 1, (1,), generator=gen))
+            x = int(torch.randint(hr.shape[1] - patch + 1, (1,), generator=gen))
+            pair = torch.stack([hr[y : y + patch, x : x + patch], cond[y : y + patch, x : x + patch]])
+            if pair[0].std() > cfg.min_patch_std:
                 break
         if cfg.augment:
             k, flip = int(torch.randint(4, (1,), generator=gen)), bool(torch.randint(2, (1,), generator=gen))
-            hr_p, cond_p = torch.rot90(hr_p, k), torch.rot90(cond_p, k)
-            if flip:
-                hr_p, cond_p = hr_p.flip(-1), cond_p.flip(-1)
-        his.append(hr_p)
-        conds.append(cond_p)
-    return torch.stack(his)[:, None], torch.stack(conds)[:, None]
-
-
-# --- geometry: the output's pixel grid in patient coordinates ---
-
-
-def sr_image_position(ds, factor: int) -> list[float] | None:
-    """ImagePositionPatient of the upscaled image (its first pixel's centre): output pixel i lies at source
-    position (i + 0.5) / K - 0.5 (what `upsample` samples), so (K - 1) / (2K) source pixels before the first
-    source pixel along both direction cosines. None when the input has none (projection images: CR/DX/MG)."""
-    if "ImagePositionPatient" not in ds:
-        return None
-    try:
-        position = np.array([float(v) for v in ds.ImagePositionPatient])
-        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
-        row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
-    except (AttributeError, TypeError, ValueError):
-        warnings.warn(
-            "input has ImagePositionPatient but no usable ImageOrientationPatient/PixelSpacing; the SR image "
-            f"keeps the input's position (off by up to {(factor - 1) / (2 * factor):.3g} input pixels)",
-            stacklevel=2,
-        )
-        return None
-    # IOP[:3]: direction of increasing column index (along a row); IOP[3:]: increasing row index
-    shift = (factor - 1) / (2 * factor)
-    step = col_spacing * orientation[:3] + row_spacing * orientation[3:]
-    return list(position - shift * step)
+            pair = torch.rot90(pair, k, (1, 2))
+            pair = pair.flip(-1) if flip else pair
+        patches.append(pair)
+    batch_pairs = torch.stack(patches)
+    return batch_pairs[:, :1], batch_pairs[:, 1:]
 
 
 # --- model: conditional UNet, sinusoidal time embedding, x0 as a residual over the bicubic conditioning ---
@@ -328,13 +292,11 @@ def norm(ch: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, tdim: int, dropout: float):
+    def __init__(self, cin: int, cout: int, tdim: int, drop: float):
         super().__init__()
         self.block1 = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.time = nn.Linear(tdim, cout)
-        self.block2 = nn.Sequential(
-            norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, 1, 1)
-        )
+        self.block2 = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(drop), nn.Conv2d(cout, cout, 3, 1, 1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -398,8 +360,7 @@ class Schedule:
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         else:  # DDPM's linear betas, rescaled so T=200 covers the same noise range as T=1000
             betas = torch.linspace(0.1 / timesteps, 20 / timesteps, timesteps, dtype=torch.float64)
-        self.T = timesteps
-        self.betas = betas
+        self.T, self.betas = timesteps, betas
         self.abar = torch.cumprod(1 - betas, 0)
         self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
 
@@ -514,9 +475,8 @@ def sampler_steps(cfg: Config) -> int:
 
 
 def estimate_run_time(model: UNet, cfg: Config, step_s: float, remaining: int, infer_shape, run_dir) -> float:
-    """Print and log the time the rest of the run takes: training from the timed first steps, inference (given
-    `infer_shape`, the output size) from one timed forward pass on a tile. A CPU run over an hour also gets a
-    warning naming the presets that fit."""
+    """Print and log the time left: training from the timed steps, inference (output size `infer_shape`) from
+    one timed forward pass on a tile; a CPU run over an hour also gets a warning naming presets that fit."""
     train_s, infer_s, device = step_s * remaining, 0.0, model.out[-1].weight.device
     if infer_shape is not None:
         ys, xs, th, tw, _ = tile_grid(infer_shape, cfg.sample.patch_size, cfg.sample.overlap)
@@ -551,9 +511,8 @@ def set_lr(optimizer, cfg: TrainConfig, step: int) -> None:
 
 
 def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None, infer_shape=None):
-    """Self-supervised training on the normalised image `x`; returns (model, schedule, info). `resume`: a
-    train_state.pt from which the run continues as if never stopped; `infer_shape`: the output size, so the
-    time estimate after the first steps includes inference."""
+    """Self-supervised training on the normalised image `x` -> (model, schedule, info). `resume`: a
+    train_state.pt to continue as if never stopped; `infer_shape`: the output size, for the time estimate."""
     runtime.seed_everything(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     model = UNet(cfg.model).to(device)
@@ -568,9 +527,8 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
     t0, cpu0, timed_from = time.perf_counter(), time.process_time(), None
     print(f"training {total - step0} steps on {device}; a time estimate follows the first steps")
     model.train()
-    with runtime.ProgressLogger(
-        run_dir, total, "train", log_every=cfg.train.log_every, start_step=step0
-    ) as log:
+    every = cfg.train.log_every
+    with runtime.ProgressLogger(run_dir, total, "train", log_every=every, start_step=step0) as log:
         for step in range(step0 + 1, total + 1):
             set_lr(optimizer, cfg.train, step)
             hr, cond = sample_batch(pairs, cfg.train.batch_size, patch, cfg.data, gen)
@@ -585,26 +543,17 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
             if step == step0 + 1:  # the first step pays for warm-up: time the next ones
                 timed_from = time.perf_counter()
             elif timed_from is not None and step < total:  # estimate after 3 timed steps, or 30 s if slow
-                elapsed = time.perf_counter() - timed_from
-                if step == step0 + 4 or elapsed > 30:
-                    estimate_run_time(
-                        model, cfg, elapsed / (step - step0 - 1), total - step, infer_shape, run_dir
-                    )
+                step_s = (time.perf_counter() - timed_from) / (step - step0 - 1)
+                if step == step0 + 4 or step_s * (step - step0 - 1) > 30:
+                    estimate_run_time(model, cfg, step_s, total - step, infer_shape, run_dir)
                     timed_from = None
             if step % cfg.train.ckpt_every == 0 or step == total:
                 save_train_state(state_path, model, optimizer, gen, cfg, factor, step, terms["loss"].item())
     model.eval()
-    info = {
-        "train_steps": total,
-        "train_patch": patch,
-        "train_scales": len(pairs),
-        "final_loss": terms["loss"].item() if total > step0 else float("nan"),
-        "perceptual": status,
-        "train_wall_s": time.perf_counter() - t0,
-        "train_cpu_s": time.process_time() - cpu0,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    return model, schedule, info
+    info = {"train_steps": total, "train_patch": patch, "train_scales": len(pairs), "perceptual": status}
+    info["final_loss"] = terms["loss"].item() if total > step0 else float("nan")
+    info |= {"train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - cpu0}
+    return model, schedule, info | {"parameters": sum(p.numel() for p in model.parameters())}
 
 
 def save_train_state(path: Path, model, optimizer, gen, cfg: Config, factor: int, step: int, loss: float):
@@ -661,33 +610,30 @@ def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, 
     `rows(y0, y1)` gives, blended with a smooth window. Yields float32 (y0, mean rows, std rows) top to bottom
     as soon as no later tile touches them: memory is one strip of tiles whatever the image size. The weight
     sum is separable (tiles form a grid): two vectors, not an image."""
-    h, w = shape
     ys, xs, th, tw, ov = tile_grid(shape, tile, overlap)
     wy, wx = blend_window(th, min(ov, th - 1)), blend_window(tw, min(ov, tw - 1))
-    wsum_y, wsum_x = np.zeros(h), np.zeros(w)
+    wsum_y, wsum_x = np.zeros(shape[0]), np.zeros(shape[1])
     for y in ys:
         wsum_y[y : y + th] += wy
     for x in xs:
         wsum_x[x : x + tw] += wx
     window = np.outer(wy, wx)
-    # accumulators start at row `top`
-    top, acc_mean, acc_var = 0, np.zeros((0, w)), np.zeros((0, w), np.float32)
+    # accumulators for the rows y:y+th of the current tile row (float64 and float32)
+    acc_mean, acc_var = np.zeros((th, shape[1])), np.zeros((th, shape[1]), np.float32)
     for i, y in enumerate(ys):
-        grow = y + th - top - len(acc_mean)
-        acc_mean = np.concatenate([acc_mean, np.zeros((grow, w))])
-        acc_var = np.concatenate([acc_var, np.zeros((grow, w), np.float32)])
         strip = rows(y, y + th)
         for j in range(0, len(xs), batch):
             chunk = xs[j : j + batch]
             mean, var = tile_fn(np.stack([strip[:, x : x + tw] for x in chunk]).astype(np.float32))
             for x, m, v in zip(chunk, mean, var):
-                acc_mean[y - top : y - top + th, x : x + tw] += window * m
-                acc_var[y - top : y - top + th, x : x + tw] += (window * v).astype(np.float32)
-        done = ys[i + 1] - top if i + 1 < len(ys) else h - top  # rows above the next tile row are final
-        weight = np.outer(wsum_y[top : top + done], wsum_x)
+                acc_mean[:, x : x + tw] += window * m
+                acc_var[:, x : x + tw] += (window * v).astype(np.float32)
+        done = ys[i + 1] - y if i + 1 < len(ys) else th  # rows above the next tile row are final
+        weight = np.outer(wsum_y[y : y + done], wsum_x)
         mean, std = (acc_mean[:done] / weight).astype(np.float32), np.sqrt(acc_var[:done] / weight)
-        yield top, mean, std.astype(np.float32)
-        top, acc_mean, acc_var = top + done, acc_mean[done:], acc_var[done:]
+        yield y, mean, std.astype(np.float32)
+        acc_mean = np.concatenate([acc_mean[done:], np.zeros((done, shape[1]))])
+        acc_var = np.concatenate([acc_var[done:], np.zeros((done, shape[1]), np.float32)])
 
 
 def collect(strips, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -699,9 +645,8 @@ def collect(strips, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: Config, device, log: runtime.ProgressLogger):
-    """n samples of each tile -> per-pixel mean and variance; tiles are padded (reflect) to the UNet divisor
-    and counted in `log`. Perfectly flat tiles (mammogram background, detector edges) hold no detail: returned
-    unchanged."""
+    """n samples of each tile -> per-pixel mean and variance, tiles counted in `log`. Perfectly flat tiles
+    (mammogram background, detector edges) hold no detail: returned unchanged."""
     gen, d, n = torch.Generator().manual_seed(cfg.train.seed), model.divisor, cfg.sample.n_samples
     amp, done = runtime.switch_on(cfg.train.amp, device), 0
 
@@ -713,7 +658,7 @@ def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: Config, device, log:
         if busy:
             cond = torch.from_numpy(tiles[busy])[:, None].to(device)
             h, w = cond.shape[-2:]
-            ph, pw = (-h) % d, (-w) % d
+            ph, pw = (-h) % d, (-w) % d  # padded (reflect) to the UNet's divisor
             cond = F.pad(cond, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
             with runtime.amp_autocast(device, amp):
                 x = sample(model, schedule, cond.repeat_interleave(n, 0), cfg.sample, gen).float()
@@ -770,9 +715,8 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 
 def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarray, int]:
-    """The map shrunk by a k x k block maximum to at most `max_side` pixels a side, read by row blocks: a PNG
-    cannot show more, matplotlib would copy a 9k x 6k map several times in float64 (2.3 GB), and the maximum
-    keeps isolated uncertain pixels visible."""
+    """The map shrunk by a k x k block maximum to at most `max_side` pixels a side, by row blocks: matplotlib
+    would copy a 9k x 6k map in float64 several times (2.3 GB); the maximum keeps single pixels visible."""
     k = math.ceil(max(std.shape) / max_side)
     bands = std.blocks(k * max(1, 256 // k))  # blocks of whole k-row bands
     pooled = [F.max_pool2d(torch.from_numpy(b)[None, None], k, ceil_mode=True)[0, 0] for _, b in bands]
@@ -792,6 +736,29 @@ def save_uncertainty_png(path: Path, std: dicom_io.RawImage, title: str, unit: s
     with runtime.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def sr_image_position(ds, factor: int) -> list[float] | None:
+    """ImagePositionPatient of the upscaled image (its first pixel's centre): output pixel i lies at source
+    position (i + 0.5) / K - 0.5 (what `upsample` samples), so (K - 1) / (2K) source pixels before the first
+    source pixel along both direction cosines. None when the input has none (projection images: CR/DX/MG)."""
+    if "ImagePositionPatient" not in ds:
+        return None
+    try:
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        warnings.warn(
+            "input has ImagePositionPatient but no usable ImageOrientationPatient/PixelSpacing; the SR image "
+            f"keeps the input's position (off by up to {(factor - 1) / (2 * factor):.3g} input pixels)",
+            stacklevel=2,
+        )
+        return None
+    # IOP[:3]: direction of increasing column index (along a row); IOP[3:]: increasing row index
+    shift = (factor - 1) / (2 * factor)
+    step = col_spacing * orientation[:3] + row_spacing * orientation[3:]
+    return list(position - shift * step)
 
 
 def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, factor: int, cfg: Config):
@@ -880,10 +847,8 @@ def run_train(input_path: Path, factor: int, cfg: Config, out_dir: Path, device_
     save_model(out_dir / "model.pt", model, cfg, factor, info)
     if infer:
         info |= infer_file(model, schedule, cfg, factor, input_path, values, ds, pad, out_dir, device)
-    notes = [
-        f"normalisation: percentiles {cfg.data.percentiles} of the image -> [-1, 1], inverted exactly",
-        f"perceptual loss: {info['perceptual']}; device: {device}",
-    ]
+    notes = [f"normalisation: percentiles {cfg.data.percentiles} of the image -> [-1, 1], inverted exactly"]
+    notes.append(f"perceptual loss: {info['perceptual']}; device: {device}")
     return report(info, factor, f"{SCRIPT} {'full' if infer else 'train'}", out_dir, notes, device)
 
 
@@ -902,9 +867,9 @@ def run_inference(input_path: Path, model_path: Path, overrides: list[str], out_
 
 
 def degrade_for_eval(reference: np.ndarray, factor: int, name: str, cfg: Config, noise_std: float):
-    """The low-resolution test input. `matched`: the operator the model trains with. `area`: the mean of each
-    K x K block (a detector pixel K times larger, fill factor 1). `gaussian`: a Gaussian PSF of FWHM
-    `evaluate.gaussian_fwhm` low-resolution pixels, then the block mean. `+noise`: white Gaussian noise."""
+    """The low-resolution test input: `matched` = the training operator; `area` = mean of each K x K block (a
+    detector pixel K times larger); `gaussian` = PSF of FWHM `evaluate.gaussian_fwhm` LR pixels, then the
+    block mean; `+noise` = white Gaussian noise."""
     hr, kind = torch.from_numpy(reference), name.removesuffix("+noise")
     if kind == "matched":
         low = degrade(hr, factor, cfg.data.interpolation)
@@ -1016,16 +981,15 @@ def run_evaluate(inputs: list[Path], factor: int, cfg: Config, out_dir: Path, de
         f"x{factor}: each image ({f'central {e.crop} pixels, ' if e.crop else ''}cropped to a multiple of "
         f"{factor}) is degraded, upscaled back by each method and compared with itself; the zero-shot model "
         "trains on the degraded image alone",
-        f"degradations: matched = the training operator ({cfg.data.interpolation}, antialiased); area = "
-        f"{factor}x{factor} block mean; gaussian = Gaussian PSF FWHM {e.gaussian_fwhm:g} LR pixels + block "
-        f"mean; +noise = white noise, std {e.noise:g} x the image's {cfg.data.percentiles} percentile range",
-        "PSNR/SSIM: physical values mapped from the reference's min..max inside the field of view to [0, 1] "
-        "(clipped), data range 1, SSIM gaussian sigma 1.5; psnr_db = whole image with PixelPadding set to "
-        "the lowest real value, *_fov = PixelPadding excluded; gains = PSNR of the method minus the baseline",
+        f"degradations: matched = training operator ({cfg.data.interpolation}, antialiased); area = {factor}x"
+        f"{factor} block mean; gaussian = PSF FWHM {e.gaussian_fwhm:g} LR pixels + block mean; +noise = "
+        f"white noise, std {e.noise:g} x the image's {cfg.data.percentiles} percentile range",
+        "PSNR/SSIM: physical values mapped from the reference's min..max in the field of view to [0, 1] "
+        "(clipped), data range 1, SSIM gaussian sigma 1.5; psnr_db = whole image, PixelPadding set to the "
+        "lowest real value; *_fov = PixelPadding excluded; gains = PSNR of the method minus the baseline's",
         f"{cfg.train.steps} training steps, {cfg.sample.sampler} {sampler_steps(cfg)} steps, mean of "
         f"{cfg.sample.n_samples} samples; device {device}, torch threads {torch.get_num_threads()}; "
-        f"peak RSS {peak_memory_mb(device)['peak_rss_mb']:.0f} MB",
-        "command: " + " ".join(sys.argv),
+        f"peak RSS {peak_memory_mb(device)['peak_rss_mb']:.0f} MB; command: " + " ".join(sys.argv),
     ]
     shown = ("image", "degradation", "method", "psnr_db", "psnr_fov_db", "ssim_fov", "gain_bicubic_db")
     table = [{k: r[k] for k in (*shown, "gain_lanczos_db") if k in r} for r in rows]
@@ -1043,9 +1007,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 InputOpt = typer.Option(..., "--input", help="a single-frame grayscale DICOM file")
 UpscaleOpt = typer.Option(2, "--upscale", help="integer upscale factor")
 ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
-PresetOpt = typer.Option(
-    "full", "--preset", help="full (seed, GPU) | small (<= 60 min, 2 cores) | fast | tiny"
-)
+PresetOpt = typer.Option("full", "--preset", help="full (GPU) | small (<= 60 min, 2 cores) | fast | tiny")
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 MaxStepsOpt = typer.Option(None, "--max-steps", help="training steps (train.steps)")
