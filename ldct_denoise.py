@@ -39,19 +39,7 @@ import torch.nn.functional as F
 import typer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import (
-    UserError,
-    augment,
-    ct_sim,
-    dicom_io,
-    losses,
-    metrics,
-    nifti_io,
-    perceptual,
-    runtime,
-    synthetic,
-    viz,
-)
+from common import UserError, ct_sim, dicom_io, metrics, nifti_io, perceptual, runtime, synthetic, viz
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
 from common.metrics import hu_to_unit, unit_to_hu
 
@@ -69,7 +57,7 @@ class DataConfig:
     phantom_size: int = 256  # synthetic slice size (pixels over a 360 mm field of view)
     phantom_train: int = 512  # number of synthetic training slices (made lazily, then cached in memory)
     phantom_val: int = 16
-    val_patients: list[str] = field(default_factory=list)  # Mayo: held-out patients (default: the last one)
+    val_patients: list[str] = field(default_factory=list)  # held-out patients (Mayo default: the last one)
     val_fraction: float = 0.2  # single-dose data: share of patients (or of one patient's slices) held out
     num_workers: int = 0
     # dose simulator (common/ct_sim.py): fan = Siemens Definition-like (SID 595, SDD 1085.6 mm, 736 channels)
@@ -121,13 +109,8 @@ class SampleConfig:
     sampler: str = "ddim"  # ddim | ddpm
     steps: int = 50
     eta: float = 0.0
-    eval_window_hu: tuple[float, float] = (
-        -160.0,
-        240.0,
-    )  # soft-tissue window for metrics (and the LPIPS loss)
-    nlm_strengths: list[float] = field(
-        default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.3]
-    )  # NLM and BM3D, tuned
+    eval_window_hu: tuple[float, float] = (-160.0, 240.0)  # soft-tissue window of the metrics and LPIPS loss
+    nlm_strengths: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.3])  # NLM, BM3D tuning
 
 
 @dataclass
@@ -167,9 +150,7 @@ class UpgradeConfig:
     bridge_start: float = 0.8  # sampler: start from the low dose noised to this fraction of T
     bridge_steps: int = 10
     adv_weight: float = 1e-3
-    adv_start_fraction: float = (
-        0.75  # GAN term on for the last quarter of train.max_steps (a short fine-tune)
-    )
+    adv_start_fraction: float = 0.75  # GAN term on for the last quarter of the steps (a short fine-tune)
     d_channels: int = 64
     d_lr: float = 1e-4
     pretrain_steps: int = 20_000  # stage 8: masked HU prediction (at train.lr) before the diffusion training
@@ -177,7 +158,7 @@ class UpgradeConfig:
     mask_fraction: tuple[float, float] = (0.25, 0.5)  # ... hiding this fraction of each crop
     transfer_lr_scale: float = 0.1  # --init-from: transferred tensors train at lr * this
     # stage 7: probabilities of seed 000's augmentations, applied in HU before normalisation
-    p_physics_noise: float = 0.2  # projection-domain noise at a dose in dose_range (common.augment)
+    p_physics_noise: float = 0.2  # the slice's own projection-domain noise, rescaled to a dose in dose_range
     p_image_poisson: float = 0.1  # image-domain Poisson of seed 000 (when physics noise was not drawn)
     dose_range: tuple[float, float] = (0.1, 0.5)
     p_gamma: float = 0.3
@@ -308,8 +289,8 @@ def mayo_sources(cfg: DataConfig, root: Path, mayo: dict, seed: int, dose: float
 
 
 def warn_if_sheared(affine: np.ndarray, source) -> None:
-    """One warning line for a sheared (e.g. gantry-tilted) or oblique volume: slices are denoised or simulated
-    in the file's own voxel grid and the output keeps its affine."""
+    """One warning for a sheared (gantry-tilted) or oblique volume: slices are processed in the file's own
+    voxel grid and the output keeps its affine."""
     columns = np.asarray(affine, np.float64)[:3, :3]
     columns = columns / np.linalg.norm(columns, axis=0)
     normal = np.cross(columns[:, 0], columns[:, 1])
@@ -319,39 +300,17 @@ def warn_if_sheared(affine: np.ndarray, source) -> None:
         kind = (
             f"sheared affine (slice axis {shear:.1f} deg off the normal)" if shear > 0.2 else "oblique affine"
         )
-        warnings.warn(
-            f"{source}: {kind}; slices are processed in the file's own voxel grid and the output keeps "
-            "this affine",
-            stacklevel=2,
-        )
+        message = "slices are processed in the file's own voxel grid and the output keeps this affine"
+        warnings.warn(f"{source}: {kind}; {message}", stacklevel=2)
 
 
-def find_volumes(root: Path) -> list[Path]:
-    """NIfTI files, else DICOM series folders (every folder that holds files), sorted by path."""
-    if root.is_file():
-        return [root]
-    volumes = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
-    volumes = volumes or sorted({p.parent for p in root.rglob("*") if p.is_file()})
-    if not volumes:
-        raise UserError(f"{root}: no Mayo pairs, NIfTI volumes or DICOM series found")
-    return volumes
-
-
-def patient_of(path: Path, volume) -> str:
-    datasets = volume.meta.get("datasets") or []
-    return str(getattr(datasets[0], "PatientID", "") or path.name) if datasets else path.name
-
-
-def split_volumes(
-    patients: list[str], n_slices: list[int], val_fraction: float, val_patients=()
-) -> list[dict]:
+def split_volumes(patients: list[str], n_slices: list[int], val_fraction: float, val_patients=()) -> list:
     """Per volume {split: (first, end)} slice ranges. Several patients: whole patients go to validation
     (`val_patients`, else the last ones in sorted order). One patient: contiguous blocks, train first, a gap,
     then validation at the end, so neighbouring (correlated) slices are never on both sides."""
     names = sorted(set(patients))
     if len(names) > 1:
-        n_val = min(len(names) - 1, max(1, round(val_fraction * len(names))))
-        held = set(val_patients or names[-n_val:])
+        held = set(val_patients or names[-min(len(names) - 1, max(1, round(val_fraction * len(names)))) :])
         if held - set(names) or held >= set(names):
             raise UserError(
                 f"data.val_patients {sorted(held)}: must be some, not all, of the patients {names}"
@@ -359,11 +318,8 @@ def split_volumes(
         return [{"val" if p in held else "train": (0, n)} for p, n in zip(patients, n_slices)]
     total = sum(n_slices)
     if total < 3:
-        raise UserError(
-            f"one patient with {total} slice(s): need at least 3 for separate train/validation slices"
-        )
-    n_val = max(1, round(val_fraction * total))
-    gap = max(1, round(0.05 * total))
+        raise UserError(f"one patient with {total} slice(s): need at least 3 for separate train/validation")
+    n_val, gap = max(1, round(val_fraction * total)), max(1, round(0.05 * total))
     cut, start, ranges = total - n_val - gap, 0, []
     for n in n_slices:  # one patient may have several volumes: split the concatenated slice list
         spans = {"train": (start, min(start + n, cut)), "val": (max(start, total - n_val), start + n)}
@@ -372,23 +328,35 @@ def split_volumes(
     return ranges
 
 
-def raw_volume_sources(cfg: DataConfig, root: Path, seed: int, dose: float | None):
-    cfg = replace(cfg, dose=dose) if dose is not None else cfg
-    paths = find_volumes(root)
+def read_volumes(root: Path, cfg: DataConfig) -> tuple[list[Path], list, list[str], list[dict]]:
+    """(paths, volumes, patients, split ranges) of single-dose data: NIfTI files, else DICOM series folders.
+    Patient: the DICOM PatientID, else the file or folder name."""
+    if root.is_file():
+        paths = [root]
+    else:
+        paths = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
+        paths = paths or sorted({p.parent for p in root.rglob("*") if p.is_file()})
+    if not paths:
+        raise UserError(f"{root}: no Mayo pairs, NIfTI volumes or DICOM series found")
     volumes = [nifti_io.read_volume(p, "CT") for p in paths]
+    patients = []
     for path, vol in zip(paths, volumes):
         warn_if_sheared(vol.affine, path)
-    ranges = split_volumes(
-        [patient_of(p, v) for p, v in zip(paths, volumes)],
-        [len(v.hu) for v in volumes],
-        cfg.val_fraction,
-        cfg.val_patients,
-    )
+        datasets = vol.meta.get("datasets") or [None]
+        patients.append(str(getattr(datasets[0], "PatientID", "") or path.name))
+    ranges = split_volumes(patients, [len(v.hu) for v in volumes], cfg.val_fraction, cfg.val_patients)
+    return paths, volumes, patients, ranges
+
+
+def raw_volume_sources(cfg: DataConfig, root: Path, seed: int, dose: float | None):
+    cfg = replace(cfg, dose=dose) if dose is not None else cfg
+    _, volumes, _, ranges = read_volumes(root, cfg)
     sources = {"train": [], "val": []}
     for vi, (vol, spans) in enumerate(zip(volumes, ranges)):
         for split, (first, end) in spans.items():
+            pixel_mm = vol.spacing_mm[1:]
             sources[split] += [
-                functools.partial(volume_pair, vol.hu[z], vol.spacing_mm[1:], cfg, [seed, vi, z])
+                functools.partial(volume_pair, vol.hu[z], pixel_mm, cfg, [seed, vi, z])
                 for z in range(first, end)
             ]
     desc = f"single-dose volumes from {root}, simulated dose {cfg.dose} ({cfg.geometry} beam)"
@@ -397,18 +365,17 @@ def raw_volume_sources(cfg: DataConfig, root: Path, seed: int, dose: float | Non
 
 def simulated_sources(root: Path, split: str = "train") -> list:
     """Sources of a `simulate` folder: every (slice, dose draw) of the volumes in `split` (memory-mapped)."""
-    manifest = json.loads((root / "split.json").read_text())
     sources = []
-    for name, (first, end) in manifest[split].items():
+    for name, (first, end) in json.loads((root / "split.json").read_text())[split].items():
         if not (root / name / "meta.json").is_file():
             raise UserError(f"{root / name}: not simulated yet; run `simulate` again to finish the dataset")
-        meta = json.loads((root / name / "meta.json").read_text())
+        doses = json.loads((root / name / "meta.json").read_text())["doses"]
         low = np.load(root / name / "low.npy", mmap_mode="r")
         full = np.load(root / name / "full.npy", mmap_mode="r")
         sources += [
             functools.partial(disk_pair, low, full, z, k, dose)
             for z in range(first, end)
-            for k, dose in enumerate(meta["doses"])
+            for k, dose in enumerate(doses)
         ]
     return sources
 
@@ -416,21 +383,21 @@ def simulated_sources(root: Path, split: str = "train") -> list:
 def load_slice_sources(cfg: DataConfig, seed: int, dose: float | None = None) -> tuple[list, list, str]:
     """(train_sources, val_sources, description); `dose` (the dose sweep) re-simulates the low dose."""
     if cfg.path is None:  # slice i: the same phantom and noise whenever made; held back: another seed stream
-        phantom_cfg = replace(cfg, dose=dose) if dose is not None else cfg
-        train = [functools.partial(phantom_pair, [seed, i], phantom_cfg) for i in range(cfg.phantom_train)]
-        val = [
-            functools.partial(phantom_pair, [seed + 10_000, i], phantom_cfg) for i in range(cfg.phantom_val)
-        ]
+        cfg = replace(cfg, dose=dose) if dose is not None else cfg
+        train = [functools.partial(phantom_pair, [seed, i], cfg) for i in range(cfg.phantom_train)]
+        val = [functools.partial(phantom_pair, [seed + 10_000, i], cfg) for i in range(cfg.phantom_val)]
         desc = f"synthetic phantoms {cfg.phantom_size}px over {PHANTOM_FOV_MM:.0f} mm"
-        return train, val, desc + f", {cfg.geometry}-beam dose {phantom_cfg.dose}"
+        return train, val, desc + f", {cfg.geometry}-beam dose {cfg.dose}"
     root = Path(cfg.path)
     if not root.exists():
         raise UserError(f"data path not found: {root}")
-    if (root / "split.json").is_file() and dose is None:
-        info = json.loads((root / "split.json").read_text())
-        return simulated_sources(root, "train"), simulated_sources(root, "val"), info["description"]
     if (root / "split.json").is_file():
-        raise UserError(f"{root}: a `simulate` folder holds fixed doses; run --doses on the original volumes")
+        if dose is not None:
+            raise UserError(
+                f"{root}: a `simulate` folder holds fixed doses; run --doses on the original volumes"
+            )
+        desc = json.loads((root / "split.json").read_text())["description"]
+        return simulated_sources(root, "train"), simulated_sources(root, "val"), desc
     mayo = find_mayo_pairs(root) if root.is_dir() else {}
     if mayo:
         return mayo_sources(cfg, root, mayo, seed, dose)
@@ -463,35 +430,55 @@ def edge_map(low_hu: np.ndarray, u: UpgradeConfig) -> np.ndarray:
     if u.edge_detector == "pidinet":
         with torch.no_grad():
             out = load_pidinet(u.pidinet_path)(torch.from_numpy(x)[None, None].repeat(1, 3, 1, 1))
-        out = (
-            out[-1] if isinstance(out, (list, tuple)) else out
-        )  # PiDiNet returns side outputs + the fused map
+        out = out[-1] if isinstance(out, (list, tuple)) else out  # side outputs + the fused map (last)
         return out[0, 0].clamp(0, 1).numpy().astype(np.float32)
     raise UserError(f"config: upgrade.edge_detector must be canny or pidinet, got '{u.edge_detector}'")
+
+
+def image_poisson(hu: np.ndarray, dose: float, rng: np.random.Generator) -> np.ndarray:
+    """Seed 000's cheap noise in HU: [-1024, 3072] HU as [0, 1] 'intensity', Poisson counts with N0 * dose
+    photons, N0 set so soft tissue at full dose gets 20 HU. White noise (no FBP texture): not physics."""
+    lo, span = -1024.0, 4096.0
+    n0 = (40.0 - lo) / span * (span / 20.0) ** 2
+    counts = rng.poisson(np.clip((hu - lo) / span, 1e-6, 1.0) * n0 * dose)
+    return (counts / (n0 * dose) * span + lo).astype(np.float32)
 
 
 def augment_pair(
     low, full, dose: float, rng: np.random.Generator, partner, a: UpgradeConfig, window
 ) -> tuple:
-    """Stage 7 in HU, aligned pairs; `partner()`: another random crop for histogram matching, MixUp, PatchMix.
-    Physics noise: this slice's own simulated noise (low - full, FBP texture) rescaled to a dose drawn from
-    dose_range: in the Gaussian regime its variance goes as 1 / dose (no new simulation per sample)."""
+    """Stage 7 in HU on aligned crops; `partner()`: another random (low, full) crop. Input-only changes keep
+    the target's meaning; changes of both images keep the pair aligned. Physics noise: this slice's own
+    simulated noise (low - full, FBP texture) rescaled to a dose drawn from dose_range: in the Gaussian regime
+    its variance goes as 1 / dose (no new simulation per sample)."""
+    low, full = np.asarray(low, np.float32), np.asarray(full, np.float32)
     if rng.random() < a.p_physics_noise:
-        new_dose = float(rng.uniform(*a.dose_range))
-        low = full + (low - full) * math.sqrt(dose / new_dose)
+        low = full + (low - full) * math.sqrt(dose / float(rng.uniform(*a.dose_range)))
     elif rng.random() < a.p_image_poisson:
-        low = synthetic.image_domain_poisson(full, float(rng.uniform(*a.dose_range)), rng)
-    if rng.random() < a.p_gamma:
-        low, full = augment.gamma_jitter((low, full), rng, window)
-    if rng.random() < a.p_scale_bias:
-        low, full = augment.scale_bias_jitter((low, full), rng)
-    if rng.random() < a.p_histogram_match:
-        low = augment.histogram_match(low, partner()[1])  # another slice's histogram: a different "scanner"
-    if rng.random() < a.p_mixup:
-        low, full = augment.mixup((low, full), partner(), rng)
-    elif rng.random() < a.p_patchmix:
-        low, full = augment.patchmix((low, full), partner(), rng)
-    return low, full
+        low = image_poisson(full, float(rng.uniform(*a.dose_range)), rng)
+    if rng.random() < a.p_gamma:  # a gamma curve inside the window only: monotone, bone and air unclipped
+        lo, hi = window
+        curve = lo + ((np.clip(low, lo, hi) - lo) / (hi - lo)) ** rng.uniform(0.8, 1.2) * (hi - lo)
+        low = np.where((low >= lo) & (low <= hi), curve, low)
+    if rng.random() < a.p_scale_bias:  # one calibration change (HU -> alpha HU + beta) on both
+        alpha, beta = rng.uniform(0.95, 1.05), rng.uniform(-20.0, 20.0)
+        low, full = alpha * low + beta, alpha * full + beta
+    if rng.random() < a.p_histogram_match:  # another slice's histogram: a different "scanner"
+        from skimage.exposure import match_histograms
+
+        low = match_histograms(low, partner()[1])
+    if rng.random() < a.p_mixup:  # ONE lambda for input and target: the mixed target is the mixed input's
+        (low_b, full_b), lam = partner(), np.float32(rng.uniform(0.3, 0.7))
+        low, full = lam * low + (1 - lam) * low_b, lam * full + (1 - lam) * full_b
+    elif rng.random() < a.p_patchmix:  # CutMix: one box of the partner, the same in input and target
+        (low_b, full_b), box = partner(), []
+        for n in low.shape:
+            side = max(1, round(n * rng.uniform(0.25, 0.5)))
+            start = int(rng.integers(0, n - side + 1))
+            box.append(slice(start, start + side))
+        low, full = low.copy(), full.copy()
+        low[tuple(box)], full[tuple(box)] = low_b[tuple(box)], full_b[tuple(box)]
+    return low.astype(np.float32), full.astype(np.float32)
 
 
 class PairDataset(Dataset):
@@ -530,27 +517,21 @@ class PairDataset(Dataset):
 
 def batches(dataset: PairDataset, cfg: Config, dist, step: int):
     """Endless (epoch, batch) stream from `step` on; the order depends only on (seed, epoch): exact resume."""
-    sampler = (
-        DistributedSampler(
-            dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
-        )
-        if dist.world_size > 1
-        else None
-    )
-    per_rank_batch, generator = max(1, cfg.train.batch_size // dist.world_size), torch.Generator()
+    sampler = None
+    if dist.world_size > 1:
+        sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.train.seed, drop_last=True)
+    batch, generator = max(1, cfg.train.batch_size // dist.world_size), torch.Generator()
     loader = DataLoader(
         dataset,
-        per_rank_batch,
+        batch,
         shuffle=sampler is None,
         sampler=sampler,
         drop_last=True,
-        num_workers=cfg.data.num_workers,
         generator=generator,
+        num_workers=cfg.data.num_workers,
     )
     if len(loader) == 0:
-        raise UserError(
-            f"only {len(dataset)} training slices for batch size {per_rank_batch}; lower train.batch_size"
-        )
+        raise UserError(f"only {len(dataset)} training slices for batch size {batch}; lower train.batch_size")
     while True:
         epoch, skip = divmod(step, len(loader))
         dataset.epoch = epoch  # workers copy the dataset at each epoch's start (no persistent workers)
@@ -631,30 +612,24 @@ class CrossAttention(nn.Module):
 
     def forward(self, h, low_dose):
         b, c, hh, ww = h.shape
-        cond = torch.cat(
-            [F.interpolate(low_dose, size=(hh, ww), mode="area"), coord_grid(b, hh, ww, h.device)], 1
-        )
+        grid = coord_grid(b, hh, ww, h.device)
+        cond = torch.cat([F.interpolate(low_dose, size=(hh, ww), mode="area"), grid], 1)
         kv = self.norm_kv(self.proj(cond).flatten(2).transpose(1, 2))
         out = attend(self.attn, self.norm_q(h.flatten(2).transpose(1, 2)), kv)
         return h + out.transpose(1, 2).reshape(b, c, hh, ww)
 
 
 class UNet(nn.Module):
-    """Seed 003's UNet on [x_t, low dose]; stages add modules under own names, so stage-0 tensors transfer."""
+    """Seed 003's UNet on [x_t, low dose]; stages add modules under own names, so stage-0 tensors transfer.
+    in_channels 1, no `stages`: the U-Net regression baseline (and stage 8's [masked image, mask] in 2)."""
 
     def __init__(
-        self,
-        cfg: ModelConfig,
-        in_channels: int = 2,
-        stages: StagesConfig | None = None,
-        up: UpgradeConfig | None = None,
-        alphas_cumprod: torch.Tensor | None = None,
-        parameterization="eps",
+        self, cfg: ModelConfig, in_channels=2, stages=None, up=None, alphas_cumprod=None, param="eps"
     ):
         super().__init__()
         stages, up = stages or StagesConfig(), up or UpgradeConfig()
         ch, time_dim, n_levels = cfg.base_channels, cfg.base_channels * 4, len(cfg.channel_mults)
-        self.base, self.parameterization, self.downsample_factor = ch, parameterization, 2 ** (n_levels - 1)
+        self.base, self.parameterization, self.downsample_factor = ch, param, 2 ** (n_levels - 1)
         self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.init_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down, skip_chs, cur = nn.ModuleList(), [ch], ch
@@ -666,20 +641,16 @@ class UNet(nn.Module):
             if level < n_levels - 1:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skip_chs.append(cur)
-        self.mid = nn.ModuleList(
-            [
-                ResBlock(cur, cur, time_dim, cfg.dropout, cfg.attention_head_channels),
-                ResBlock(cur, cur, time_dim, cfg.dropout),
-            ]
-        )
-        self.xattn = (
-            nn.ModuleDict({"mid": CrossAttention(cur, up.xattn_heads)}) if stages.cross_attention else None
-        )
-        if stages.cross_attention and up.xattn_extra_level >= 0:
-            if not 1 <= up.xattn_extra_level <= n_levels - 2:
-                raise UserError(f"config: upgrade.xattn_extra_level must be -1 or in 1..{n_levels - 2}")
-            extra_ch = ch * cfg.channel_mults[up.xattn_extra_level]
-            self.xattn[str(up.xattn_extra_level)] = CrossAttention(extra_ch, up.xattn_heads)
+        mid_attention = ResBlock(cur, cur, time_dim, cfg.dropout, cfg.attention_head_channels)
+        self.mid = nn.ModuleList([mid_attention, ResBlock(cur, cur, time_dim, cfg.dropout)])
+        self.xattn = self.gfm = self.icr = None
+        if stages.cross_attention:
+            self.xattn = nn.ModuleDict({"mid": CrossAttention(cur, up.xattn_heads)})
+            if up.xattn_extra_level >= 0:
+                if not 1 <= up.xattn_extra_level <= n_levels - 2:
+                    raise UserError(f"config: upgrade.xattn_extra_level must be -1 or in 1..{n_levels - 2}")
+                extra_ch = ch * cfg.channel_mults[up.xattn_extra_level]
+                self.xattn[str(up.xattn_extra_level)] = CrossAttention(extra_ch, up.xattn_heads)
         self.up, self.up_levels, gfm_chs = nn.ModuleList(), [], []
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
@@ -690,28 +661,19 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cur, cur, 3, padding=1)))
                 self.up_levels.append(level)
-        # stage 1 (seed 000, option b): per decoder skip, [skip, edges at its scale] -> conv-norm-act, added
-        # to it
-        self.gfm = (
-            nn.ModuleList(
-                [nn.Sequential(nn.Conv2d(c + 1, c, 3, padding=1), norm(c), nn.SiLU()) for c in gfm_chs]
-            )
-            if stages.edges
-            else None
-        )
+        if (
+            stages.edges
+        ):  # seed 000 option b, per decoder skip: [skip, its-scale edges] -> conv-norm-act, added
+            gfms = [nn.Sequential(nn.Conv2d(c + 1, c, 3, padding=1), norm(c), nn.SiLU()) for c in gfm_chs]
+            self.gfm = nn.ModuleList(gfms)
         self.out = nn.Sequential(norm(cur), nn.SiLU(), nn.Conv2d(cur, 1, 3, padding=1))
-        h = up.icr_hidden  # stage 4: 1x1-conv MLP on [coarse, low dose, x, y] -> residual; zero last layer
-        self.icr = (
-            nn.Sequential(
+        if stages.icr_head:  # stage 4: 1x1-conv MLP on [coarse, low dose, x, y] -> residual; zero last layer
+            h = up.icr_hidden
+            self.icr = nn.Sequential(
                 nn.Conv2d(4, h, 1), nn.ReLU(), nn.Conv2d(h, h, 1), nn.ReLU(), zero(nn.Conv2d(h, 1, 1))
             )
-            if stages.icr_head
-            else None
-        )
-        ab = alphas_cumprod if alphas_cumprod is not None else torch.ones(1)
-        self.register_buffer(
-            "alphas_cumprod", ab.float().clone(), persistent=False
-        )  # eps -> x0 for the ICR head
+        ab = alphas_cumprod if alphas_cumprod is not None else torch.ones(1)  # eps -> x0 for the ICR head
+        self.register_buffer("alphas_cumprod", ab.float().clone(), persistent=False)
 
     @staticmethod
     def block(cfg: ModelConfig, in_ch: int, out_ch: int, level: int) -> ResBlock:
@@ -719,10 +681,8 @@ class UNet(nn.Module):
         return ResBlock(in_ch, out_ch, cfg.base_channels * 4, cfg.dropout, attention)
 
     def forward(self, x_t, t, low_dose, edges=None) -> torch.Tensor:
-        freqs = torch.exp(
-            -math.log(10_000) * torch.arange(self.base // 2, device=t.device) / (self.base // 2)
-        )
-        args = t.float()[:, None] * freqs[None]  # sinusoidal time embedding
+        half = self.base // 2  # sinusoidal time embedding
+        args = t.float()[:, None] * torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
         temb = self.time_mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
         h = self.init_conv(torch.cat([x_t, low_dose], dim=1) if low_dose is not None else x_t)
         skips = [h]
@@ -760,11 +720,8 @@ def patch_discriminator(ch: int) -> nn.Sequential:
     """Stage 6: seed 000's PatchGAN (4x4 convs, 3 stride-2, BatchNorm, LeakyReLU) -> a map of patch logits."""
     layers, c_in = [], 1
     for i, (c_out, stride) in enumerate([(ch, 2), (ch * 2, 2), (ch * 4, 2), (ch * 8, 1)]):
-        layers += [
-            nn.Conv2d(c_in, c_out, 4, stride, 1),
-            *([nn.BatchNorm2d(c_out)] if i else []),
-            nn.LeakyReLU(0.2),
-        ]
+        norm_layer = [nn.BatchNorm2d(c_out)] if i else []
+        layers += [nn.Conv2d(c_in, c_out, 4, stride, 1), *norm_layer, nn.LeakyReLU(0.2)]
         c_in = c_out
     return nn.Sequential(*layers, nn.Conv2d(c_in, 1, 4, 1, 1))
 
@@ -816,14 +773,8 @@ def build_model(cfg: Config, device: torch.device, kind: str = "diffusion") -> U
 
 
 def diffusion_loss(
-    model,
-    schedule: Schedule,
-    full_dose,
-    low_dose,
-    edges=None,
-    bridge_fraction: float = 0.0,
-    bridge_t: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model, schedule: Schedule, full_dose, low_dose, edges=None, bridge_fraction=0.0, bridge_t=0
+):
     """(loss, clipped x0). Stage 5 (bridge, Method 1): a `bridge_fraction` of samples get x_t = low dose at
     bridge_t, with the noise that would have made it as target: (low - sqrt(ab) full) / sqrt(1 - ab)."""
     t = torch.randint(0, schedule.T, (full_dose.shape[0],), device=full_dose.device)
@@ -847,36 +798,40 @@ def ddim_timesteps(n_train: int, steps: int) -> list[int]:
     return (np.round(np.arange(n_train, 0, -n_train / steps))[:steps] - 1).astype(int).tolist()
 
 
+def sampler_timesteps(T: int, sampler: str, steps: int, start: float | None = None) -> list[int]:
+    """The timesteps a sampler visits (one network evaluation each); `start`: from the low dose at start T."""
+    if start is not None and not 0 < start <= 1:
+        raise UserError(f"--start must be in (0, 1], got {start}")
+    t_max = T - 1 if start is None else max(1, int(round(start * (T - 1))))
+    if sampler == "ddpm":
+        return list(range(t_max, -1, -1))
+    if sampler != "ddim":
+        raise UserError(f"sampler must be ddim or ddpm, got '{sampler}'")
+    if not 1 <= steps <= t_max + 1:
+        raise UserError(f"--steps must be between 1 and {t_max + 1}, got {steps}")
+    return ddim_timesteps(t_max + 1, steps)
+
+
 @torch.inference_mode()
 def sample(
     model,
     schedule: Schedule,
-    low_dose: torch.Tensor,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    edges: torch.Tensor | None = None,
-    start: float | None = None,
-) -> tuple[torch.Tensor, int]:
+    low_dose,
+    sampler="ddim",
+    steps=50,
+    eta=0.0,
+    generator=None,
+    edges=None,
+    start=None,
+):
     """(x0, network evaluations). DDPM: ancestral, all steps; DDIM: `steps` timesteps. `start` (stage 5): from
     the low dose noised to t = start * T instead of pure noise. x0 estimates are clipped to [-1, 1]."""
     device = low_dose.device
     x = torch.randn(low_dose.shape, generator=generator, device="cpu").to(device)
-    t_max = schedule.T - 1
+    timesteps = sampler_timesteps(schedule.T, sampler, steps, start)
+    eta = 1.0 if sampler == "ddpm" else eta
     if start is not None:
-        if not 0 < start <= 1:
-            raise UserError(f"--start must be in (0, 1], got {start}")
-        t_max = max(1, int(round(start * (schedule.T - 1))))
-        x = schedule.q_sample(low_dose, torch.full((x.shape[0],), t_max, device=device), x)
-    if sampler == "ddpm":
-        timesteps, eta = list(range(t_max, -1, -1)), 1.0
-    elif sampler == "ddim":
-        if not 1 <= steps <= t_max + 1:
-            raise UserError(f"--steps must be between 1 and {t_max + 1}, got {steps}")
-        timesteps = ddim_timesteps(t_max + 1, steps)
-    else:
-        raise UserError(f"sampler must be ddim or ddpm, got '{sampler}'")
+        x = schedule.q_sample(low_dose, torch.full((x.shape[0],), timesteps[0], device=device), x)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
@@ -892,18 +847,10 @@ def sample(
 
 
 def denoise_hu(
-    model,
-    schedule: Schedule | None,
-    low_dose_hu: np.ndarray,
-    cfg: Config,
-    device: torch.device,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    seed: int = 0,
-    start: float | None = None,
+    model, schedule: Schedule | None, low_dose_hu: np.ndarray, cfg: Config, device, seed=0, start=None
 ):
-    """HU slice -> HU (reflect-padded to the UNet's multiple); `schedule` None: the U-Net regression."""
+    """HU slice -> HU (reflect-padded to the UNet's multiple) with cfg.sample's sampler; `start`: the bridge.
+    `schedule` None: the U-Net regression."""
     (h, w), f = low_dose_hu.shape, model.downsample_factor
     padded = np.pad(low_dose_hu.astype(np.float32), ((0, (-h) % f), (0, (-w) % f)), mode="reflect")
     x = torch.from_numpy(hu_to_unit(padded, cfg.data.hu_range))[None, None].to(device)
@@ -911,15 +858,17 @@ def denoise_hu(
         with torch.inference_mode():
             out = (x + model(x, torch.zeros(1, dtype=torch.long, device=device), None)).clamp(-1, 1)
     else:  # stage 1: the edge prompt of the padded slice
-        edges = (
-            None
-            if model.gfm is None
-            else torch.from_numpy(edge_map(padded, cfg.upgrade))[None, None].to(device)
-        )
-        out = sample(
-            model, schedule, x, sampler, steps, eta, torch.Generator().manual_seed(seed), edges, start
-        )[0]
+        edges = None
+        if model.gfm is not None:
+            edges = torch.from_numpy(edge_map(padded, cfg.upgrade))[None, None].to(device)
+        s, generator = cfg.sample, torch.Generator().manual_seed(seed)
+        out = sample(model, schedule, x, s.sampler, s.steps, s.eta, generator, edges, start)[0]
     return unit_to_hu(out[0, 0, :h, :w].float().cpu().numpy(), cfg.data.hu_range)
+
+
+def ema_weights(state: dict) -> dict:
+    """The model tensors of a checkpoint's EMA (torch's AveragedModel, maybe of a DDP module)."""
+    return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
 
 
 def load_model(checkpoint: Path, device: torch.device, kind: str = "diffusion"):
@@ -930,9 +879,7 @@ def load_model(checkpoint: Path, device: torch.device, kind: str = "diffusion"):
     try:
         cfg = config_from_dict(Config, state["config"])
         model = build_model(cfg, device, kind)
-        model.load_state_dict(
-            {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
-        )
+        model.load_state_dict(ema_weights(state))
     except (KeyError, RuntimeError) as exc:
         raise UserError(
             f"{checkpoint}: checkpoint does not match this script's model ({str(exc)[:120]})"
@@ -941,57 +888,31 @@ def load_model(checkpoint: Path, device: torch.device, kind: str = "diffusion"):
 
 
 def diffusion_method(
-    model,
-    cfg: Config,
-    device,
-    sampler: str | None = None,
-    steps: int | None = None,
-    from_low_dose: bool = False,
-    start: float | None = None,
-    eta: float | None = None,
+    model, cfg: Config, device, sampler=None, steps=None, from_low_dose=False, start=None, eta=None
 ):
     """(name, (HU -> HU, network evaluations)); bridge sampler defaults come from the checkpoint's config."""
     if start is not None and not from_low_dose:
         raise UserError("--start needs --from-low-dose")
     if from_low_dose:
         sampler, steps, start = "ddim", steps or cfg.upgrade.bridge_steps, start or cfg.upgrade.bridge_start
-    sampler, steps = sampler or cfg.sample.sampler, steps or cfg.sample.steps
-    eta = cfg.sample.eta if eta is None else eta
-    schedule = Schedule(cfg.diffusion, device)
-    nfe = (
-        steps
-        if sampler == "ddim"
-        else (schedule.T if start is None else int(round(start * (schedule.T - 1))) + 1)
-    )
-    name = f"diffusion ({sampler} {steps} steps" + (
+    s = cfg.sample
+    s = replace(s, sampler=sampler or s.sampler, steps=steps or s.steps, eta=s.eta if eta is None else eta)
+    cfg, schedule = replace(cfg, sample=s), Schedule(cfg.diffusion, device)
+    nfe = len(sampler_timesteps(schedule.T, s.sampler, s.steps, start))
+    name = f"diffusion ({s.sampler} {s.steps} steps" + (
         f" from low dose at {start} T)" if start else ", from noise)"
     )
-    method = functools.partial(
-        denoise_hu,
-        model,
-        schedule,
-        cfg=cfg,
-        device=device,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        start=start,
-    )
-    return name, (method, nfe)
+    return name, (functools.partial(denoise_hu, model, schedule, cfg=cfg, device=device, start=start), nfe)
 
 
 def comparison_panel(
     path: Path, cfg: Config, test: list, outputs: dict, names: list[str], title: str
 ) -> None:
     (lo, fu), last = test[0], outputs[names[-1]][0]
-    viz.save_panel(
-        path,
-        [lo, *(outputs[n][0] for n in names), fu, last - fu],
-        ["low dose", *names, "full dose", "last - full (HU)"],
-        window=cfg.sample.eval_window_hu,
-        error_index=len(names) + 2,
-        suptitle=title,
-    )
+    images = [lo, *(outputs[n][0] for n in names), fu, last - fu]
+    labels = ["low dose", *names, "full dose", "last - full (HU)"]
+    window = cfg.sample.eval_window_hu
+    viz.save_panel(path, images, labels, window=window, error_index=len(names) + 2, suptitle=title)
 
 
 # --- train ---
@@ -1016,20 +937,20 @@ def transfer_weights(model: nn.Module, weights: dict, source: Path, verbose: boo
 
 def make_optimizer(model: nn.Module, cfg: Config, transferred: list[str], lr: float):
     """AdamW; transferred (pre-trained) tensors get lr * upgrade.transfer_lr_scale, the rest the full lr."""
-    groups = [
-        {
-            "params": [p for n, p in model.named_parameters() if (n in transferred) == moved],
-            "lr": lr * (cfg.upgrade.transfer_lr_scale if moved else 1.0),
-        }
-        for moved in (False, True)
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.train.weight_decay)
+    groups = []
+    for moved in (False, True):
+        params = [p for n, p in model.named_parameters() if (n in transferred) == moved]
+        if params:
+            groups.append({"params": params, "lr": lr * (cfg.upgrade.transfer_lr_scale if moved else 1.0)})
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
 
 
 def discriminator_step(disc, d_opt, full_dose, fake) -> torch.Tensor:
-    """One LSGAN update of D only (fakes detached; real and fake in one forward so DDP sees one pass)."""
+    """One LSGAN update of D only (Mao et al. 2017: real -> 1, fake -> 0; fakes detached; real and fake in
+    one forward so DDP sees one pass)."""
     logits = disc(torch.cat([full_dose, fake.detach()]))
-    d_loss = losses.lsgan_d_loss(logits[: len(full_dose)], logits[len(full_dose) :])
+    real_logits, fake_logits = logits[: len(full_dose)], logits[len(full_dose) :]
+    d_loss = 0.5 * ((real_logits - 1) ** 2).mean() + 0.5 * (fake_logits**2).mean()
     d_opt.zero_grad(set_to_none=True)
     d_loss.backward()
     d_opt.step()
@@ -1060,11 +981,11 @@ def stage2_lpips(u: UpgradeConfig):
 def lpips_term(lpips_model, x0, full_dose, cfg: Config) -> torch.Tensor:
     """LPIPS on [0, 1] images (the eval HU window), grey repeated to 3 channels."""
     lo, hi = cfg.sample.eval_window_hu
-    x0, full_dose = (
+    images = [
         ((unit_to_hu(x, cfg.data.hu_range) - lo) / (hi - lo)).clamp(0, 1).repeat(1, 3, 1, 1)
         for x in (x0, full_dose)
-    )
-    return lpips_model(x0, full_dose, normalize=True).mean()
+    ]
+    return lpips_model(*images, normalize=True).mean()
 
 
 def block_mask(shape: tuple[int, ...], block: int, fraction: tuple[float, float], gen=None) -> torch.Tensor:
@@ -1084,52 +1005,79 @@ def train_loss(
     """(loss, logged terms) of one batch. diffusion: seed 003's loss + the switched-on stage 2/5/6 terms."""
     low_dose, full_dose, *edges = batch
     t0 = torch.zeros(len(low_dose), dtype=torch.long, device=low_dose.device)
+    s, u = cfg.stages, cfg.upgrade
     if kind == "pretrain":  # stage 8: fill hidden blocks from [masked image, mask]; L1 on hidden pixels only
-        mask = block_mask(low_dose.shape, cfg.upgrade.mask_block, cfg.upgrade.mask_fraction).to(
-            low_dose.device
-        )
+        mask = block_mask(low_dose.shape, u.mask_block, u.mask_fraction).to(low_dose.device)
         return ((net(low_dose * mask, t0, mask) - low_dose).abs() * (1 - mask)).sum() / (1 - mask).sum(), {}
     if kind == "unet":  # RED-CNN-like regression: low dose + predicted residual, MSE
         return F.mse_loss(low_dose + net(low_dose, t0, None), full_dose), {}
-    s, u = cfg.stages, cfg.upgrade
     ramp = u.bridge_max_fraction * min(1.0, step / max(1.0, u.bridge_ramp_fraction * max_steps))
     logs = {"bridge_fraction": torch.tensor(ramp)} if s.bridge else {}
-    loss, x0 = diffusion_loss(
-        net,
-        schedule,
-        full_dose,
-        low_dose,
-        edges[0] if edges else None,
-        ramp if s.bridge else 0.0,
-        int(round(u.bridge_t_fraction * (schedule.T - 1))),
-    )
+    bridge_t = int(round(u.bridge_t_fraction * (schedule.T - 1)))
+    edges = edges[0] if edges else None
+    loss, x0 = diffusion_loss(net, schedule, full_dose, low_dose, edges, ramp if s.bridge else 0.0, bridge_t)
     logs["loss_diff"] = loss.detach()
     if s.composite_loss:  # stage 2: MSE + lambda1 L1(x0) + lambda2 LPIPS(x0)
         logs["loss_l1"] = F.l1_loss(x0, full_dose)
         loss = loss + u.lambda_l1 * logs["loss_l1"]
-        if extras.get("lpips") is not None:
+        if extras["lpips"] is not None:
             logs["loss_lpips"] = lpips_term(extras["lpips"], x0, full_dose, cfg)
             loss = loss + u.lambda_lpips * logs["loss_lpips"]
     if s.adversarial and step >= u.adv_start_fraction * max_steps:  # stage 6: a D step, then G's LSGAN term
         logs["loss_d"] = discriminator_step(extras["disc_net"], extras["d_opt"], full_dose, x0)
-        logs["loss_adv"] = losses.lsgan_g_loss(extras["disc_net"](x0))
+        logs["loss_adv"] = 0.5 * ((extras["disc_net"](x0) - 1) ** 2).mean()
         loss = loss + u.adv_weight * logs["loss_adv"]
     return loss, logs
 
 
+def save_state(path: Path, objects: dict, step: int, record: dict) -> None:
+    """Atomic, and never from non-finite weights: the last good checkpoint stays."""
+    weights = objects["model"].state_dict().values()
+    if not all(torch.isfinite(v).all() for v in weights if v.is_floating_point()):
+        raise UserError(f"non-finite weights after step {step}; not saved (last good: {path})")
+    state = {k: v.state_dict() for k, v in objects.items()}
+    runtime.save_checkpoint(
+        path, {"script": SCRIPT, **record, **state, "step": step, "rng": runtime.rng_state()}
+    )
+
+
+def training_objects(cfg: Config, kind: str, dist, resume, init_from, resume_from) -> tuple[dict, dict, dict]:
+    """(objects the checkpoint saves, extras of the loss, resumed state or {}): new, an exact resume, or the
+    tensors copied from an earlier stage (`resume_from`) or from pre-training (`init_from`)."""
+    s, u, device = cfg.stages, cfg.upgrade, dist.device
+    model = build_model(cfg, device, kind)
+    state = runtime.load_checkpoint(resume, SCRIPT) if resume is not None else {}
+    if state and state.get("kind", "diffusion") != kind:
+        raise UserError(f"{resume}: a '{state.get('kind')}' checkpoint; this command trains '{kind}'")
+    transferred = list(state.get("transferred", []))
+    if resume_from is not None or init_from is not None:
+        source = resume_from or init_from
+        weights = ema_weights(runtime.load_checkpoint(source, SCRIPT))
+        copied = transfer_weights(model, weights, source, dist.is_main)
+        transferred = copied if init_from is not None else []  # a stage move trains everything at the full lr
+    ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
+    objects = dict(model=model, ema=ema, optimizer=make_optimizer(model, cfg, transferred, cfg.train.lr))
+    extras = dict(disc_net=None, d_opt=None, lpips=None, transferred=transferred)
+    if s.adversarial:
+        objects["disc"] = disc = patch_discriminator(u.d_channels).to(device)
+        objects["d_optimizer"] = torch.optim.Adam(disc.parameters(), lr=u.d_lr, betas=(0.5, 0.999))
+        extras.update(disc_net=runtime.ddp_wrap(disc, dist), d_opt=objects["d_optimizer"])
+    if s.composite_loss and u.lambda_lpips > 0:
+        extras["lpips"] = stage2_lpips(u).to(device)
+    try:
+        for key, obj in objects.items() if state else ():
+            obj.load_state_dict(state[key])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
+    return objects, extras, state
+
+
 def train_run(
-    cfg: Config,
-    out_dir: Path,
-    resume: Path | None,
-    device_name: str,
-    argv,
-    init_from: Path | None = None,
-    resume_from: Path | None = None,
-    kind: str = "diffusion",
-) -> Path:
+    cfg: Config, out_dir: Path, resume, device_name, argv, init_from=None, resume_from=None, kind="diffusion"
+):
     """One training run of `kind` -> its checkpoint."""
-    if kind != "diffusion":
-        cfg = replace(cfg, stages=StagesConfig())
+    cfg = cfg if kind == "diffusion" else replace(cfg, stages=StagesConfig())
     s, u = cfg.stages, cfg.upgrade
     dist = runtime.init_distributed(device_name)
     device = dist.device
@@ -1138,124 +1086,55 @@ def train_run(
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
     train_sources, _, data_desc = load_slice_sources(cfg.data, cfg.train.seed)
     dataset = PairDataset(train_sources, cfg, cfg.train.seed)
-    max_steps, lr = cfg.upgrade.pretrain_steps if kind == "pretrain" else cfg.train.max_steps, cfg.train.lr
-    model, schedule = build_model(cfg, device, kind), Schedule(cfg.diffusion, device)
-    state = runtime.load_checkpoint(resume, SCRIPT) if resume is not None else None
-    if state is not None and state.get("kind", "diffusion") != kind:
-        raise UserError(f"{resume}: a '{state.get('kind')}' checkpoint; this command trains '{kind}'")
-    transferred = list(state.get("transferred", [])) if state is not None else []
-    if resume_from is not None or init_from is not None:
-        src = runtime.load_checkpoint(resume_from or init_from, SCRIPT)
-        ema_src = {
-            k.removeprefix("module."): v for k, v in src["ema"].items() if k != "n_averaged"
-        }  # AveragedModel
-        copied = transfer_weights(model, ema_src, resume_from or init_from, dist.is_main)
-        transferred = copied if init_from is not None else []  # a stage move trains everything at the full lr
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
-    )
-    optimizer = make_optimizer(model, cfg, transferred, lr)
-    disc = patch_discriminator(u.d_channels).to(device) if s.adversarial else None
-    d_opt = torch.optim.Adam(disc.parameters(), lr=u.d_lr, betas=(0.5, 0.999)) if disc is not None else None
-    lpips = stage2_lpips(u) if s.composite_loss and u.lambda_lpips > 0 else None
-    extras = dict(
-        disc_net=runtime.ddp_wrap(disc, dist) if disc is not None else None,
-        d_opt=d_opt,
-        lpips=lpips.to(device) if lpips is not None else None,
-    )
-    runtime.seed_everything(
-        cfg.train.seed + 1000 + dist.rank
-    )  # training RNG independent of setup (cached LPIPS)
-    step = 0
-    if state is not None:
-        try:
-            objects = dict(model=model, ema=ema, optimizer=optimizer, disc=disc, d_optimizer=d_opt)
-            for key in [k for k, v in objects.items() if v is not None]:
-                objects[key].load_state_dict(state[key])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
-        step = int(state["step"])
-        runtime.set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"])
-    model = (
-        model.to(memory_format=torch.channels_last)
-        if runtime.switch_on(cfg.train.channels_last, device)
-        else model
-    )
+    max_steps, lr = u.pretrain_steps if kind == "pretrain" else cfg.train.max_steps, cfg.train.lr
+    objects, extras, state = training_objects(cfg, kind, dist, resume, init_from, resume_from)
+    model, ema, schedule = objects["model"], objects["ema"], Schedule(cfg.diffusion, device)
+    lpips_id = lpips_weights_id(extras["lpips"], u.lpips_net) if extras["lpips"] is not None else "none"
+    runtime.seed_everything(cfg.train.seed + 1000 + dist.rank)  # training RNG independent of setup (LPIPS)
+    step, rng = int(state.get("step", 0)), state.get("rng")
+    if rng is not None:  # an exact resume
+        runtime.set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+    if runtime.switch_on(cfg.train.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
     net = runtime.ddp_wrap(model, dist)
     net = torch.compile(net) if runtime.switch_on(cfg.train.compile, device) else net
     use_amp = runtime.switch_on(cfg.train.amp, device)
     body_params = [p for n, p in model.named_parameters() if not n.startswith("icr.")] if s.icr_head else []
     if dist.is_main:
-        on = [n for n in STAGE_NAMES if getattr(s, n)] or ["none (stage 0)"]
+        on = ", ".join([n for n in STAGE_NAMES if getattr(s, n)] or ["none (stage 0)"])
+        size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+        resumed = f"; resumed from {resume} at step {step}" if resume else ""
         print(
-            f"{kind}: {data_desc}; {len(dataset)} slices; "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-            f"parameters; stages: {', '.join(on)}; {device} x {dist.world_size}"
-            + (f"; resumed from {resume} at step {step}" if resume else "")
+            f"{kind}: {data_desc}; {len(dataset)} slices; {size}; stages: {on}; {device} x {dist.world_size}"
+            + resumed
         )
     ckpt_path = out_dir / ("checkpoint.pt" if kind == "diffusion" else f"{kind}.pt")
+    record = dict(kind=kind, config=config_to_dict(cfg), world_size=dist.world_size, lpips_weights=lpips_id)
+    record["transferred"] = extras["transferred"]
+    log_dir = out_dir if dist.is_main else None
     with runtime.ProgressLogger(
-        out_dir if dist.is_main else None,
-        max_steps,
-        kind,
-        enabled=dist.is_main,
-        log_every=cfg.train.log_every,
-        start_step=step,
+        log_dir, max_steps, kind, dist.is_main, cfg.train.log_every, step
     ) as progress:
         for epoch, batch in batches(dataset, cfg, dist, step):
             if step >= max_steps:
                 break
             with runtime.amp_autocast(device, use_amp):
-                loss, logs = train_loss(
-                    kind, net, schedule, cfg, [b.to(device) for b in batch], step, max_steps, extras
-                )
+                batch = [b.to(device) for b in batch]
+                loss, logs = train_loss(kind, net, schedule, cfg, batch, step, max_steps, extras)
             runtime.stop_if_not_finite(loss, step, ckpt_path)
-            optimizer.zero_grad(set_to_none=True)
+            objects["optimizer"].zero_grad(set_to_none=True)
             loss.backward()
             if step < u.icr_head_only_steps:  # stage 4 schedule: only the ICR head learns at first
                 for p in body_params:
                     p.grad = None
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+            objects["optimizer"].step()
             ema.update_parameters(model)
             step += 1
-            progress.log(
-                step,
-                loss=loss.item(),
-                **{k: v.item() for k, v in logs.items()},
-                grad_norm=grad_norm.item(),
-                lr=lr,
-                epoch=epoch,
-            )
+            logs = {k: v.item() for k, v in logs.items()}
+            progress.log(step, loss=loss.item(), **logs, grad_norm=grad_norm.item(), lr=lr, epoch=epoch)
             if dist.is_main and (step % cfg.train.ckpt_every == 0 or step == max_steps):
-                if not all(
-                    torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
-                ):
-                    raise UserError(
-                        f"non-finite weights after step {step}; not saved (last good: {ckpt_path})"
-                    )
-                state = {
-                    "script": SCRIPT,
-                    "kind": kind,
-                    "config": config_to_dict(cfg),
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "rng": runtime.rng_state(),
-                    "world_size": dist.world_size,
-                    "transferred": list(transferred),
-                    "lpips_weights": lpips_weights_id(lpips, u.lpips_net) if lpips is not None else "none",
-                }
-                runtime.save_checkpoint(
-                    ckpt_path,
-                    state
-                    | (
-                        dict(disc=disc.state_dict(), d_optimizer=d_opt.state_dict())
-                        if disc is not None
-                        else {}
-                    ),
-                )
+                save_state(ckpt_path, objects, step, record)
     if dist.is_main and kind == "diffusion":  # a first look: one held-back slice
         low, full, _ = load_slice_sources(cfg.data, cfg.train.seed)[1][0]()
         name, (method, _) = diffusion_method(ema.module.eval(), cfg, device)
@@ -1270,30 +1149,27 @@ def train_run(
 def train(
     cfg: Config,
     out_dir: Path,
-    resume: Path | None = None,
-    device_name: str = "auto",
+    resume=None,
+    device_name="auto",
     argv=None,
-    init_from: Path | None = None,
-    resume_from: Path | None = None,
-    kind: str = "diffusion",
+    init_from=None,
+    resume_from=None,
+    kind="diffusion",
 ) -> Path:
     """-> checkpoint. kind: diffusion (cfg's stages) | pretrain (stage 8) | unet (baseline); torchrun works.
     `resume`: continue exactly; `resume_from` (earlier stage), `init_from` (pretrain): copy matching tensors.
     Stage 8 without a starting point: masked pre-training runs first (OUT/pretrain), then the diffusion."""
-    if sum(x is not None for x in (resume, resume_from, init_from)) > 1:
+    starts = [p for p in (resume, resume_from, init_from) if p is not None]
+    if len(starts) > 1:
         raise UserError("use only one of --resume, --resume-from and --init-from")
-    if (
-        kind == "diffusion"
-        and cfg.stages.pretrain
-        and resume is None
-        and resume_from is None
-        and init_from is None
-    ):
+    if kind == "diffusion" and cfg.stages.pretrain and not starts:
         init_from = train_run(cfg, out_dir / "pretrain", None, device_name, argv, kind="pretrain")
     return train_run(cfg, out_dir, resume, device_name, argv, init_from, resume_from, kind)
 
 
 # --- evaluate ---
+
+UNET_ROW = "U-Net regression (RED-CNN-like)"
 
 
 def uniform_region_noise(pred_hu: np.ndarray, ref_hu: np.ndarray, box: int = 32) -> tuple[float, float]:
@@ -1304,8 +1180,7 @@ def uniform_region_noise(pred_hu: np.ndarray, ref_hu: np.ndarray, box: int = 32)
     box = min(box, *ref_hu.shape)
     mean = ndimage.uniform_filter(ref_hu.astype(np.float64), box)
     local_var = ndimage.uniform_filter(ref_hu.astype(np.float64) ** 2, box) - mean**2
-    inside = ndimage.binary_erosion(metrics.body_mask(ref_hu), np.ones((box, box)))
-    local_var[~inside] = np.inf
+    local_var[~ndimage.binary_erosion(metrics.body_mask(ref_hu), np.ones((box, box)))] = np.inf
     cy, cx = np.unravel_index(np.argmin(local_var), local_var.shape)
     y0, x0 = max(0, cy - box // 2), max(0, cx - box // 2)
     roi = pred_hu[y0 : y0 + box, x0 : x0 + box].astype(np.float64)
@@ -1317,144 +1192,126 @@ def uniform_region_noise(pred_hu: np.ndarray, ref_hu: np.ndarray, box: int = 32)
     return float(roi.std()), float(np.argmax(radial[1 : roi.shape[0] // 2 + 1]) + 1) / roi.shape[0]
 
 
-def compare(
-    cfg: Config,
-    extra: dict,
-    max_slices: int,
-    doses: list | None = None,
-    notes: list[str] = (),
-    time_size: int = 0,
-):
-    """Score the input, NLM and `extra` (name -> (HU -> HU, network evaluations)) on held-back slices per dose
-    -> (rows, outputs, test pairs, notes)."""
-    from skimage.restoration import denoise_nl_means
+def classical(low_hu: np.ndarray, strength: float, kind: str, hu_range) -> np.ndarray:
+    """NLM or BM3D on the normalised slice; strength x the estimated noise sigma."""
+    x = hu_to_unit(low_hu, hu_range)
+    sigma = metrics.noise_std(x)
+    if kind == "BM3D":
+        out = importlib.import_module("bm3d").bm3d(x, sigma_psd=strength * sigma)
+    else:
+        from skimage.restoration import denoise_nl_means
 
-    bm3d = (
-        importlib.import_module("bm3d") if importlib.util.find_spec("bm3d") else None
-    )  # a BM3D row if installed
-
-    def classical(low_hu, strength, kind):  # on the normalised slice; strength x the estimated noise sigma
-        x = hu_to_unit(low_hu, cfg.data.hu_range)
-        sigma = metrics.noise_std(x)
-        out = (
-            bm3d.bm3d(x, sigma_psd=strength * sigma)
-            if kind == "BM3D"
-            else denoise_nl_means(
-                x, h=strength * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
-            )
+        out = denoise_nl_means(
+            x, h=strength * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
         )
-        return unit_to_hu(out.astype(np.float32), cfg.data.hu_range)
+    return unit_to_hu(out.astype(np.float32), hu_range)
 
+
+def identity(low_hu: np.ndarray) -> np.ndarray:
+    return low_hu
+
+
+def score(name: str, fn, nfe: int, test: list, window, lpips_model, time_slice) -> tuple[dict, list]:
+    """(table row, outputs) of one method on the test pairs."""
+    t0 = time.perf_counter()
+    outputs = [fn(lo) for lo, _ in test]
+    seconds, row = time.perf_counter() - t0, {"method": name}
+    per_slice = [
+        metrics.image_metrics(pred, fu, window, mask=metrics.body_mask(fu), lpips_model=lpips_model)
+        for pred, (_, fu) in zip(outputs, test)
+    ]
+    for key in ("psnr_db", "ssim", "mae_hu") + (("lpips",) if lpips_model is not None else ()):
+        row[key] = float(np.mean([m[key] for m in per_slice]))
+    row["noise_std_hu"] = float(np.mean([metrics.noise_std(p) for p in outputs]))
+    uniform = [uniform_region_noise(pred, fu) for pred, (_, fu) in zip(outputs, test)]
+    row["uniform_std_hu"] = float(np.mean([std for std, _ in uniform]))
+    row["nps_peak_cyc_px"] = float(np.mean([peak for _, peak in uniform]))
+    row["nfe"], row["s_per_slice"] = nfe, seconds / len(test)
+    if time_slice is not None:
+        t0 = time.perf_counter()
+        fn(time_slice)
+        row[f"s_per_{len(time_slice)}px_slice"] = time.perf_counter() - t0
+    return row, outputs
+
+
+def compare(cfg: Config, extra: dict, max_slices: int, doses=None, notes: list[str] = (), time_size: int = 0):
+    """Score the input, NLM (+ BM3D if installed) and `extra` (name -> (HU -> HU, network evaluations)) on
+    held-back slices per dose -> (rows, outputs, test pairs, notes). The first quarter only tunes NLM/BM3D."""
+    has_bm3d = importlib.util.find_spec("bm3d") is not None
     window, lpips_model, rows = cfg.sample.eval_window_hu, perceptual.load_lpips("alex"), []
+    hu_range, strengths = cfg.data.hu_range, cfg.sample.nlm_strengths
     to01 = functools.partial(metrics.to_unit_window, window=window)
     time_slice = synthetic.ct_phantom(time_size, np.random.default_rng(0)) if time_size else None
-    for dose in doses or [None]:  # the first quarter of the held-back slices only tunes NLM
+    for dose in doses or [None]:
         _, val_sources, data_desc = load_slice_sources(cfg.data, cfg.train.seed, dose)
         pairs, outputs = [src()[:2] for src in val_sources[:max_slices]], {}
         n_tune = max(1, len(pairs) // 4)
         tune, test = (pairs[:n_tune], pairs[n_tune:]) if len(pairs) > 1 else (pairs, pairs)
-        methods = {"low-dose input": (lambda lo: lo, 0)}
-        for kind in ("NLM", "BM3D") if bm3d is not None else ("NLM",):  # strengths tuned on `tune` only
+        methods = {"low-dose input": (identity, 0)}
+        for kind in ("NLM", "BM3D") if has_bm3d else ("NLM",):  # strengths tuned on `tune` only
+            fns = [functools.partial(classical, strength=h, kind=kind, hu_range=hu_range) for h in strengths]
             best = max(
-                cfg.sample.nlm_strengths,
-                key=lambda h: np.mean(
-                    [metrics.psnr(to01(classical(lo, h, kind)), to01(fu), 1.0) for lo, fu in tune]
-                ),
+                fns, key=lambda fn: np.mean([metrics.psnr(to01(fn(lo)), to01(fu), 1.0) for lo, fu in tune])
             )
-            methods[f"{kind} ({best}σ)"] = (functools.partial(classical, strength=best, kind=kind), 0)
-        methods.update(extra)
-        for name, (fn, nfe) in methods.items():
-            t0 = time.perf_counter()
-            outputs[name] = [fn(lo) for lo, _ in test]
-            seconds, row = (
-                time.perf_counter() - t0,
-                ({} if dose is None else {"dose": dose}) | {"method": name},
-            )
-            per_slice = [
-                metrics.image_metrics(pred, fu, window, mask=metrics.body_mask(fu), lpips_model=lpips_model)
-                for pred, (_, fu) in zip(outputs[name], test)
-            ]
-            for key in ("psnr_db", "ssim", "mae_hu") + (("lpips",) if lpips_model is not None else ()):
-                row[key] = float(np.mean([m[key] for m in per_slice]))
-            row["noise_std_hu"] = float(np.mean([metrics.noise_std(p) for p in outputs[name]]))
-            uniform = [uniform_region_noise(pred, fu) for pred, (_, fu) in zip(outputs[name], test)]
-            row["uniform_std_hu"] = float(np.mean([std for std, _ in uniform]))
-            row["nps_peak_cyc_px"] = float(np.mean([peak for _, peak in uniform]))
-            row["nfe"], row["s_per_slice"] = nfe, seconds / len(test)
-            if time_slice is not None:
-                t0 = time.perf_counter()
-                fn(time_slice)
-                row[f"s_per_{time_size}px_slice"] = time.perf_counter() - t0
-            rows.append(row)
+            methods[f"{kind} ({best.keywords['strength']}σ)"] = (best, 0)
+        for name, (fn, nfe) in {**methods, **extra}.items():
+            row, outputs[name] = score(name, fn, nfe, test, window, lpips_model, time_slice)
+            rows.append(row if dose is None else {"dose": dose, **row})
+    lpips_note = f"LPIPS scored with {lpips_weights_id(lpips_model, 'alex')} on the whole windowed slice"
     notes = [
         f"data: {data_desc}; {len(test)} test slices ({len(tune)} more only tune NLM h / BM3D sigma: x noise "
-        f"sigma{'' if bm3d else '; BM3D not installed'})",
+        f"sigma{'' if has_bm3d else '; BM3D not installed'})",
         f"PSNR/SSIM: HU clipped to window {list(window)} and mapped to [0,1], data range 1, inside the body "
         f"mask (reference HU > -500); SSIM Gaussian sigma 1.5; MAE in HU inside the mask, unclipped",
-        f"LPIPS scored with {lpips_weights_id(lpips_model, 'alex')} on the whole windowed slice"
-        if lpips_model
-        else "LPIPS: no pretrained weights, not scored",
+        lpips_note if lpips_model else "LPIPS: no pretrained weights, not scored",
         "noise_std_hu: Immerkaer estimate on the whole output slice; uniform_std_hu and nps_peak_cyc_px: std "
         "and the radial noise-power-spectrum peak (cycles/pixel) of the output in the most uniform 32x32 box "
-        "of "
-        "the reference inside the body; nfe: network evaluations per slice",
+        "of the reference inside the body; nfe: network evaluations per slice",
         *notes,
         "command: " + " ".join(sys.argv),
     ]
     return rows, outputs, test, notes
 
 
+def trained_with(checkpoint: Path) -> str:
+    return runtime.load_checkpoint(checkpoint, SCRIPT).get("lpips_weights", "not recorded")
+
+
 def evaluate(
-    checkpoint: Path,
-    out_dir: Path,
-    data_path: str | None = None,
-    device_name: str = "auto",
-    sampler: str | None = None,
-    steps: int | None = None,
-    max_slices: int = 16,
-    doses: list[float] | None = None,
-    from_low_dose: bool = False,
-    start: float | None = None,
+    checkpoint: Path, out_dir: Path, data_path=None, device_name="auto", max_slices=16, doses=None, **sampling
 ) -> list[dict]:
-    """Input, NLM and the model on held-back slices; `doses`: projection-domain dose sweep."""
+    """Input, NLM and the model on held-back slices; `doses`: projection-domain dose sweep; `sampling`:
+    sampler, steps, from_low_dose, start (`diffusion_method`)."""
     if doses and not all(0 < d < 1 for d in doses):
         raise UserError(f"--doses must be fractions in (0, 1), got {doses}")
     device = runtime.pick_device(device_name)
     model, cfg, trained_steps = load_model(checkpoint, device)
     cfg.data.path = data_path if data_path is not None else cfg.data.path
-    name, method = diffusion_method(model, cfg, device, sampler, steps, from_low_dose, start)
-    trained_with = runtime.load_checkpoint(checkpoint, SCRIPT).get("lpips_weights", "not recorded")
-    note = f"checkpoint {checkpoint} at step {trained_steps}, trained with LPIPS: {trained_with}" + (
-        f"; doses {doses} of the data's full dose, projection-domain simulation" if doses else ""
-    )
+    name, method = diffusion_method(model, cfg, device, **sampling)
+    note = f"checkpoint {checkpoint} at step {trained_steps}, trained with LPIPS: {trained_with(checkpoint)}"
+    note += f"; doses {doses} of the data's full dose, projection-domain simulation" if doses else ""
     rows, outputs, test, notes = compare(cfg, {name: method}, max_slices, doses, [note])
     runtime.print_metrics_table(rows, "ldct_denoise evaluation", out_dir / "metrics.json", notes)
     comparison_panel(out_dir / "eval_panel.png", cfg, test, outputs, list(outputs)[1:], "evaluation")
     return rows
 
 
+def unet_method(cfg: Config, out_dir: Path, device_name: str, argv, resume=None) -> tuple:
+    """Train (or finish) the U-Net regression on the diffusion's data and budget -> (HU -> HU, 1)."""
+    device = runtime.pick_device(device_name)
+    unet, unet_cfg, _ = load_model(
+        train(cfg, out_dir, resume, device_name, argv, kind="unet"), device, "unet"
+    )
+    return functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device), 1
+
+
 def baseline(
-    cfg: Config,
-    kind: str,
-    out_dir: Path,
-    device_name: str,
-    max_slices: int,
-    argv=None,
-    resume: Path | None = None,
+    cfg: Config, kind: str, out_dir: Path, device_name: str, max_slices: int, argv=None, resume=None
 ) -> list[dict]:
     """Input, tuned NLM and BM3D (+ `unet`: the U-Net regression on the diffusion's data and budget)."""
     if kind not in ("unet", "nlm"):
         raise UserError(f"--kind must be unet or nlm, got '{kind}'")
-    extra = {}
-    if kind == "unet":
-        device = runtime.pick_device(device_name)
-        unet, unet_cfg, _ = load_model(
-            train(cfg, out_dir, resume, device_name, argv, kind="unet"), device, "unet"
-        )
-        extra["U-Net regression (RED-CNN-like)"] = (
-            functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device),
-            1,
-        )
+    extra = {UNET_ROW: unet_method(cfg, out_dir, device_name, argv, resume)} if kind == "unet" else {}
     rows, _, _, notes = compare(cfg, extra, max_slices)
     runtime.print_metrics_table(rows, f"ldct_denoise baseline: {kind}", out_dir / "metrics.json", notes)
     return rows
@@ -1465,108 +1322,72 @@ def finished(path: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def mean_of_samples(model, cfg: Config, device, steps: int, start: float, n: int, low_hu: np.ndarray):
-    """The mean of n bridge samples (seeds 0..n-1): the posterior mean estimate, less noise, more blur."""
-    schedule = Schedule(cfg.diffusion, device)
-    outs = [
-        denoise_hu(model, schedule, low_hu, cfg, device, "ddim", steps, seed=k, start=start) for k in range(n)
-    ]
-    return np.mean(outs, axis=0)
-
-
-def ablation_runs(
-    cfg: Config, out_dir: Path, stages: list[int], parameterizations: list[str], device_name, argv
-):
-    """{(stage, parameterization): checkpoint}, one run folder each, same data, seed and budget."""
-    runs = {}
-    for k in stages:
-        for param in parameterizations:
-            run_cfg = with_stage(cfg, k)
-            run_cfg.diffusion.parameterization = param
-            name = f"stage{k}" if len(parameterizations) == 1 else f"stage{k}_{param}"
-            runs[k, param] = train(
-                run_cfg, out_dir / name, finished(out_dir / name / "checkpoint.pt"), device_name, argv
-            )
-    return runs
+def mean_of_samples(method, n: int, low_hu: np.ndarray) -> np.ndarray:
+    """The mean of n samples (seeds 0..n-1): the posterior mean estimate, less noise, more blur."""
+    return np.mean([method(low_hu, seed=k) for k in range(n)], axis=0)
 
 
 def ablate(
     cfg: Config,
     out_dir: Path,
-    device_name: str = "auto",
-    stages: list[int] | None = None,
-    steps: int = 50,
-    max_slices: int = 16,
-    time_size: int = 512,
+    device_name="auto",
+    stages=None,
+    steps=50,
+    max_slices=16,
+    time_size=512,
     argv=None,
-    parameterizations: list[str] | None = None,
-    samples: int = 0,
+    parameterizations=None,
+    samples=0,
 ) -> list[dict]:
     """Seed 003's study over seed 000's stages (same data, seed, budget): DDIM from noise and the bridge
     sampler (+ the mean of `samples` bridge samples) per stage and parameterization beside input, NLM, BM3D
-    and U-Net rows; one table, one PNG panel per run."""
+    and U-Net rows; one table, one PNG panel per run. Finished runs are reused."""
     stages = list(range(len(STAGE_NAMES) + 1)) if stages is None else stages
+    params, u = parameterizations or [cfg.diffusion.parameterization], cfg.upgrade
     device = runtime.pick_device(device_name)
-    runs = ablation_runs(
-        cfg, out_dir, stages, parameterizations or [cfg.diffusion.parameterization], device_name, argv
-    )
-    unet_ckpt = train(
-        cfg, out_dir / "unet", finished(out_dir / "unet" / "unet.pt"), device_name, argv, kind="unet"
-    )
-    unet, unet_cfg, _ = load_model(unet_ckpt, device, "unet")
+    methods, per_run, lpips_notes = {}, {}, []
+    for k in stages:
+        for param in params:
+            run_cfg = with_stage(cfg, k)
+            run_cfg.diffusion.parameterization = param
+            run_dir = out_dir / (f"stage{k}" if len(params) == 1 else f"stage{k}_{param}")
+            ckpt = train(run_cfg, run_dir, finished(run_dir / "checkpoint.pt"), device_name, argv)
+            lpips_notes.append(f"stage {k}: {trained_with(ckpt)}")
+            model, cfg_k, _ = load_model(ckpt, device)
+            label = f"stage {k}" + (f" {param}" if len(params) > 1 else "")
+            for bridge in (
+                False,
+                True,
+            ):  # DDIM `steps` from noise; the bridge sampler of ablate's upgrade.bridge_*
+                bridge_steps, start = (u.bridge_steps, u.bridge_start) if bridge else (steps, None)
+                name, method = diffusion_method(model, cfg_k, device, "ddim", bridge_steps, bridge, start)
+                methods[f"{label}: {name}"] = method
+                per_run.setdefault(label, []).append(f"{label}: {name}")
+            if samples > 1:
+                name = f"{label}: mean of {samples} bridge-{u.bridge_steps} samples"
+                methods[name] = (
+                    functools.partial(mean_of_samples, method[0], samples),
+                    samples * u.bridge_steps,
+                )
+                per_run[label].append(name)
+    unet_dir = out_dir / "unet"
     methods = {
-        "U-Net regression (RED-CNN-like)": (
-            functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device),
-            1,
-        )
+        UNET_ROW: unet_method(cfg, unet_dir, device_name, argv, finished(unet_dir / "unet.pt")),
+        **methods,
     }
-    per_run, u = {}, cfg.upgrade
-    for (k, param), ckpt in runs.items():
-        model, cfg_k, _ = load_model(ckpt, device)
-        label = f"stage {k}" + (f" {param}" if parameterizations and len(parameterizations) > 1 else "")
-        for bridge in (
-            False,
-            True,
-        ):  # DDIM `steps` from noise; the bridge sampler of this run's upgrade.bridge_*
-            name, method = diffusion_method(
-                model,
-                cfg_k,
-                device,
-                "ddim",
-                u.bridge_steps if bridge else steps,
-                bridge,
-                u.bridge_start if bridge else None,
-            )
-            methods[f"{label}: {name}"] = method
-            per_run.setdefault(label, []).append(f"{label}: {name}")
-        if samples > 1:
-            name = f"{label}: mean of {samples} bridge-{u.bridge_steps} samples"
-            fn = functools.partial(
-                mean_of_samples, model, cfg_k, device, u.bridge_steps, u.bridge_start, samples
-            )
-            methods[name] = (fn, samples * u.bridge_steps)
-            per_run[label].append(name)
     note = (
         f"every run: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, "
-        f"seed "
-        f"{cfg.train.seed}; stage 8 = {cfg.upgrade.pretrain_steps} pre-training steps + stage 7; "
-        f"s_per_{time_size}px_slice on {device}"
+        f"seed {cfg.train.seed}; stage 8 = {u.pretrain_steps} pre-training steps + stage 7; "
+        f"s_per_{time_size}px_slice on {device}; trained with LPIPS: " + ", ".join(lpips_notes)
     )
-    trained_with = {
-        k: runtime.load_checkpoint(c, SCRIPT).get("lpips_weights", "not recorded") for k, c in runs.items()
-    }
-    note += "; trained with LPIPS: " + ", ".join(f"stage {k[0]}: {w}" for k, w in trained_with.items())
     rows, outputs, test, notes = compare(cfg, methods, max_slices, None, [note], time_size)
     psnr = {r["method"]: r["psnr_db"] for r in rows}
-    notes.insert(
-        -1,
-        "bridge vs DDIM from noise (PSNR dB @ NFE): "
-        + "; ".join(
-            f"{label}: {psnr[n[1]]:.2f} @ {u.bridge_steps} vs {psnr[n[0]]:.2f} @ {steps} "
-            f"({'equal or better' if psnr[n[1]] >= psnr[n[0]] else 'worse'})"
-            for label, n in per_run.items()
-        ),
-    )
+    versus = [
+        f"{label}: {psnr[n[1]]:.2f} @ {u.bridge_steps} vs {psnr[n[0]]:.2f} @ {steps} "
+        f"({'equal or better' if psnr[n[1]] >= psnr[n[0]] else 'worse'})"
+        for label, n in per_run.items()
+    ]
+    notes.insert(-1, "bridge vs DDIM from noise (PSNR dB @ NFE): " + "; ".join(versus))
     for label, names in per_run.items():
         comparison_panel(out_dir / f"panel_{label.replace(' ', '')}.png", cfg, test, outputs, names, label)
     runtime.print_metrics_table(rows, "ldct_denoise ablation", out_dir / "ablation.json", notes)
@@ -1576,14 +1397,7 @@ def ablate(
 # --- simulate: single-dose CT -> paired dataset on disk ---
 
 
-def volume_names(paths: list[Path]) -> list[str]:
-    """Folder-safe, unique names: index + file or folder name."""
-    return [f"{i:03d}_{p.name.removesuffix('.gz').removesuffix('.nii')}" for i, p in enumerate(paths)]
-
-
-def write_split(
-    out_dir: Path, cfg: Config, paths: list[Path], names: list[str], patients, ranges, doses
-) -> dict:
+def write_split(out_dir: Path, cfg: Config, paths: list[Path], names, patients, ranges, doses) -> dict:
     """split.json: which slices of which volume train and validate, and how the split was made."""
     split = {"train": {}, "val": {}, "volumes": {}}
     for name, path, patient, spans in zip(names, paths, patients, ranges):
@@ -1631,14 +1445,9 @@ def simulate_dataset(cfg: Config, input_path: Path, out_dir: Path, doses: list[f
     if not input_path.exists():
         raise UserError(f"input not found: {input_path}")
     runtime.refuse_overwrite_input(out_dir, input_path)
-    paths = find_volumes(input_path)
-    volumes = [nifti_io.read_volume(p, "CT") for p in paths]
-    for path, vol in zip(paths, volumes):
-        warn_if_sheared(vol.affine, path)
-    names, patients = volume_names(paths), [patient_of(p, v) for p, v in zip(paths, volumes)]
-    ranges = split_volumes(
-        patients, [len(v.hu) for v in volumes], cfg.data.val_fraction, cfg.data.val_patients
-    )
+    paths, volumes, patients, ranges = read_volumes(input_path, cfg.data)
+    # folder-safe, unique names: index + file or folder name
+    names = [f"{i:03d}_{p.name.removesuffix('.gz').removesuffix('.nii')}" for i, p in enumerate(paths)]
     split = write_split(out_dir, cfg, paths, names, patients, ranges, doses)
     runtime.prepare_run_dir(out_dir, cfg, __file__)
     for i, (name, vol) in enumerate(zip(names, volumes)):
@@ -1659,36 +1468,22 @@ def simulate_dataset(cfg: Config, input_path: Path, out_dir: Path, doses: list[f
 
 
 def denoise_files(
-    checkpoint: Path,
-    input_path: Path,
-    output: Path,
-    device_name: str = "auto",
-    sampler=None,
-    steps: int | None = None,
-    eta: float | None = None,
-    from_low_dose: bool = False,
-    start: float | None = None,
+    checkpoint: Path, input_path: Path, output: Path, device_name="auto", **sampling
 ) -> list[Path]:
-    """DICOM file, DICOM series folder or NIfTI volume in; the same kind out, in HU, with new UIDs."""
+    """DICOM file, DICOM series folder or NIfTI volume in; the same kind out, in HU, with new UIDs.
+    `sampling`: sampler, steps, eta, from_low_dose, start (`diffusion_method`)."""
     device = runtime.pick_device(device_name)
     model, cfg, trained_steps = load_model(checkpoint, device)
-    name, method = diffusion_method(model, cfg, device, sampler, steps, from_low_dose, start, eta)
+    name, (method, _) = diffusion_method(model, cfg, device, **sampling)
     if not input_path.exists():
         raise UserError(f"input not found: {input_path}")
     runtime.refuse_overwrite_input(output, input_path)
-
-    def run(hu: np.ndarray, pad_mask: np.ndarray | None) -> np.ndarray:
-        out = method[0](hu)
-        if pad_mask is not None:  # padding outside the field of view is "no data": restore it unchanged
-            out[pad_mask] = hu[pad_mask]
-        return out
-
     if input_path.name.endswith((".nii", ".nii.gz")):
         vol = nifti_io.read_nifti(input_path)
         warn_if_sheared(vol.affine, input_path)
         out_path = output if output.name.endswith((".nii", ".nii.gz")) else output / input_path.name
         runtime.refuse_overwrite_input(out_path, input_path)
-        out_hu = np.stack([run(s, None) for s in vol.hu])
+        out_hu = np.stack([method(s) for s in vol.hu])
         return [nifti_io.write_nifti(out_path, nifti_io.Volume(out_hu, vol.affine, vol.meta))]
     if (
         input_path.is_dir()
@@ -1700,18 +1495,18 @@ def denoise_files(
     series_uid, written = dicom_io.generate_uid(), []
     description = f"ldct_denoise conditional {name}, trained {trained_steps} steps"
     for hu, ds, path in slices:
+        out = method(hu)
+        pad = dicom_io.padding_mask(hu, ds)  # padding outside the field of view is "no data": kept unchanged
+        if pad is not None:
+            out[pad] = hu[pad]
         # PACS exports name files by UID without a suffix: Path.stem would cut the last UID part and collide
-        name = path.stem if path.suffix.lower() == ".dcm" else path.name
-        target = output / f"{name}_denoised.dcm" if (input_path.is_dir() or output.suffix == "") else output
+        stem = path.stem if path.suffix.lower() == ".dcm" else path.name
+        target = output / f"{stem}_denoised.dcm" if (input_path.is_dir() or output.suffix == "") else output
         runtime.refuse_overwrite_input(target, path)
+        series = f"{getattr(ds, 'SeriesDescription', '')} denoised"[:64]
         written.append(
             dicom_io.write_derived_dicom(
-                ds,
-                run(hu, dicom_io.padding_mask(hu, ds)),
-                target,
-                description=description,
-                series_uid=series_uid,
-                series_description=f"{getattr(ds, 'SeriesDescription', '')} denoised"[:64],
+                ds, out, target, description=description, series_uid=series_uid, series_description=series
             )
         )
     print(f"wrote {len(written)} file(s) to {output}")
@@ -1735,14 +1530,7 @@ StartOpt = typer.Option(
 )
 
 
-def build_config(
-    config: list[Path] | None,
-    preset: str,
-    overrides: list[str] | None,
-    data: str | None = None,
-    max_steps: int | None = None,
-    pretrain_steps: int | None = None,
-) -> Config:
+def build_config(config, preset: str, overrides, data=None, max_steps=None, pretrain_steps=None) -> Config:
     cfg = load_config(Config, config, preset, overrides, shipped=default_config_path(__file__))
     cfg.data.path = data if data is not None else cfg.data.path
     cfg.train.max_steps = cfg.train.max_steps if max_steps is None else max_steps
@@ -1819,9 +1607,8 @@ def baseline_cmd(
     device: str = DeviceOpt,
 ):
     """Baselines on the same data and budget: a U-Net regression (RED-CNN-like), or NLM and BM3D tuned."""
-    baseline(
-        build_config(config, preset, set_, data, max_steps), kind, out, device, max_slices, sys.argv, resume
-    )
+    cfg = build_config(config, preset, set_, data, max_steps)
+    baseline(cfg, kind, out, device, max_slices, sys.argv, resume)
 
 
 @app.command("ablate")
@@ -1843,18 +1630,8 @@ def ablate_cmd(
     """Train stages 0..8 and the U-Net baseline with one budget; one table with input/NLM/U-Net rows."""
     cfg = build_config(config, preset, set_, data, max_steps)
     params = parameterizations.split(",") if parameterizations else None
-    ablate(
-        cfg,
-        out,
-        device,
-        comma_list(stages, int, "--stages"),
-        steps,
-        max_slices,
-        time_size,
-        sys.argv,
-        params,
-        samples,
-    )
+    stage_list = comma_list(stages, int, "--stages")
+    ablate(cfg, out, device, stage_list, steps, max_slices, time_size, sys.argv, params, samples)
 
 
 @app.command("denoise")
@@ -1870,7 +1647,8 @@ def denoise_cmd(
     device: str = DeviceOpt,
 ):
     """Denoise a DICOM file, a DICOM series folder or a NIfTI volume; writes DICOM (or NIfTI) in HU."""
-    denoise_files(checkpoint, input, output, device, sampler, steps, eta, from_low_dose, start)
+    sampling = dict(sampler=sampler, steps=steps, eta=eta, from_low_dose=from_low_dose, start=start)
+    denoise_files(checkpoint, input, output, device, **sampling)
 
 
 @app.command("evaluate")
@@ -1887,18 +1665,9 @@ def evaluate_cmd(
     device: str = DeviceOpt,
 ):
     """PSNR/SSIM/MAE (+ LPIPS) in a stated HU window for the low-dose input, NLM and the model."""
-    evaluate(
-        checkpoint,
-        out or checkpoint.parent / "eval",
-        data,
-        device,
-        sampler,
-        steps,
-        max_slices,
-        comma_list(doses, float, "--doses"),
-        from_low_dose,
-        start,
-    )
+    sampling = dict(sampler=sampler, steps=steps, from_low_dose=from_low_dose, start=start)
+    dose_list = comma_list(doses, float, "--doses")
+    evaluate(checkpoint, out or checkpoint.parent / "eval", data, device, max_slices, dose_list, **sampling)
 
 
 app.command("eval", hidden=True)(evaluate_cmd)  # the old name
