@@ -238,12 +238,6 @@ def simulate_thick_slices(hu: np.ndarray, spacing_z_mm: float, cfg: DataConfig, 
     return sample_z(blurred, positions), positions
 
 
-def simulate_lr_volume(vol: nifti_io.Volume, cfg: DataConfig) -> nifti_io.Volume:
-    """LR volume (slice axis = hu axis 0) with the affine of its grid: first slice at the HR first slice."""
-    lr, positions = simulate_thick_slices(vol.hu, vol.spacing_mm[0], cfg)
-    return nifti_io.Volume(lr, resampled_affine(vol.affine, positions), {})
-
-
 def compact(hu: np.ndarray) -> np.ndarray:
     """Integer HU volumes are kept as int16 in memory (half the RAM of float32, still exact)."""
     exact = np.array_equal(hu, np.rint(hu)) and hu.min() >= -32768 and hu.max() <= 32767
@@ -556,19 +550,15 @@ class ResShift:
         """ResShift's posterior q(x_s | x_t, x0) between consecutive timesteps t > s of the trailing grid
         (all T steps when steps == T): mean eta_s/eta_t x_t + (1 - eta_s/eta_t) x0, variance
         kappa^2 eta_s/eta_t (eta_t - eta_s). Noise is drawn on the CPU: the same on every device."""
-
-        def noise():
-            return torch.randn(y0.shape, generator=generator, device="cpu").to(y0.device)
-
         grid = trailing_timesteps(self.T, steps)
-        x = y0 + self.kappa * self.eta[grid[0]].sqrt() * noise()
+        x = y0 + self.kappa * self.eta[grid[0]].sqrt() * torch.randn(y0.shape, generator=generator).to(y0)
         for t, s in zip(grid, [*grid[1:], -1]):
             x0 = predict_x0(x, torch.full((y0.shape[0],), int(t), device=y0.device, dtype=torch.long))
             if s < 0:
                 return x0
             ratio = self.eta[s] / self.eta[t]
             std = self.kappa * (ratio * (self.eta[t] - self.eta[s])).sqrt()
-            x = ratio * x + (1 - ratio) * x0 + std * noise()
+            x = ratio * x + (1 - ratio) * x0 + std * torch.randn(y0.shape, generator=generator).to(y0)
         return x
 
 
@@ -592,10 +582,7 @@ def patch_starts(n: int, patch: int, overlap: float, min_shared: int = 0) -> tup
     if n <= patch:
         return [0], n
     step = max(1, min(patch - min_shared, int(round(patch * (1 - overlap)))))
-    starts = list(range(0, n - patch + 1, step))
-    if starts[-1] != n - patch:
-        starts.append(n - patch)
-    return starts, patch
+    return sorted({*range(0, n - patch, step), n - patch}), patch
 
 
 def gauss_window(coords: np.ndarray, patch: int) -> np.ndarray:
@@ -613,11 +600,9 @@ def blend_patches(lr: np.ndarray, positions: np.ndarray, predict, patch_lr, over
     xs, px = patch_starts(nx, patch_lr[2], overlap)
     out = np.zeros((len(positions), ny, nx), np.float32)
     gy, gx = gauss_window(np.arange(py), py), gauss_window(np.arange(px), px)
-    wz, wy, wx = np.zeros(len(positions)), np.zeros(ny), np.zeros(nx)
-    for y0 in ys:
-        wy[y0 : y0 + py] += gy
-    for x0 in xs:
-        wx[x0 : x0 + px] += gx
+    wy = sum(np.pad(gy, (y0, ny - py - y0)) for y0 in ys)  # the weight sums are separable
+    wx = sum(np.pad(gx, (x0, nx - px - x0)) for x0 in xs)
+    wz = np.zeros(len(positions))
     for z0 in zs:
         m_lo = int(np.searchsorted(positions, z0 - 1e-6))
         m_hi = int(np.searchsorted(positions, z0 + pz - 1 + 1e-6))
@@ -711,9 +696,7 @@ def load_vae(checkpoint: Path | None, cfg: Config, vols, device) -> tuple[VAE3D,
     """The frozen VAE for LDM training (its config replaces cfg.vae: the LDM checkpoint is self-contained) and
     the latent scale: 1 / std of HR latents on a fixed batch (the same on every DDP rank)."""
     if checkpoint is None:
-        raise UserError(
-            "train --model ldm needs --vae CHECKPOINT (from `train --model vae`, or local weights)"
-        )
+        raise UserError("train --model ldm needs --vae CHECKPOINT (from `train --model vae`)")
     state, vae_cfg = load_checkpoint_cfg(checkpoint, ("vae",))
     if tuple(vae_cfg.data.hu_range) != tuple(cfg.data.hu_range):
         raise UserError(
@@ -722,9 +705,8 @@ def load_vae(checkpoint: Path | None, cfg: Config, vols, device) -> tuple[VAE3D,
         )
     cfg.vae = vae_cfg.vae
     vae = load_weights(VAE3D(cfg.vae), state["ema"], checkpoint).to(device).eval().requires_grad_(False)
-    _, hr, _ = random_batch(
-        vols, cfg, max(2, cfg.train.batch_size), np.random.default_rng(cfg.train.seed), device
-    )
+    rng = np.random.default_rng(cfg.train.seed)
+    _, hr, _ = random_batch(vols, cfg, max(2, cfg.train.batch_size), rng, device)
     with torch.no_grad():
         return vae, float(1.0 / vae.encode(pad_to(hr, (vae.factor,) * 3)[0])[0].std().clamp(min=1e-6))
 
@@ -766,16 +748,6 @@ def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, schedule, scale
     return total / max(1, cfg.train.val_batches)
 
 
-def restore_state(resume: Path, kind: str, model, ema, optimizer) -> tuple[int, dict]:
-    state, _ = load_checkpoint_cfg(resume, (kind,))
-    load_weights(model, state["model"], resume)
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), {
-        k: state[k] for k in ("latent_scale", "best_val_loss", "best_step") if k in state
-    }
-
-
 def train(
     cfg: Config, kind: str, out_dir: Path, device_name="auto", vae_checkpoint=None, resume=None, argv=None
 ):
@@ -793,12 +765,17 @@ def train(
     ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    step, extra = restore_state(resume, kind, model, ema, optimizer) if resume else (0, {})
+    step, extra = 0, {}
+    if resume:
+        state, _ = load_checkpoint_cfg(resume, (kind,))
+        load_weights(model, state["model"], resume)
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        extra = {k: state[k] for k in ("latent_scale", "best_val_loss", "best_step") if k in state}
     if vae is not None:  # a resumed run keeps its scale
         scale = extra.setdefault("latent_scale", scale)
         extra["vae"] = vae.state_dict()
-    if dist.is_main:
-        runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
     if runtime.switch_on(cfg.train.channels_last, device):
         model = model.to(memory_format=torch.channels_last_3d)
     net = runtime.ddp_wrap(model, dist)
@@ -807,6 +784,7 @@ def train(
     use_amp, schedule = runtime.switch_on(cfg.train.amp, device), ResShift(cfg.ldm, device)
     ratio = cfg.data.target_spacing_mm / cfg.data.hr_spacing_mm
     if dist.is_main:
+        runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{kind}: {n_params:.2f} M parameters; {data_desc}; {len(val_vols)} val views; x{ratio:g}")
     per_rank = max(1, cfg.train.batch_size // dist.world_size)
@@ -872,18 +850,6 @@ def measure(row: dict):
     row["peak_rss_mb"] = round(peak_kb / 1024, 1)
 
 
-def quality(out_hu: np.ndarray, ref_hu: np.ndarray, mask: np.ndarray, window) -> tuple[dict, str]:
-    """Masked PSNR / SSIM / HU-MAE; SSIM falls back to 2-D per slice or a smaller window on short volumes
-    (`common.metrics`), and is left out, with the reason, when no masked voxel has a whole window."""
-    try:
-        row = metrics.image_metrics(out_hu, ref_hu, window, mask=mask)
-    except ValueError as exc:
-        pred01, ref01 = metrics.to_unit_window(out_hu, window), metrics.to_unit_window(ref_hu, window)
-        row = {"psnr_db": metrics.psnr(pred01, ref01, 1.0, mask), "ssim": None}
-        row |= {"mae_hu": metrics.mae(out_hu, ref_hu, mask), "convention": f"SSIM not computed: {exc}"}
-    return row, row.pop("convention")
-
-
 def evaluation_volume(cfg: Config, hr_path: Path | None, thin_axis: str) -> tuple[nifti_io.Volume, str]:
     """The HR volume with the axis to thin first: the slice axis found from the affine (`auto`) or the
     voxel axis k, j or i (an in-plane axis gives a SMORE-style check at in-plane resolution)."""
@@ -932,11 +898,11 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
     """Simulate LR from a held-out HR volume, restore it with every method; masked metrics, time, RAM."""
     device = runtime.pick_device(device)
     hr, source = evaluation_volume(cfg, hr_path, thin_axis)
-    lr = simulate_lr_volume(hr, cfg.data)
-    if lr.hu.shape[0] < 2:
+    lr, _ = simulate_thick_slices(hr.hu, hr.spacing_mm[0], cfg.data)
+    if len(lr) < 2:
         raise UserError(f"{source}: {hr.hu.shape[0]} slices; too few to simulate two thick slices")
     factor = cfg.data.target_spacing_mm / hr.spacing_mm[0]
-    positions = output_positions(lr.hu.shape[0], factor)
+    positions = output_positions(len(lr), factor)
     ref = sample_z(hr.hu, positions * factor)
     padding = sample_z(no_data_mask(hr), positions * factor) > 0
     mask = metrics.body_mask(ref, cfg.infer.mask_threshold_hu) & ~padding
@@ -945,15 +911,18 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
     rows, outputs, conventions = [], {}, set()
     for name, method in evaluation_methods(cfg, unet, ldm, factor, device):
         with measure({}) as cost:
-            outputs[name] = restore(lr.hu, ref, positions, method)
-        row, convention = quality(outputs[name], ref, mask, tuple(cfg.infer.window_hu))
-        conventions.add(convention)
+            outputs[name] = restore(lr, ref, positions, method)
+        try:  # SSIM: 2-D per slice or a smaller window on short volumes; `convention` says which
+            row = metrics.image_metrics(outputs[name], ref, tuple(cfg.infer.window_hu), mask=mask)
+        except ValueError as exc:  # under 3 voxels along an image axis: no SSIM window fits
+            raise UserError(f"{source}: {exc}") from None
+        conventions.add(row.pop("convention"))
         rows.append({"method": name, **row, **cost})
     spacing = tuple(round(s, 3) for s in hr.spacing_mm)
     notes = [
         f"HR: {source}, {hr.hu.shape} (thinned axis first), spacing {spacing} mm",
         f"LR: {cfg.data.profile} slice profile FWHM {cfg.data.target_thickness_mm} mm, spacing "
-        f"{cfg.data.target_spacing_mm} mm ({lr.hu.shape[0]} slices); restored x{factor:.3g}",
+        f"{cfg.data.target_spacing_mm} mm ({len(lr)} slices); restored x{factor:.3g}",
         f"metrics: {'; '.join(sorted(conventions))}; MAE in HU unclipped; mask = reference HU > "
         f"{cfg.infer.mask_threshold_hu} without scanner padding ({mask.mean() * 100:.1f} % of voxels)",
         f"time and peak process RSS per method on {device}; command: {' '.join(sys.argv)}",
@@ -999,10 +968,8 @@ def collect_volumes(input_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str
             print(f"skipped: {exc}", file=sys.stderr)
             continue
         axis = slice_axis(vol.affine)  # too thin for one training patch along its slice axis: left out
-        extent, need = (
-            (vol.hu.shape[axis] - 1) * vol.spacing_mm[axis],
-            (cfg.patch_size[0] - 1) * cfg.hr_spacing_mm,
-        )
+        extent = (vol.hu.shape[axis] - 1) * vol.spacing_mm[axis]
+        need = (cfg.patch_size[0] - 1) * cfg.hr_spacing_mm
         if extent + 1e-6 < need:
             span = f"{vol.hu.shape[axis]} slice(s) span {extent:.1f} mm < {need:.1f} mm of one training patch"
             warnings.warn(f"{path}: left out of the split lists: {span}", stacklevel=2)
@@ -1027,16 +994,13 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
         raise UserError(f"--out {out_dir} is inside the input folder {input_dir}; choose another folder")
     patients = collect_volumes(input_dir, out_dir, cfg.data)
     if not patients:
-        raise UserError(
-            f"{input_dir}: no usable DICOM series or NIfTI volumes found (see the messages above)"
-        )
+        raise UserError(f"{input_dir}: no usable DICOM series or NIfTI volume found (see the lines above)")
     ids = sorted(patients)
     order = [ids[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(ids))]
     if len(ids) < 3:
         warnings.warn(f"only {len(ids)} patient(s): all in train, none held out", stacklevel=2)
-    n_test, n_val = (
-        max(1, round(len(ids) * f)) if len(ids) >= 3 else 0 for f in (test_fraction, val_fraction)
-    )
+    n_test = max(1, round(len(ids) * test_fraction)) if len(ids) >= 3 else 0
+    n_val = max(1, round(len(ids) * val_fraction)) if len(ids) >= 3 else 0
     split = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, members in split.items():
@@ -1054,9 +1018,7 @@ def choose_factor(factor: float | None, spacing_mm: float | None, input_spacing:
         raise UserError("give --factor or --spacing-mm, not both")
     factor = input_spacing / (spacing_mm or cfg.data.hr_spacing_mm) if factor is None else factor
     if not factor >= 1:
-        raise UserError(
-            f"factor {factor:.3g} < 1: the input's {input_spacing:.2f} mm slices are already finer"
-        )
+        raise UserError(f"factor {factor:.3g} < 1: the input's {input_spacing:.2f} mm slices are finer")
     trained = cfg.data.target_spacing_mm
     if abs(input_spacing - trained) > 0.1 * trained:
         warnings.warn(
@@ -1146,9 +1108,7 @@ def prepare_cmd(
 def train_cmd(
     model: str = typer.Option("unet3d", "--model", help="unet3d | vae (the LDM's autoencoder) | ldm"),
     out: Path = typer.Option(None, "--out", help="run folder (default runs/<model>)"),
-    data: str = typer.Option(
-        None, "--data", help="folder written by `prepare` (default: synthetic phantoms)"
-    ),
+    data: str = typer.Option(None, "--data", help="folder written by `prepare` (default: phantoms)"),
     vae: Path = typer.Option(None, "--vae", help="VAE checkpoint for --model ldm"),
     max_steps: int = typer.Option(None, "--max-steps"),
     resume: Path = typer.Option(None, "--resume", help="checkpoint.pt of an interrupted run"),

@@ -67,8 +67,10 @@ def test_constant_volume_stays_constant(profile, spacing, target):
 @pytest.mark.parametrize("spacing,target", [(1.0, 3.0), (1.0, 4.0), (0.8, 3.0)])
 def test_lr_volume_spacing_and_affine(spacing, target):
     affine = oblique_affine((spacing, 0.7, 0.7))
-    hr = nifti_io.Volume(np.zeros((41, 4, 4), np.float32), affine, {})
-    lr = sr.simulate_lr_volume(hr, sr.DataConfig(target_spacing_mm=target, target_thickness_mm=target))
+    hu, positions = sr.simulate_thick_slices(
+        np.zeros((41, 4, 4)), spacing, profile_cfg(target, target, "gaussian")
+    )
+    lr = nifti_io.Volume(hu, sr.resampled_affine(affine, positions), {})
     ratio = target / spacing
     assert lr.hu.shape == (int(np.floor(40 / ratio + 1e-6)) + 1, 4, 4)
     assert lr.spacing_mm == pytest.approx((target, 0.7, 0.7))
@@ -422,8 +424,8 @@ def chain(tmp_path_factory):
         ],
     )
     hr_hu = np.rint(synthetic.ct_phantom_volume((24, 48, 48), np.random.default_rng(7)))
-    lr = sr.simulate_lr_volume(nifti_io.Volume(hr_hu.astype(np.float32), np.eye(4), {}), sr.DataConfig())
-    write_ct_series(np.rint(lr.hu), base / "lr_dicom", (3.0, 0.8, 0.8), shuffle_names=True)
+    lr, _ = sr.simulate_thick_slices(hr_hu, 1.0, sr.DataConfig())
+    write_ct_series(np.rint(lr), base / "lr_dicom", (3.0, 0.8, 0.8), shuffle_names=True)
     write_ct_series(hr_hu[:6], base / "short_dicom", (1.0, 0.8, 0.8))  # a 6-slice series
     return base
 
