@@ -1,11 +1,10 @@
 """Through-plane (z) super-resolution of CT volumes in HU (seed 004): a SimpleUNet3D baseline and a 3-D
 latent diffusion model (KL-VAE + ResShift residual shifting + ControlNet conditioning, optional CFG).
 
-Training pairs come from high-resolution (HR) volumes by a slice-profile simulation: blur along z with the
-slice sensitivity profile (Gaussian or rectangular, FWHM = target thickness), then resample to the target
-spacing. With `data.in_plane_hr` (default) the in-plane axes of every volume are HR training directions too
-(SMORE), so 1.25-5 mm clinical volumes train as well. Outputs keep the input's orientation and in-plane grid;
-only the slice axis (found from the affine) is resampled.
+Training pairs come from high-resolution (HR) volumes by a slice-profile simulation (blur along z, resample
+to the target spacing); with `data.in_plane_hr` the in-plane axes are HR directions too (SMORE), so 1.25-5 mm
+clinical volumes train as well. Outputs keep the input's orientation and in-plane grid; only the slice axis
+(found from the affine) is resampled.
 
 Usage:
   python ct_throughplane_sr.py prepare --input /data/lidc_dicom --out data/ct   # NIfTI in HU + patient split
@@ -421,18 +420,14 @@ class VAE3D(nn.Module):
         ch, zc = cfg.channels, cfg.latent_channels
         self.factor = 2 ** (len(ch) - 1)
         enc = [nn.Conv3d(1, ch[0], 3, 1, 1)]
-        for i in range(len(ch)):
-            enc.append(ResBlock(ch[i], ch[i]))
-            if i < len(ch) - 1:
-                enc.append(nn.Conv3d(ch[i], ch[i + 1], 3, 2, 1))
-        enc += [ResBlock(ch[-1], ch[-1]), norm(ch[-1]), nn.SiLU(), nn.Conv3d(ch[-1], 2 * zc, 3, 1, 1)]
-        self.encoder = nn.Sequential(*enc)
+        for a, b in zip(ch, ch[1:]):
+            enc += [ResBlock(a, a), nn.Conv3d(a, b, 3, 2, 1)]
+        enc += [ResBlock(ch[-1], ch[-1]), ResBlock(ch[-1], ch[-1]), norm(ch[-1]), nn.SiLU()]
+        self.encoder = nn.Sequential(*enc, nn.Conv3d(ch[-1], 2 * zc, 3, 1, 1))
         dec = [nn.Conv3d(zc, ch[-1], 3, 1, 1), ResBlock(ch[-1], ch[-1])]
-        for i in reversed(range(len(ch))):
-            dec.append(ResBlock(ch[i], ch[i]))
-            if i > 0:
-                dec.append(up_conv(ch[i], ch[i - 1]))
-        dec += [norm(ch[0]), nn.SiLU(), nn.Conv3d(ch[0], 1, 3, 1, 1)]
+        for a, b in zip(ch[::-1], ch[-2::-1]):
+            dec += [ResBlock(a, a), up_conv(a, b)]
+        dec += [ResBlock(ch[0], ch[0]), norm(ch[0]), nn.SiLU(), nn.Conv3d(ch[0], 1, 3, 1, 1)]
         self.decoder = nn.Sequential(*dec)
 
     def encode(self, x):
