@@ -610,14 +610,6 @@ def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, 
         acc_var = np.concatenate([acc_var[done:], np.zeros((done, shape[1]), np.float32)])
 
 
-def collect(strips, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The (y0, mean, std) strips of blend_tiles/super_resolve as two whole images (for images that fit)."""
-    mean, std = np.empty(shape, np.float32), np.empty(shape, np.float32)
-    for y0, m, s in strips:
-        mean[y0 : y0 + len(m)], std[y0 : y0 + len(m)] = m, s
-    return mean, std
-
-
 def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: Config, device, log: runtime.ProgressLogger):
     """n samples of each tile -> per-pixel mean and variance, tiles counted in `log`. Perfectly flat tiles
     (mammogram background, detector edges) hold no detail: returned unchanged."""
@@ -899,7 +891,7 @@ def evaluate_case(image: tuple, factor: int, name: str, cfg: Config, device: tor
     model, schedule, info = train_model(normaliser.forward(low), factor, cfg, device, case_dir)
     t0 = time.perf_counter()
     strips = super_resolve(model, schedule, low, None, normaliser, factor, cfg, device, stored, case_dir)
-    sr, _ = collect(strips, reference.shape)
+    sr = np.concatenate([rows for _, rows, _ in strips])
     seconds = info["train_wall_s"] + time.perf_counter() - t0
     bicubic = upsample(torch.from_numpy(low), factor).numpy()
     lanczos = cv2.resize(low, reference.shape[::-1], interpolation=cv2.INTER_LANCZOS4)
@@ -918,16 +910,6 @@ def evaluate_case(image: tuple, factor: int, name: str, cfg: Config, device: tor
     return rows
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per degradation: the mean over images of the method's PSNR gains over bicubic and Lanczos."""
-    out, keys = [], ("gain_bicubic_db", "gain_lanczos_db", "gain_bicubic_whole_db", "gain_lanczos_whole_db")
-    for name in dict.fromkeys(r["degradation"] for r in rows):
-        ours = [r for r in rows if r["degradation"] == name and "gain_bicubic_db" in r]
-        means = {f"mean_{k}": np.mean([r[k] for r in ours]) for k in keys}
-        out.append({"degradation": name, "images": len(ours), **means})
-    return out
-
-
 def run_evaluate(inputs: list[Path], factor: int, cfg: Config, out_dir: Path, device_name: str):
     """Every input under every `evaluate.degradations`: a model trained per case (the method is zero-shot)."""
     check_config(cfg, factor)
@@ -944,7 +926,13 @@ def run_evaluate(inputs: list[Path], factor: int, cfg: Config, out_dir: Path, de
             psnrs = " / ".join(f"{r['psnr_fov_db']:.2f}" for r in case)
             gains = f"{case[2]['gain_bicubic_db']:+.2f} / {case[2]['gain_lanczos_db']:+.2f}"
             print(f"{path.name} {name}: PSNR in the FOV bicubic / Lanczos / zero-shot {psnrs} dB ({gains})")
-    summary, e = summarise(rows), cfg.evaluate
+    keys = ("gain_bicubic_db", "gain_lanczos_db", "gain_bicubic_whole_db", "gain_lanczos_whole_db")
+    summary = []
+    for name in dict.fromkeys(cfg.evaluate.degradations):  # per degradation: the mean over the images
+        ours = [r for r in rows if r["degradation"] == name and "gain_bicubic_db" in r]
+        means = {f"mean_{k}": np.mean([r[k] for r in ours]) for k in keys}
+        summary.append({"degradation": name, "images": len(ours), **means})
+    e = cfg.evaluate
     notes = [
         f"x{factor}: each image ({f'central {e.crop} pixels, ' if e.crop else ''}cropped to a multiple of "
         f"{factor}) is degraded, upscaled back by each method and compared with itself; the zero-shot model "
