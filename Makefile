@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt requirements-bench.txt | sha256sum | cut -c1-16)
 export OMP_NUM_THREADS ?= 2
+# pytest-xdist workers for `make test`, one thread each (tests/conftest.py); files stay whole on one worker
+# (--dist loadfile) so a module's trained fixtures are built once
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all lint bench clean-venv
 
@@ -26,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -m "not slow"; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-all: $(STAMP)
 	$(VENV)/bin/ruff check .

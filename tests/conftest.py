@@ -8,6 +8,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs one worker per core: one thread each, no contention
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def run_cli(script, args, cwd=ROOT, ok=True, timeout=600, threads=1) -> subprocess.CompletedProcess:
