@@ -141,9 +141,7 @@ class UpgradeConfig:
     xattn_heads: int = 4
     xattn_extra_level: int = -1  # also cross-attend before leaving this decoder level (-1: bottleneck only)
     icr_hidden: int = 32
-    icr_head_only_steps: int = (
-        0  # train only the ICR head for the first K steps (plan: when added to a model)
-    )
+    icr_head_only_steps: int = 0  # train only the ICR head for the first K steps (when added to a model)
     bridge_t_fraction: float = 0.05  # t_br = fraction * T (seed 000: "like 50 out of 1000")
     bridge_max_fraction: float = 0.5  # fraction of bridge samples ramps 0 -> this ...
     bridge_ramp_fraction: float = 0.5  # ... over this fraction of train.max_steps
@@ -205,9 +203,7 @@ def geometry(cfg: DataConfig) -> ct_sim.Geometry:
 
 
 @functools.lru_cache(maxsize=4)
-def simulator(
-    shape: tuple[int, int], pixel_mm: tuple[float, float], geo: ct_sim.Geometry
-) -> ct_sim.Simulator:
+def simulator(shape: tuple, pixel_mm: tuple[float, float], geo: ct_sim.Geometry) -> ct_sim.Simulator:
     return ct_sim.Simulator(shape, pixel_mm, geo)
 
 
@@ -297,9 +293,7 @@ def warn_if_sheared(affine: np.ndarray, source) -> None:
     shear = math.degrees(math.acos(min(1.0, abs(float(columns[:, 2] @ normal) / np.linalg.norm(normal)))))
     tilt = math.degrees(math.acos(min(1.0, float(np.abs(columns).max(axis=0).min()))))
     if shear > 0.2 or tilt > 0.5:
-        kind = (
-            f"sheared affine (slice axis {shear:.1f} deg off the normal)" if shear > 0.2 else "oblique affine"
-        )
+        kind = f"sheared affine (slice axis {shear:.1f} deg off the normal)" if shear > 0.2 else "oblique"
         message = "slices are processed in the file's own voxel grid and the output keeps this affine"
         warnings.warn(f"{source}: {kind}; {message}", stacklevel=2)
 
@@ -520,18 +514,11 @@ def batches(dataset: PairDataset, cfg: Config, dist, step: int):
     sampler = None
     if dist.world_size > 1:
         sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.train.seed, drop_last=True)
-    batch, generator = max(1, cfg.train.batch_size // dist.world_size), torch.Generator()
-    loader = DataLoader(
-        dataset,
-        batch,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        generator=generator,
-        num_workers=cfg.data.num_workers,
-    )
+    per_rank, generator = max(1, cfg.train.batch_size // dist.world_size), torch.Generator()
+    options = dict(sampler=sampler, shuffle=sampler is None, drop_last=True, generator=generator)
+    loader = DataLoader(dataset, per_rank, num_workers=cfg.data.num_workers, **options)
     if len(loader) == 0:
-        raise UserError(f"only {len(dataset)} training slices for batch size {batch}; lower train.batch_size")
+        raise UserError(f"only {len(dataset)} slices for batch size {per_rank}; lower train.batch_size")
     while True:
         epoch, skip = divmod(step, len(loader))
         dataset.epoch = epoch  # workers copy the dataset at each epoch's start (no persistent workers)
@@ -814,15 +801,7 @@ def sampler_timesteps(T: int, sampler: str, steps: int, start: float | None = No
 
 @torch.inference_mode()
 def sample(
-    model,
-    schedule: Schedule,
-    low_dose,
-    sampler="ddim",
-    steps=50,
-    eta=0.0,
-    generator=None,
-    edges=None,
-    start=None,
+    model, schedule, low_dose, sampler="ddim", steps=50, eta=0.0, generator=None, edges=None, start=None
 ):
     """(x0, network evaluations). DDPM: ancestral, all steps; DDIM: `steps` timesteps. `start` (stage 5): from
     the low dose noised to t = start * T instead of pure noise. x0 estimates are clipped to [-1, 1]."""
@@ -1147,8 +1126,8 @@ def train_run(
 
 
 def train(
-    cfg: Config,
-    out_dir: Path,
+    cfg,
+    out_dir,
     resume=None,
     device_name="auto",
     argv=None,
@@ -1299,9 +1278,8 @@ def evaluate(
 def unet_method(cfg: Config, out_dir: Path, device_name: str, argv, resume=None) -> tuple:
     """Train (or finish) the U-Net regression on the diffusion's data and budget -> (HU -> HU, 1)."""
     device = runtime.pick_device(device_name)
-    unet, unet_cfg, _ = load_model(
-        train(cfg, out_dir, resume, device_name, argv, kind="unet"), device, "unet"
-    )
+    checkpoint = train(cfg, out_dir, resume, device_name, argv, kind="unet")
+    unet, unet_cfg, _ = load_model(checkpoint, device, "unet")
     return functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device), 1
 
 
@@ -1328,16 +1306,7 @@ def mean_of_samples(method, n: int, low_hu: np.ndarray) -> np.ndarray:
 
 
 def ablate(
-    cfg: Config,
-    out_dir: Path,
-    device_name="auto",
-    stages=None,
-    steps=50,
-    max_slices=16,
-    time_size=512,
-    argv=None,
-    parameterizations=None,
-    samples=0,
+    cfg, out_dir, device_name, stages, steps, max_slices, time_size, argv, parameterizations=None, samples=0
 ) -> list[dict]:
     """Seed 003's study over seed 000's stages (same data, seed, budget): DDIM from noise and the bridge
     sampler (+ the mean of `samples` bridge samples) per stage and parameterization beside input, NLM, BM3D
@@ -1355,26 +1324,20 @@ def ablate(
             lpips_notes.append(f"stage {k}: {trained_with(ckpt)}")
             model, cfg_k, _ = load_model(ckpt, device)
             label = f"stage {k}" + (f" {param}" if len(params) > 1 else "")
-            for bridge in (
-                False,
-                True,
-            ):  # DDIM `steps` from noise; the bridge sampler of ablate's upgrade.bridge_*
+            # DDIM `steps` from noise, then the bridge sampler of ablate's upgrade.bridge_*
+            for bridge in (False, True):
                 bridge_steps, start = (u.bridge_steps, u.bridge_start) if bridge else (steps, None)
                 name, method = diffusion_method(model, cfg_k, device, "ddim", bridge_steps, bridge, start)
                 methods[f"{label}: {name}"] = method
                 per_run.setdefault(label, []).append(f"{label}: {name}")
             if samples > 1:
                 name = f"{label}: mean of {samples} bridge-{u.bridge_steps} samples"
-                methods[name] = (
-                    functools.partial(mean_of_samples, method[0], samples),
-                    samples * u.bridge_steps,
-                )
+                mean = functools.partial(mean_of_samples, method[0], samples)
+                methods[name] = (mean, samples * u.bridge_steps)
                 per_run[label].append(name)
     unet_dir = out_dir / "unet"
-    methods = {
-        UNET_ROW: unet_method(cfg, unet_dir, device_name, argv, finished(unet_dir / "unet.pt")),
-        **methods,
-    }
+    unet = unet_method(cfg, unet_dir, device_name, argv, finished(unet_dir / "unet.pt"))
+    methods = {UNET_ROW: unet, **methods}
     note = (
         f"every run: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, "
         f"seed {cfg.train.seed}; stage 8 = {u.pretrain_steps} pre-training steps + stage 7; "
@@ -1485,9 +1448,7 @@ def denoise_files(
         runtime.refuse_overwrite_input(out_path, input_path)
         out_hu = np.stack([method(s) for s in vol.hu])
         return [nifti_io.write_nifti(out_path, nifti_io.Volume(out_hu, vol.affine, vol.meta))]
-    if (
-        input_path.is_dir()
-    ):  # sorted along the slice normal, one series, non-DICOM files skipped, all validated
+    if input_path.is_dir():  # sorted along the slice normal, one series, non-DICOM files skipped, all checked
         vol = dicom_io.read_dicom_series(input_path, "CT")
         slices = [(hu, ds, Path(ds.filename)) for hu, ds in zip(vol.hu, vol.meta["datasets"])]
     else:
