@@ -221,10 +221,12 @@ def ssp_kernel(fwhm_vox: float, profile: str) -> np.ndarray:
 
 
 def sample_z(vol: np.ndarray, positions: np.ndarray, cubic: bool = False) -> np.ndarray:
-    """`lerp_z` (or, `cubic`, `spline_z`) of a (z, y, x) array at fractional slice indices."""
+    """Linear (`lerp_z`) or, `cubic`, not-a-knot cubic-spline interpolation (scipy, as `spline_z`) of a
+    (z, y, x) array at fractional slice indices; linear below 4 slices."""
+    if cubic and len(vol) >= 4:
+        return make_interp_spline(np.arange(len(vol)), vol, k=3, axis=0)(positions).astype(np.float32)
     vol = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
-    positions = torch.as_tensor(np.asarray(positions, np.float64))
-    return (spline_z(vol, positions) if cubic else lerp_z(vol, positions))[0, 0].numpy()
+    return lerp_z(vol, torch.as_tensor(np.asarray(positions, np.float64)))[0, 0].numpy()
 
 
 def simulate_thick_slices(hu: np.ndarray, spacing_z_mm: float, cfg: DataConfig, start: float = 0.0):
@@ -549,12 +551,11 @@ class ResShift:
         x = y0 + self.kappa * self.eta[grid[0]].sqrt() * torch.randn(y0.shape, generator=generator).to(y0)
         for t, s in zip(grid, [*grid[1:], -1]):
             x0 = predict_x0(x, torch.full((y0.shape[0],), int(t), device=y0.device, dtype=torch.long))
-            if s < 0:
-                return x0
-            ratio = self.eta[s] / self.eta[t]
-            std = self.kappa * (ratio * (self.eta[t] - self.eta[s])).sqrt()
-            x = ratio * x + (1 - ratio) * x0 + std * torch.randn(y0.shape, generator=generator).to(y0)
-        return x
+            if s >= 0:  # the last step returns the predicted x0
+                ratio = self.eta[s] / self.eta[t]
+                std = self.kappa * (ratio * (self.eta[t] - self.eta[s])).sqrt()
+                x = ratio * x + (1 - ratio) * x0 + std * torch.randn(y0.shape, generator=generator).to(y0)
+        return x0
 
 
 def guided_x0(net, x, t, y0, scale: float):
