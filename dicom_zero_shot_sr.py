@@ -14,8 +14,7 @@ Usage:
   python dicom_zero_shot_sr.py inference --input MMG.dcm --checkpoint runs/mmg_x2/model.pt --out runs/infer
   python dicom_zero_shot_sr.py evaluate --input CT.dcm --input CR.dcm --preset small --out runs/eval
   --preset full (seed, GPU) | small (<= 60 min on 2 CPU cores) | fast (CPU minutes) | tiny (tests);
-  --max-steps 500; any value: --set data.scales=[1.0,0.8] --set sample.ddim_steps=10;
-  inference: --sampler ddim --steps 10 --samples 3.
+  --max-steps 500; --set data.scales=[1.0,0.8] (any value); inference: --sampler ddim --steps 10 --samples 3.
 """
 
 from __future__ import annotations
@@ -94,14 +93,12 @@ class SampleConfig:
     n_samples: int = 3
     patch_size: int = 256  # inference tile in output pixels
     overlap: int = 128
-    # tiles of one tile row per forward pass (x n_samples); full UNet: ~0.7 GB per 256^2 x 3
-    tile_batch: int = 1
+    tile_batch: int = 1  # tiles of a row per forward pass (x n_samples); full UNet: ~0.7 GB per 256^2 x 3
 
 
 @dataclass
 class EvalConfig:
-    # `matched` = the training operator; `area` = K x K detector-aperture average; `gaussian` = Gaussian PSF
-    # (FWHM `gaussian_fwhm` low-resolution pixels) then the aperture average; `+noise` adds white noise.
+    # matched | area | gaussian, each optionally +noise: the low-resolution test inputs (degrade_for_eval)
     degradations: list[str] = field(default_factory=lambda: ["matched", "area", "gaussian+noise"])
     gaussian_fwhm: float = 1.0
     noise: float = 0.005  # std of `+noise`, as a fraction of the image's 0.5-99.5 percentile range
@@ -203,10 +200,9 @@ def degrade(hr: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
 
 
 def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bicubic upsampling by an integer factor (the conditioning and the bicubic baseline): torch's/OpenCV's
-    kernel (Keys, a = -0.75, borders replicated) as `factor` fixed 4-tap filters per axis, so a strip of rows
-    computed alone equals the same rows of the whole image bit for bit (F.interpolate's float32 source
-    coordinates make them differ by up to 1.3e-3 at row 8,600, x3)."""
+    """Bicubic upsampling (the conditioning and the baseline): torch's kernel (Keys, a = -0.75, borders
+    replicated) as `factor` fixed 4-tap filters per axis, so a strip computed alone equals the same rows of
+    the whole image bit for bit (F.interpolate's float32 coordinates: up to 1.3e-3 off at row 8,600, x3)."""
     for axis in (-2, -1):
         n, a = lr.shape[axis], -0.75
         edge = [lr.narrow(axis, 0, 1)] * 2, [lr.narrow(axis, n - 1, 1)] * 2
@@ -383,9 +379,8 @@ def training_losses(model, schedule: Schedule, hr, cond, cfg: TrainConfig, perce
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
-    """diffusers' "trailing" DDIM grid, round(T - i T / steps) - 1 for i = 0..steps-1, without its float
-    arange (which gives steps + 1 values, the last -1, e.g. for 29 of 50): exactly `steps` timesteps, the
-    first T - 1."""
+    """diffusers' "trailing" DDIM grid round(T - i T / steps) - 1, i < steps, without its float arange (which
+    gives steps + 1 values, the last -1, e.g. for 29 of 50): exactly `steps` timesteps, the first T - 1."""
     steps = min(max(1, steps), timesteps)
     return (np.round(timesteps - np.arange(steps) * timesteps / steps) - 1).astype(int)
 
@@ -498,7 +493,7 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
     amp, state_path = runtime.switch_on(cfg.train.amp, device), run_dir / "train_state.pt"
     total = cfg.train.steps
     step0 = 0 if resume is None else resume_training(resume, model, optimizer, gen, cfg, factor)
-    t0, cpu0, timed_from = time.perf_counter(), time.process_time(), None
+    t0, cpu0 = time.perf_counter(), time.process_time()
     print(f"training {total - step0} steps on {device}; a time estimate follows the first steps")
     model.train()
     every = cfg.train.log_every
@@ -514,13 +509,11 @@ def train_model(x, factor: int, cfg: Config, device, run_dir: Path, resume=None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             log.log(step, **{k: v.item() for k, v in terms.items()}, lr=optimizer.param_groups[0]["lr"])
-            if step == step0 + 1:  # the first step pays for warm-up: time the next ones
+            if step == step0 + 1:  # the first step pays for warm-up: time the second one
                 timed_from = time.perf_counter()
-            elif timed_from is not None and step < total:  # estimate after 3 timed steps, or 30 s if slow
-                step_s = (time.perf_counter() - timed_from) / (step - step0 - 1)
-                if step == step0 + 4 or step_s * (step - step0 - 1) > 30:
-                    estimate_run_time(model, cfg, step_s, total - step, infer_shape, run_dir)
-                    timed_from = None
+            elif step == step0 + 2 and step < total:
+                step_s = time.perf_counter() - timed_from
+                estimate_run_time(model, cfg, step_s, total - step, infer_shape, run_dir)
             if step % cfg.train.ckpt_every == 0 or step == total:
                 save_train_state(state_path, model, optimizer, gen, cfg, factor, step, terms["loss"].item())
     model.eval()
@@ -582,8 +575,7 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
 def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, batch: int = 1):
     """Run `tile_fn((N, th, tw) float32) -> (mean, var)` over overlapping tiles of the image whose rows y0:y1
     `rows(y0, y1)` gives, blended with a smooth window. Yields float32 (y0, mean rows, std rows) top to bottom
-    as soon as no later tile touches them: memory is one strip of tiles whatever the image size. The weight
-    sum is separable (tiles form a grid): two vectors, not an image."""
+    as soon as no later tile touches them: memory is one strip of tiles whatever the image size."""
     ys, xs, th, tw, ov = tile_grid(shape, tile, overlap)
     wy, wx = blend_window(th, min(ov, th - 1)), blend_window(tw, min(ov, tw - 1))
     wsum_y, wsum_x = np.zeros(shape[0]), np.zeros(shape[1])
@@ -610,17 +602,28 @@ def blend_tiles(rows, shape: tuple[int, int], tile_fn, tile: int, overlap: int, 
         acc_var = np.concatenate([acc_var[done:], np.zeros((done, shape[1]), np.float32)])
 
 
-def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: Config, device, log: runtime.ProgressLogger):
-    """n samples of each tile -> per-pixel mean and variance, tiles counted in `log`. Perfectly flat tiles
-    (mammogram background, detector edges) hold no detail: returned unchanged."""
+def super_resolve(
+    model, schedule, values, pad, normaliser: Normaliser, factor, cfg: Config, device, stored, log_dir=None
+):
+    """Physical image -> (y0, super-resolved rows, per-pixel std rows) in physical units, top to bottom. Each
+    tile of the bicubic conditioning (made per strip from the normalised input) is sampled n times: mean and
+    variance. Progress goes to the terminal and `log_dir`/train.log."""
+    lowest = float(values[~pad].min()) if pad is not None else None
     gen, d, n = torch.Generator().manual_seed(cfg.train.seed), model.divisor, cfg.sample.n_samples
     amp, done = runtime.switch_on(cfg.train.amp, device), 0
+
+    def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the input
+        rows_pad = pad[a:b] if pad is not None else None
+        return torch.from_numpy(normaliser.forward(fill_padding(values[a:b], rows_pad, lowest)))
+
+    def cond_rows(y0: int, y1: int) -> np.ndarray:
+        return upsample_rows(low, len(values), factor, y0, y1).numpy()
 
     @torch.inference_mode()
     def tile_fn(tiles: np.ndarray):
         nonlocal done
         mean, var = tiles.copy(), np.zeros_like(tiles)
-        busy = [i for i, t in enumerate(tiles) if np.ptp(t) > 1e-6]
+        busy = [i for i, t in enumerate(tiles) if np.ptp(t) > 1e-6]  # flat tiles (background) hold no detail
         if busy:
             cond = torch.from_numpy(tiles[busy])[:, None].to(device)
             h, w = cond.shape[-2:]
@@ -635,29 +638,11 @@ def diffusion_tile_fn(model: UNet, schedule: Schedule, cfg: Config, device, log:
         log.log(done, phase="inference")
         return mean, var
 
-    return tile_fn
-
-
-def super_resolve(
-    model, schedule, values, pad, normaliser: Normaliser, factor, cfg: Config, device, stored, log_dir=None
-):
-    """Physical image -> (y0, super-resolved rows, per-pixel std rows) in physical units, top to bottom; the
-    normalised input and its conditioning are made per strip too. Progress goes to `log_dir`/train.log."""
-    lowest = float(values[~pad].min()) if pad is not None else None
-
-    def low(a: int, b: int) -> torch.Tensor:  # normalised input rows a:b: no normalised copy of the input
-        rows_pad = pad[a:b] if pad is not None else None
-        return torch.from_numpy(normaliser.forward(fill_padding(values[a:b], rows_pad, lowest)))
-
-    def cond_rows(y0: int, y1: int) -> np.ndarray:
-        return upsample_rows(low, len(values), factor, y0, y1).numpy()
-
     shape = (values.shape[0] * factor, values.shape[1] * factor)
     tile, overlap = cfg.sample.patch_size, cfg.sample.overlap
     ys, xs, *_ = tile_grid(shape, tile, overlap)
     tiles = len(ys) * len(xs)
     with runtime.ProgressLogger(log_dir, tiles, "inference tiles", log_every=max(1, tiles // 10)) as log:
-        tile_fn = diffusion_tile_fn(model, schedule, cfg, device, log)
         for y0, mean, std in blend_tiles(cond_rows, shape, tile_fn, tile, overlap, cfg.sample.tile_batch):
             sr = np.clip(normaliser.inverse(mean), *stored).astype(np.float32)
             std *= (normaliser.hi - normaliser.lo) / 2  # physical units per normalised unit
@@ -680,9 +665,8 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 
 def save_uncertainty_png(path: Path, std: dicom_io.RawImage, title: str, unit: str, max_side: int = 2048):
-    """The map with a colour bar, shrunk by a k x k block maximum to at most `max_side` pixels a side, read by
-    row blocks: matplotlib would copy a 9k x 6k map in float64 several times (2.3 GB), and the maximum keeps
-    single uncertain pixels visible. Returns the map shown."""
+    """The map with a colour bar, as a k x k block maximum of at most `max_side` pixels a side, read by row
+    blocks (a 9k x 6k map in matplotlib: 2.3 GB); the maximum keeps single pixels visible. Returns the map."""
     import matplotlib.pyplot as plt  # headless: importing common.viz selected the Agg backend
 
     k = math.ceil(max(std.shape) / max_side)
@@ -707,21 +691,17 @@ def sr_image_position(ds, factor: int) -> list[float] | None:
     source pixel along both direction cosines. None when the input has none (projection images: CR/DX/MG)."""
     if "ImagePositionPatient" not in ds:
         return None
+    shift = (factor - 1) / (2 * factor)
     try:
         position = np.array([float(v) for v in ds.ImagePositionPatient])
         orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
         row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
     except (AttributeError, TypeError, ValueError):
-        warnings.warn(
-            "input has ImagePositionPatient but no usable ImageOrientationPatient/PixelSpacing; the SR image "
-            f"keeps the input's position (off by up to {(factor - 1) / (2 * factor):.3g} input pixels)",
-            stacklevel=2,
-        )
+        text = "has no usable ImageOrientationPatient/PixelSpacing; the SR image keeps the input's position"
+        warnings.warn(f"input {text} (up to {shift:.3g} pixels off)", stacklevel=2)
         return None
     # IOP[:3]: direction of increasing column index (along a row); IOP[3:]: increasing row index
-    shift = (factor - 1) / (2 * factor)
-    step = col_spacing * orientation[:3] + row_spacing * orientation[3:]
-    return list(position - shift * step)
+    return list(position - shift * (col_spacing * orientation[:3] + row_spacing * orientation[3:]))
 
 
 def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, factor: int, cfg: Config):
@@ -753,16 +733,14 @@ def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, 
 
 
 def infer_file(model, schedule, cfg: Config, factor: int, input_path: Path, values, ds, pad, out_dir, device):
-    """Super-resolve and write the outputs, via two anonymous temporary files of strips beside them: a 9k x 6k
-    result never sits in memory whole."""
+    """Super-resolve and write the outputs, from strips in two anonymous temporary files beside them."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     normaliser = Normaliser.fit(values[~pad] if pad is not None else values, cfg.data.percentiles)
     shape, stored = (values.shape[0] * factor, values.shape[1] * factor), dicom_io.stored_range(ds)
     std_max, std_sum = 0.0, 0.0
     with tempfile.TemporaryFile(dir=out_dir) as sr_file, tempfile.TemporaryFile(dir=out_dir) as std_file:
-        for _, sr, std in super_resolve(
-            model, schedule, values, pad, normaliser, factor, cfg, device, stored, out_dir
-        ):
+        strips = super_resolve(model, schedule, values, pad, normaliser, factor, cfg, device, stored, out_dir)
+        for _, sr, std in strips:
             sr_file.write(sr.astype("<f4").tobytes())
             std_file.write(std.astype("<f4").tobytes())
             std_max, std_sum = max(std_max, float(std.max())), std_sum + float(std.sum(dtype=np.float64))
@@ -827,9 +805,8 @@ def run_inference(input_path: Path, model_path: Path, overrides: list[str], out_
 
 
 def degrade_for_eval(reference: np.ndarray, factor: int, name: str, cfg: Config, noise_std: float):
-    """The low-resolution test input: `matched` = the training operator; `area` = mean of each K x K block (a
-    detector pixel K times larger); `gaussian` = PSF of FWHM `evaluate.gaussian_fwhm` LR pixels, then the
-    block mean; `+noise` = white Gaussian noise."""
+    """The low-resolution test input: `matched` = the training operator; `area` = mean of each K x K block;
+    `gaussian` = PSF of FWHM `evaluate.gaussian_fwhm` LR pixels, then block mean; `+noise` = white noise."""
     hr, kind = torch.from_numpy(reference), name.removesuffix("+noise")
     if kind == "matched":
         low = degrade(hr, factor, cfg.data.interpolation)
@@ -935,8 +912,7 @@ def run_evaluate(inputs: list[Path], factor: int, cfg: Config, out_dir: Path, de
     e = cfg.evaluate
     notes = [
         f"x{factor}: each image ({f'central {e.crop} pixels, ' if e.crop else ''}cropped to a multiple of "
-        f"{factor}) is degraded, upscaled back by each method and compared with itself; the zero-shot model "
-        "trains on the degraded image alone",
+        f"{factor}) is degraded and upscaled back; the zero-shot model trains on the degraded image alone",
         f"degradations: matched = training operator ({cfg.data.interpolation}, antialiased); area = {factor}x"
         f"{factor} block mean; gaussian = PSF FWHM {e.gaussian_fwhm:g} LR pixels + block mean; +noise = "
         f"white noise, std {e.noise:g} x the image's {cfg.data.percentiles} percentile range",
@@ -1012,8 +988,7 @@ def inference_cmd(
     steps: int = typer.Option(None, "--steps", help="DDIM sampling steps (sample.ddim_steps)"),
     samples: int = typer.Option(None, "--samples", help="samples per tile (mean + std uncertainty)"),
 ):
-    """Super-resolve with a trained model.pt at its factor, with its config; --set sample.*, --sampler,
-    --steps and --samples change how it samples."""
+    """Super-resolve with a trained model.pt at its factor and config; sampling options change only that."""
     if (checkpoint or model_path) is None:
         raise typer.BadParameter("give the trained model with --checkpoint", param_hint="--checkpoint")
     overrides = [*(set_ or []), *flags(sampler=sampler, steps=steps, samples=samples)]
