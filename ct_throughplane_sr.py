@@ -280,9 +280,7 @@ def load_volumes(cfg: DataConfig, split: str, seed: int) -> tuple[list[np.ndarra
         return vols, f"{count} synthetic phantoms {tuple(cfg.phantom_shape)}, noise {cfg.phantom_noise_hu} HU"
     split_file = Path(cfg.path) / f"{split}.txt"
     if not split_file.is_file():
-        raise UserError(
-            f"{split_file}: no split file; run `prepare --input <dicom/nifti folder> --out {cfg.path}`"
-        )
+        raise UserError(f"{split_file}: no split file; run `prepare --input FOLDER --out {cfg.path}`")
     vols = []
     for line in split_file.read_text().split():
         path = Path(line) if Path(line).is_absolute() else Path(cfg.path) / line
