@@ -1063,7 +1063,7 @@ def train_run(
     runtime.seed_everything(cfg.train.seed + dist.rank)
     if dist.is_main:
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
-    train_sources, _, data_desc = load_slice_sources(cfg.data, cfg.train.seed)
+    train_sources, val_sources, data_desc = load_slice_sources(cfg.data, cfg.train.seed)
     dataset = PairDataset(train_sources, cfg, cfg.train.seed)
     max_steps, lr = u.pretrain_steps if kind == "pretrain" else cfg.train.max_steps, cfg.train.lr
     objects, extras, state = training_objects(cfg, kind, dist, resume, init_from, resume_from)
@@ -1115,7 +1115,7 @@ def train_run(
             if dist.is_main and (step % cfg.train.ckpt_every == 0 or step == max_steps):
                 save_state(ckpt_path, objects, step, record)
     if dist.is_main and kind == "diffusion":  # a first look: one held-back slice
-        low, full, _ = load_slice_sources(cfg.data, cfg.train.seed)[1][0]()
+        low, full, _ = val_sources[0]()
         name, (method, _) = diffusion_method(ema.module.eval(), cfg, device)
         comparison_panel(
             out_dir / "preview.png", cfg, [(low, full)], {name: [method(low)]}, [name], "preview"
