@@ -464,11 +464,8 @@ def estimate_run_time(model: UNet, cfg: Config, step_s: float, remaining: int, i
     with open(run_dir / "train.log", "a") as fh:
         fh.write(line + "\n")
     if device.type == "cpu" and train_s + infer_s > 3600:
-        warnings.warn(
-            f"this run needs about {total} on this CPU; --preset small is designed for <= 60 min on 2 cores, "
-            "--preset fast for minutes (full is meant for a GPU)",
-            stacklevel=2,
-        )
+        presets = "--preset small fits in 60 min on 2 cores, --preset fast in minutes; full needs a GPU"
+        warnings.warn(f"this run needs about {total} on this CPU; {presets}", stacklevel=2)
     return train_s + infer_s
 
 
@@ -664,25 +661,13 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-def save_uncertainty_png(path: Path, std: dicom_io.RawImage, title: str, unit: str, max_side: int = 2048):
-    """The map with a colour bar, as a k x k block maximum of at most `max_side` pixels a side, read by row
-    blocks (a 9k x 6k map in matplotlib: 2.3 GB); the maximum keeps single pixels visible. Returns the map."""
-    import matplotlib.pyplot as plt  # headless: importing common.viz selected the Agg backend
-
+def display_map(std: dicom_io.RawImage, max_side: int = 2048) -> tuple[np.ndarray, int]:
+    """The map as a k x k block maximum of at most `max_side` pixels a side, read by row blocks (a 9k x 6k map
+    in matplotlib: 2.3 GB); the maximum keeps single uncertain pixels visible."""
     k = math.ceil(max(std.shape) / max_side)
     bands = std.blocks(k * max(1, 256 // k))  # blocks of whole k-row bands
     pooled = [F.max_pool2d(torch.from_numpy(b)[None, None], k, ceil_mode=True)[0, 0] for _, b in bands]
-    shown = torch.cat(pooled).numpy()
-    fig, ax = plt.subplots(figsize=(6, 6 * shown.shape[0] / shown.shape[1] + 0.5))
-    image = ax.imshow(shown, cmap="magma")
-    ax.set_title(title + (f", {k}x{k} block max" if k > 1 else ""), fontsize=10)
-    ax.axis("off")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=unit)
-    fig.tight_layout()
-    with runtime.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return shown
+    return torch.cat(pooled).numpy(), k
 
 
 def sr_image_position(ds, factor: int) -> list[float] | None:
@@ -728,7 +713,9 @@ def write_outputs(out_dir: Path, input_path: Path, ds, sr, std, std_max: float, 
     ):
         dicom_io.write_derived_dicom(header, img, path, description=text, series_description=title, **grid)
     unit = "HU" if str(ds.get("Modality", "")) == "CT" else "physical units"
-    save_uncertainty_png(out_dir / "uncertainty.png", std, f"std of {n} samples ({cfg.sample.sampler})", unit)
+    shown, k = display_map(std)
+    title = f"std of {n} samples ({cfg.sample.sampler})" + (f", {k}x{k} block max" if k > 1 else "")
+    viz.save_map_with_colorbar(out_dir / "uncertainty.png", shown, title, unit)
     return {"sr_dicom": str(sr_path), "uncertainty_dicom": str(unc_path)}
 
 
@@ -753,10 +740,8 @@ def infer_file(model, schedule, cfg: Config, factor: int, input_path: Path, valu
         (y0, y1), (x0, x1) = ((max(0, n // 2 - 32), min(n, n // 2 + 32)) for n in values.shape)
         bicubic = np.clip(upsample(torch.from_numpy(values[y0:y1, x0:x1]), factor).numpy(), *stored)
         crops = [image.rows(y0 * factor, y1 * factor)[:, x0 * factor : x1 * factor] for image in (sr, std)]
-        titles = ["bicubic", f"SR x{factor}", "std"]
-        viz.save_panel(
-            out_dir / "preview.png", [bicubic, *crops], titles, window=(normaliser.lo, normaliser.hi)
-        )
+        window, titles = (normaliser.lo, normaliser.hi), ["bicubic", f"SR x{factor}", "std"]
+        viz.save_panel(out_dir / "preview.png", [bicubic, *crops], titles, window=window)
     return info
 
 
