@@ -1126,14 +1126,7 @@ def train_run(
 
 
 def train(
-    cfg,
-    out_dir,
-    resume=None,
-    device_name="auto",
-    argv=None,
-    init_from=None,
-    resume_from=None,
-    kind="diffusion",
+    cfg, out_dir, resume, device_name, argv=None, init_from=None, resume_from=None, kind="diffusion"
 ) -> Path:
     """-> checkpoint. kind: diffusion (cfg's stages) | pretrain (stage 8) | unet (baseline); torchrun works.
     `resume`: continue exactly; `resume_from` (earlier stage), `init_from` (pretrain): copy matching tensors.
