@@ -14,7 +14,7 @@ from common import UserError, dicom_io
 from common.files import atomic_path, refuse_overwrite_input
 from common.volume import Volume
 
-__all__ = ["Volume", "read_nifti", "read_volume", "scale_z_affine", "write_nifti"]
+__all__ = ["Volume", "read_nifti", "read_volume", "write_nifti"]
 
 
 def read_nifti(path: str | Path) -> Volume:
@@ -90,15 +90,3 @@ def read_volume(path: str | Path, modality: str | None = None) -> Volume:
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     raise UserError(f"{path}: expected a .nii/.nii.gz file or a folder of DICOM files")
-
-
-def scale_z_affine(affine: np.ndarray, z_factor: float, first_slice_offset_vox: float = 0.0) -> np.ndarray:
-    """Affine after the slice spacing becomes `spacing * z_factor`; the origin moves `first_slice_offset_vox`
-    input slices along k when the new grid's first slice is not the old one's."""
-    if not z_factor > 0:
-        raise ValueError(f"z_factor must be positive, got {z_factor}")
-    old = np.asarray(affine, dtype=np.float64)
-    new = old.copy()
-    new[:3, 3] = old[:3, 3] + old[:3, 2] * first_slice_offset_vox
-    new[:3, 2] = old[:3, 2] * z_factor
-    return new

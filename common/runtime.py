@@ -125,11 +125,6 @@ def ddp_wrap(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 # --- files: atomic writes, checkpoints, run folders ---
 
 

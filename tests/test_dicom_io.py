@@ -513,7 +513,8 @@ def test_write_dicom_series_round_trip_and_z_upsampled(tmp_path):
     assert derived[0].SeriesInstanceUID != volume.meta["datasets"][0].SeriesInstanceUID
     assert derived[0].StudyInstanceUID == volume.meta["datasets"][0].StudyInstanceUID
     # Through-plane x2: 7 slices at half the spacing, same first slice; templates are reused.
-    fine = nifti_io.Volume(np.repeat(hu, 2, axis=0)[:7], nifti_io.scale_z_affine(volume.affine, 0.5), {})
+    affine = volume.affine @ np.diag([1.0, 1.0, 0.5, 1.0])  # the slice axis (k) at half the spacing
+    fine = nifti_io.Volume(np.repeat(hu, 2, axis=0)[:7], affine, {})
     dicom_io.write_dicom_series(fine, volume.meta["datasets"], tmp_path / "fine", description="z x2")
     back = dicom_io.read_dicom_series(tmp_path / "fine")
     assert back.spacing_mm == pytest.approx((1.0, 0.6, 0.8)) and back.hu.shape == (7, 6, 5)
