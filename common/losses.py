@@ -96,13 +96,3 @@ class PerceptualLoss(nn.Module):
         super().train(mode)
         self.vgg.eval()  # stays frozen even when the caller's model.train() recurses into it
         return self
-
-
-def lsgan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Least-squares GAN (Mao et al. 2017), discriminator: push real to 1 and fake to 0."""
-    return 0.5 * ((real_logits - 1) ** 2).mean() + 0.5 * (fake_logits**2).mean()
-
-
-def lsgan_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Least-squares GAN, generator: push the discriminator's output on fakes to 1."""
-    return 0.5 * ((fake_logits - 1) ** 2).mean()

@@ -1,5 +1,5 @@
-"""Built-in synthetic data: CT phantoms in HU (2-D and 3-D), projection-domain low-dose CT simulation, the
-cheap image-domain Poisson version of seed 000, and synthetic 14-bit mammograms.
+"""Built-in synthetic data: CT phantoms in HU (2-D and 3-D) and synthetic 14-bit mammograms (low-dose CT is
+simulated from them by `common/ct_sim.py`).
 
 Everything takes a `np.random.Generator` so a seed reproduces a data set exactly.
 """
@@ -7,9 +7,6 @@ Everything takes a `np.random.Generator` so a seed reproduces a data set exactly
 from __future__ import annotations
 
 import numpy as np
-from skimage.transform import iradon, radon
-
-MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy
 
 # (HU, relative size) of tissue classes used by the phantoms
 TISSUE_HU = {
@@ -120,92 +117,6 @@ def ct_phantom_volume(shape_zyx: tuple[int, int, int], rng: np.random.Generator)
 
 
 # --- low-dose simulation ---
-
-
-def _fbp(sinogram: np.ndarray, theta: np.ndarray, size: int) -> np.ndarray:
-    # Shepp-Logan filter + nearest-neighbour back-projection: its noise power spectrum matched real scanner
-    # noise much better than ramp + linear (DATA_NOTES.md).
-    return iradon(
-        sinogram,
-        theta=theta,
-        output_size=size,
-        filter_name="shepp-logan",
-        interpolation="nearest",
-        circle=False,
-    ).astype(np.float32)
-
-
-def simulate_low_dose_ct(
-    hu: np.ndarray,
-    dose: float,
-    rng: np.random.Generator,
-    *,
-    noise_std_full_hu: float = 20.0,
-    electronic_std: float = 5.0,
-    n_angles: int | None = None,
-    fov_mm: float = 360.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Projection-domain low-dose simulation of one square slice in HU.
-
-    HU -> linear attenuation -> parallel-beam line integrals (radon) -> Beer-Lambert counts with incident
-    photons I0 -> Poisson + electronic Gaussian noise -> log -> FBP -> HU. I0 at full dose is set per slice so
-    that dose 1 gives about `noise_std_full_hu` of noise in the body (routine dose ~20 HU, quarter dose then
-    ~40 HU); `dose` scales I0. Returns (low_dose_hu, full_dose_hu) where full_dose is the noise-free sinogram
-    through the SAME FBP, so input and target share the reconstruction blur.
-    """
-    if hu.ndim != 2 or hu.shape[0] != hu.shape[1]:
-        raise ValueError(f"simulate_low_dose_ct expects a square 2-D slice, got shape {hu.shape}")
-    if not dose > 0:
-        raise ValueError(f"dose must be > 0, got {dose}")
-    size = hu.shape[0]
-    pixel_mm = fov_mm / size
-    n_angles = n_angles or int(np.ceil(np.pi / 2 * size))
-    theta = np.linspace(0.0, 180.0, n_angles, endpoint=False)
-    mu = np.clip(MU_WATER_PER_MM * (1.0 + hu / 1000.0), 0.0, None)
-    line_integrals = radon(mu, theta=theta, circle=False) * pixel_mm
-    to_hu = 1000.0 / MU_WATER_PER_MM / pixel_mm  # recon of integrals/pixel_mm is mu; mu -> HU
-
-    def recon_hu(sino: np.ndarray) -> np.ndarray:
-        return _fbp(sino, theta, size) * to_hu - 1000.0
-
-    # Calibrate I0 on this slice: with Gaussian-approximated Poisson noise the FBP noise std scales as
-    # 1/sqrt(I0), so one reconstruction of unit-I0 noise fixes the I0 that gives the target std (measured
-    # inside the body).
-    body = hu > -500
-    calib_integrals = line_integrals
-    if (
-        body.mean() < 0.01
-    ):  # no tissue to calibrate on (an air crop): calibrate on a water disk of half the FOV
-        y, x = np.mgrid[:size, :size] - (size - 1) / 2
-        body = np.hypot(y, x) < size / 4
-        calib_integrals = radon(np.where(body, MU_WATER_PER_MM, 0.0), theta=theta, circle=False) * pixel_mm
-    unit_noise = rng.standard_normal(line_integrals.shape) * np.exp(calib_integrals / 2)
-    std_unit = float((_fbp(unit_noise, theta, size) * to_hu)[body].std())
-    i0_full = (std_unit / noise_std_full_hu) ** 2
-    i0 = i0_full * dose
-    counts = rng.poisson(i0 * np.exp(-line_integrals)).astype(np.float64)
-    counts += rng.normal(0.0, electronic_std, counts.shape)
-    noisy_integrals = -np.log(np.clip(counts, 1.0, None) / i0)
-    low = recon_hu(noisy_integrals)
-    full = recon_hu(line_integrals)
-    return low.astype(np.float32), full.astype(np.float32)
-
-
-def image_domain_poisson(
-    hu: np.ndarray, dose: float, rng: np.random.Generator, *, noise_std_full_hu: float = 20.0
-) -> np.ndarray:
-    """Seed 000's cheap augmentation, done in HU: map [-1024, 3072] HU to [0, 1] 'intensity', draw Poisson
-    counts with N0*dose photons, map back. N0 is set so soft tissue at dose 1 gets `noise_std_full_hu`.
-    It is white noise (no FBP texture): an augmentation, not physics."""
-    lo, span = -1024.0, 4096.0
-    soft = (40.0 - lo) / span
-    n0 = soft * (span / noise_std_full_hu) ** 2
-    intensity = np.clip((hu - lo) / span, 1e-6, 1.0)
-    counts = rng.poisson(intensity * n0 * dose)
-    return (counts / (n0 * dose) * span + lo).astype(np.float32)
-
-
-# --- mammograms ---
 
 
 def _power_law_noise(shape: tuple[int, int], beta: float, rng: np.random.Generator) -> np.ndarray:

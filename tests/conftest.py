@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs one worker per core: one thread each, no contention
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test`: a worker per core, one thread each (no contention)
     os.environ["OMP_NUM_THREADS"] = "1"
 
 

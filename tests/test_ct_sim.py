@@ -17,7 +17,7 @@ def water_cylinder(n: int, pixel_mm: float, diameter_mm: float) -> np.ndarray:
 
 
 def skimage_low_dose(hu: np.ndarray, pixel_mm: float, i0: float, electronic_std: float, rng) -> np.ndarray:
-    """The old projection-domain path (synthetic.simulate_low_dose_ct) at a fixed photon count: radon,
+    """The project's earlier projection-domain path (skimage) at a fixed photon count: radon,
     Poisson + electronic noise, log, Shepp-Logan FBP with linear interpolation."""
     n = hu.shape[0]
     theta = np.linspace(0.0, 180.0, math.ceil(math.pi / 2 * n), endpoint=False)
