@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) ldct_denoise.py demo --out runs/demo
 
 # pytest exits 5 when it collects no test: that is a broken suite here, not a pass.
-# `make test` (~8 min on 2 cores) runs every script's CLI end to end; `make test-all` adds the `slow` product
+# `make test` (~6 min on 2 cores) runs every script's CLI end to end; `make test-all` adds the `slow` product
 # tests (the full robustness command x case product, longer trainings).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
