@@ -357,23 +357,9 @@ def test_simulate_writes_a_resumable_split_dataset_that_train_reads(tmp_path):
         write_volume(src / f"{patient}.nii.gz", np.stack([synthetic.ct_phantom(40, rng) for _ in range(3)]))
     before = {f: sha(f) for f in src.iterdir()}
     out = tmp_path / "pairs"
-    proc = run_cli(
-        SCRIPT,
-        [
-            "simulate",
-            "--input",
-            src,
-            "--output",
-            out,
-            "--doses",
-            "0.25,0.5",
-            *FAST[:2],
-            "--set",
-            "data.draws=2",
-            "--set",
-            "data.val_fraction=0.34",
-        ],
-    )
+    simulate = ["simulate", "--input", src, "--output", out, "--doses", "0.25,0.5", *FAST[:2]]
+    simulate += ["--set", "data.draws=2", "--set", "data.val_fraction=0.34"]
+    proc = run_cli(SCRIPT, simulate)
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"]) == ["000_p1", "001_p2"] and sorted(split["val"]) == ["002_p3"]
     low, full = np.load(out / "000_p1" / "low.npy"), np.load(out / "000_p1" / "full.npy")
@@ -386,23 +372,7 @@ def test_simulate_writes_a_resumable_split_dataset_that_train_reads(tmp_path):
     assert {f: sha(f) for f in src.iterdir()} == before  # inputs untouched
     # resumable: an unfinished volume is redone, finished ones are kept
     (out / "002_p3" / "meta.json").unlink()
-    proc = run_cli(
-        SCRIPT,
-        [
-            "simulate",
-            "--input",
-            src,
-            "--output",
-            out,
-            "--doses",
-            "0.25,0.5",
-            *FAST[:2],
-            "--set",
-            "data.draws=2",
-            "--set",
-            "data.val_fraction=0.34",
-        ],
-    )
+    proc = run_cli(SCRIPT, simulate)
     assert proc.stdout.count("done earlier, kept") == 2 and (out / "002_p3" / "meta.json").is_file()
     proc = run_cli(SCRIPT, ["train", "--data", out, "--out", tmp_path / "run", "--max-steps", 2, *FAST])
     assert (
