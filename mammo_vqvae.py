@@ -78,6 +78,8 @@ class TrainConfig:
     max_steps: int = 0  # 0: epochs decide; > 0: stop after this many optimiser steps (tests, quick looks)
     batch_size: int = 4
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant (the seed) | cosine: decays to 0 at the last step
+    freeze_batch_norm_at: float = 0.0  # > 0: from this fraction of the steps on, BatchNorm uses running stats
     amp: str = "auto"  # bf16 autocast: auto = on for CUDA
     crop_size: list[int] = field(default_factory=lambda: [0, 0])  # > 0: train on random crops of the canvas
     crops_per_image: int = 1  # with crop_size: crops of each image per epoch
@@ -396,6 +398,7 @@ def train(
     runtime.seed_everything(cfg.train.seed + dist.rank)
     model = VQVAE2(cfg.model).to(device)
     check_input_shape(cfg, model)
+    learning_rate(cfg.train, 0, 1)  # checks train.lr_schedule before any output is written
     sources = list_sources(cfg.data, "train")
     dataset = MammoDataset(
         sources, cfg.data, False, crop=cfg.train.crop_size, repeats=cfg.train.crops_per_image
@@ -458,6 +461,8 @@ def train(
             )
             model.train()
             for batch in loader:
+                if 0 < cfg.train.freeze_batch_norm_at * max_steps <= step:
+                    freeze_batch_norm(model)
                 x = batch["clean"].to(device)
                 with runtime.amp_autocast(device, use_amp):
                     recon, diffs, _ = net(x)
@@ -467,6 +472,8 @@ def train(
                 runtime.stop_if_not_finite(loss, step, ckpt_path)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg.train, step, max_steps)
                 optimizer.step()
                 step += 1
                 progress.log(
@@ -485,6 +492,26 @@ def train(
     if dist.is_main:
         save_preview(model.eval(), cfg, out_dir, device)
     return ckpt_path
+
+
+def learning_rate(train_cfg: TrainConfig, step: int, max_steps: int) -> float:
+    """A function of the step alone, so a resumed run follows the same schedule."""
+    if train_cfg.lr_schedule == "constant":
+        return train_cfg.lr
+    if train_cfg.lr_schedule == "cosine":
+        return train_cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step / max_steps, 1.0)))
+    raise UserError(f"config: train.lr_schedule must be constant or cosine, got '{train_cfg.lr_schedule}'")
+
+
+def freeze_batch_norm(model: nn.Module) -> None:
+    """BatchNorm on its running statistics, as evaluation uses it; the weights keep training. Why: trained on
+    small batches of crops, the network learns under per-batch normalisation and its running statistics follow
+    the last few batches, so the whole-canvas reconstruction with running statistics drifts (on real films it
+    swung between 30 and 39 dB from one epoch's checkpoint to another). The last part of training then adapts
+    the weights to the statistics they are evaluated with."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
 
 
 def end_of_epoch(model: VQVAE2, cfg: Config, out_dir: Path, epoch: int, is_main: bool) -> None:

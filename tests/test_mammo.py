@@ -231,8 +231,15 @@ def copy_scripts(folder: Path, scripts: list[str]) -> Path:
 
 def test_vqvae_alone_runs_copied_into_an_empty_folder(tmp_path):
     folder = copy_scripts(tmp_path / "copy", ["mammo_vqvae.py"])
-    run_cli(folder / "mammo_vqvae.py", ["train", "--out", "run", *TINY, "--max-steps", "2"], cwd=folder)
+    small_schedule = ["--set", "train.lr_schedule=cosine", "--set", "train.freeze_batch_norm_at=0.5"]
+    run_cli(
+        folder / "mammo_vqvae.py",
+        ["train", "--out", "run", *TINY, "--max-steps", "4", *small_schedule],
+        cwd=folder,
+    )
     assert (folder / "run" / "checkpoint.pt").is_file()
+    assert "freeze_batch_norm_at: 0.5" in (folder / "run" / "config.yaml").read_text()
+    assert len((folder / "run" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_ldm_with_vqvae_runs_copied_into_an_empty_folder(chain, tmp_path):

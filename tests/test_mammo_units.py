@@ -335,3 +335,72 @@ def test_data_consistency_pulls_a_biased_restoration_back_towards_the_input():
     out = mammo_ldm.data_consistency(biased, low, mask, sigma=4.0)
     assert np.abs(out - clean).mean() < 0.2 * np.abs(biased - clean).mean()
     assert (out - clean).std() < 0.3 * (low - clean).std()  # the input's noise is averaged out
+
+
+class Pointwise(torch.nn.Module):
+    """A UNet stand-in without spatial context: tiling must not change its output at all."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = torch.nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, x, t, cond):
+        return self.mix(torch.cat([x, cond], 1)) * (1 + t.view(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("shape,tile", [((36, 28), 16), ((32, 24), 32), ((20, 44), 8)])
+def test_tiled_unet_blends_back_exactly_what_a_context_free_model_outputs(shape, tile):
+    model = Pointwise(4)
+    x, cond = torch.randn(2, 4, *shape), torch.randn(2, 4, *shape)
+    t = torch.tensor([10, 700])
+    tiled = mammo_ldm.unet_on_tiles(model, tile)
+    assert torch.allclose(tiled(x, t, cond), model(x, t, cond), atol=1e-5)
+    starts = mammo_ldm.tile_starts(shape[0], tile)
+    covered = np.zeros(shape[0], bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered.all() and starts[-1] + min(tile, shape[0]) == shape[0]
+
+
+def test_tiles_keep_a_crop_trained_unet_away_from_whole_canvas_statistics():
+    """A model that normalises by its input's own mean (as GroupNorm does) sees tile statistics, not the
+    canvas's: on a latent half background, half tissue the tiled output differs from the whole-latent one."""
+
+    def self_normalising(x, t, cond):
+        return x - x.mean(dim=(-2, -1), keepdim=True)
+
+    x = torch.zeros(1, 1, 32, 64)
+    x[..., 32:] = 1.0  # right half "tissue"
+    whole = self_normalising(x, None, x)
+    tiled = mammo_ldm.unet_on_tiles(self_normalising, 16)(x, torch.zeros(1, dtype=torch.long), x)
+    assert whole[..., 40:].mean() == pytest.approx(0.5)  # the canvas mean shifts the tissue
+    assert tiled[..., 40:].abs().max() < 1e-6  # tiles inside the tissue see only tissue
+
+
+def test_vqvae_lr_schedule_is_a_function_of_the_step():
+    train_cfg = config("vqvae", "small").train
+    assert train_cfg.lr_schedule == "cosine"
+    assert mammo_vqvae.learning_rate(train_cfg, 0, 100) == pytest.approx(train_cfg.lr)
+    assert mammo_vqvae.learning_rate(train_cfg, 50, 100) == pytest.approx(train_cfg.lr / 2)
+    assert mammo_vqvae.learning_rate(train_cfg, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert mammo_vqvae.learning_rate(config("vqvae", "full").train, 70, 100) == 1e-4  # the seed's constant
+    train_cfg.lr_schedule = "linear"
+    with pytest.raises(UserError, match="lr_schedule"):
+        mammo_vqvae.learning_rate(train_cfg, 0, 100)
+
+
+def test_frozen_batch_norm_keeps_its_statistics_while_codebooks_still_learn():
+    torch.manual_seed(0)
+    model = mammo_vqvae.VQVAE2(config("vqvae", "tiny").model).train()
+    x = torch.rand(2, 1, 128, 96) * 2 - 1
+    model(x)  # one batch in plain training mode: statistics move
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    stats = [m.running_mean.clone() for m in bns]
+    codes = model.quantizers()[0].embed.clone()
+    mammo_vqvae.freeze_batch_norm(model)
+    model(x * 0.5 + 0.3)
+    assert all(torch.equal(s, m.running_mean) for s, m in zip(stats, bns))
+    assert not torch.equal(codes, model.quantizers()[0].embed)  # EMA codebook updates go on
+    assert config("vqvae", "small").train.freeze_batch_norm_at == 0.75
+    assert config("vqvae", "full").train.freeze_batch_norm_at == 0.0  # the seed trains plain BatchNorm
