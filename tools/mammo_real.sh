@@ -17,11 +17,12 @@ CASE=$(cd "$CASE" && pwd)
 mkdir -p "$RUN"
 RUN=$(cd "$RUN" && pwd)
 cd "$(dirname "$0")/.."
-mkdir -p "$RUN/data/train" "$RUN/data/test" "$RUN/tune/test"
+mkdir -p "$RUN/data/train" "$RUN/data/test" "$RUN/tune/train" "$RUN/tune/test"
 ln -sf "$CASE/1-132.dcm" "$RUN/data/train/1-132.dcm"
 ln -sf "$CASE/1-133.dcm" "$RUN/data/train/1-133.dcm"
 ln -sf "$CASE/1-131.dcm" "$RUN/data/test/1-131.dcm"
-ln -sf "$CASE/1-132.dcm" "$RUN/tune/test/1-132.dcm"
+ln -sf "$CASE/1-132.dcm" "$RUN/tune/test/1-132.dcm"  # train/ + test/ make the split explicit
+ln -sf "$CASE/1-133.dcm" "$RUN/tune/train/1-133.dcm"
 VQ="$RUN/vq_small/checkpoint.pt"
 SMALL=(--preset small --device cpu --data "$RUN/data")
 
@@ -33,7 +34,7 @@ SMALL=(--preset small --device cpu --data "$RUN/data")
 OMP_NUM_THREADS=2 $PY mammo_vqvae.py evaluate --checkpoint "$VQ" --device cpu --data "$RUN/data" \
   --out "$RUN/vq_small/eval"
 
-# stage 2: two LDMs side by side (the x0 target = the small preset, and the residual target)
+# stage 2: two LDMs side by side (the residual target = the small preset, and the plain x0 target)
 export OMP_NUM_THREADS=1
 for variant in x0 residual; do
   [ -f "$RUN/ldm_$variant/done" ] && continue
@@ -53,9 +54,10 @@ evaluate() {  # evaluate VARIANT DATA NAME [--set ...]: one table per sampling c
     --data "$data" --out "$RUN/eval/$name" "$@" > "$RUN/eval/$name.log" 2>&1
 }
 mkdir -p "$RUN/eval"
-# the data-consistency sigma, chosen on the training image 1-132.dcm
+# the data-consistency sigma of the small preset's model (residual target), chosen on the training image 1-132.dcm
 for sigma in 0 1 1.5 2 3; do  # two at a time, one thread each
-  evaluate x0 "$RUN/tune" "tune_sigma$sigma" --set sample.consistency_sigma=$sigma --set eval.baselines=false &
+  evaluate residual "$RUN/tune" "tune_sigma$sigma" --set sample.consistency_sigma=$sigma \
+    --set eval.baselines=false &
   [ "$sigma" = 1 ] || [ "$sigma" = 2 ] && wait
 done
 wait
@@ -71,25 +73,31 @@ print(max(["0", "1", "1.5", "2", "3"], key=lambda s: psnr(f"tune_sigma{s}")))
 PYEOF
 )
 echo "data-consistency sigma chosen on 1-132.dcm: $SIGMA px" | tee "$RUN/eval/chosen_sigma.txt"
-# the held-out film 1-131.dcm: every row
-evaluate x0 "$RUN/data" main --set sample.consistency_sigma=$SIGMA &  # with NLM and BM3D: the longest
-evaluate x0 "$RUN/data" x0_whole_canvas --set sample.tile=0 --set sample.consistency_sigma=0 \
-  --set eval.baselines=false
-evaluate x0 "$RUN/data" x0_tiles --set sample.consistency_sigma=0 --set eval.baselines=false
-evaluate x0 "$RUN/data" x0_seed_sampler --set sample.start=1.0 --set sample.steps=50 \
-  --set sample.consistency_sigma=0 --set eval.baselines=false
-evaluate residual "$RUN/data" residual_tiles --set sample.consistency_sigma=0 --set eval.baselines=false
-evaluate residual "$RUN/data" residual_dc --set sample.consistency_sigma=$SIGMA --set eval.baselines=false
+# the held-out film 1-131.dcm: every row (two processes, one thread each)
+NO_DC=(--set sample.consistency_sigma=0 --set eval.baselines=false)
+{
+  evaluate residual "$RUN/data" main --set sample.consistency_sigma=$SIGMA  # with NLM and BM3D: the longest
+  evaluate residual "$RUN/data" residual_tiles "${NO_DC[@]}"
+  evaluate residual "$RUN/data" residual_whole_canvas --set sample.tile=0 "${NO_DC[@]}"
+} &
+{
+  evaluate x0 "$RUN/data" x0_dc --set sample.consistency_sigma=$SIGMA --set eval.baselines=false
+  evaluate x0 "$RUN/data" x0_tiles "${NO_DC[@]}"
+  evaluate x0 "$RUN/data" x0_whole_canvas --set sample.tile=0 "${NO_DC[@]}"
+  evaluate x0 "$RUN/data" x0_seed_sampler --set sample.start=1.0 --set sample.steps=50 "${NO_DC[@]}"
+} &
 wait
 $PY - "$RUN/eval" <<'PYEOF'
 import json, sys
 from pathlib import Path
 
 root = Path(sys.argv[1])
-for name in ["main", "x0_whole_canvas", "x0_tiles", "x0_seed_sampler", "residual_tiles", "residual_dc"]:
+names = ["main", "residual_tiles", "residual_whole_canvas", "x0_dc", "x0_tiles", "x0_whole_canvas",
+         "x0_seed_sampler"]
+for name in names:
     rows = json.loads((root / name / "metrics.json").read_text())["rows"]
     for r in rows:
         if name == "main" or r["method"] == "LDM restored":
-            print(f"{name:16s} {r['method'][:60]:60s} {r['psnr_db']:6.2f} {r['ssim']:.3f} "
+            print(f"{name:22s} {r['method'][:50]:50s} {r['psnr_db']:6.2f} {r['ssim']:.3f} "
                   f"{r['noise_std']:.4f} {r.get('lpips', float('nan')):.3f}")
 PYEOF
