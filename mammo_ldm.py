@@ -412,6 +412,12 @@ def tile_starts(size: int, tile: int) -> list[int]:
     return list(range(0, size - tile, tile - tile // 4)) + [size - tile]
 
 
+def _ramp(n: int, device) -> torch.Tensor:
+    """Blend weight along one tile axis: rises linearly over a quarter tile from each edge, then flat."""
+    i = torch.arange(n, device=device, dtype=torch.float32)
+    return torch.minimum(i + 1, n - i).clamp(max=max(1, n // 4)) / max(1, n // 4)
+
+
 def unet_on_tiles(unet: nn.Module, tile: int):
     """The UNet applied to overlapping tile x tile windows of the latent, blended with weights that fall off
     linearly towards each tile's edge. Why: a UNet trained on crops has GroupNorm statistics of crops centred
@@ -439,11 +445,6 @@ def unet_on_tiles(unet: nn.Module, tile: int):
         return out / total
 
     return run
-
-
-def _ramp(n: int, device) -> torch.Tensor:
-    i = torch.arange(n, device=device, dtype=torch.float32)
-    return torch.minimum(i + 1, n - i).clamp(max=max(1, n // 4)) / max(1, n // 4)
 
 
 def data_consistency(

