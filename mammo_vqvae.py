@@ -506,8 +506,8 @@ def learning_rate(train_cfg: TrainConfig, step: int, max_steps: int) -> float:
 def freeze_batch_norm(model: nn.Module) -> None:
     """BatchNorm on its running statistics, as evaluation uses it; the weights keep training. Why: trained on
     small batches of crops, the network learns under per-batch normalisation and its running statistics follow
-    the last few batches, so the whole-canvas reconstruction with running statistics drifts (on real films it
-    swung between 30 and 39 dB from one epoch's checkpoint to another). The last part of training then adapts
+    the last few batches, so the whole-canvas reconstruction with running statistics drifts (on a real film it
+    swung by several dB from one epoch's checkpoint to another). The last part of training then adapts
     the weights to the statistics they are evaluated with."""
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
