@@ -147,8 +147,7 @@ def slice_axis(affine: np.ndarray) -> int:
 
 
 def axis_first(vol: nifti_io.Volume, axis: int, back: bool = False) -> nifti_io.Volume:
-    """The same voxels and patient geometry with hu axis `axis` moved to axis 0 (the affine's columns
-    follow); `back=True` undoes it."""
+    """`vol` with hu axis `axis` moved first, the affine's columns following; `back=True` undoes it."""
     order = [axis] + [a for a in range(3) if a != axis]
     order = [int(i) for i in np.argsort(order)] if back else order
     affine = np.array(vol.affine, np.float64)
@@ -165,17 +164,13 @@ def check_geometry(affine: np.ndarray, source) -> None:
     shear = math.degrees(math.acos(min(1.0, abs(float(columns[:, 2] @ normal)))))
     tilt = math.degrees(math.acos(min(1.0, float(np.abs(normal).max()))))
     if shear > 0.2:
-        warnings.warn(
-            f"{source}: sheared affine (slice axis {shear:.1f} deg off the slice normal, e.g. gantry tilt); "
-            f"the output keeps this sheared grid: resampled along the voxel axis, in-plane grid unchanged",
-            stacklevel=2,
-        )
+        what = f"sheared affine (slice axis {shear:.1f} deg off the slice normal, e.g. gantry tilt)"
     elif tilt > 0.5:
-        warnings.warn(
-            f"{source}: oblique slices ({tilt:.1f} deg from the nearest patient axis); the output keeps this "
-            f"orientation: resampled along the volume's own slice axis, not a patient axis",
-            stacklevel=2,
-        )
+        what = f"oblique slices ({tilt:.1f} deg from the nearest patient axis)"
+    else:
+        return
+    kept = "this sheared grid" if shear > 0.2 else "this orientation"
+    warnings.warn(f"{source}: {what}; the output keeps {kept}, resampled along its slice axis", stacklevel=2)
 
 
 def output_positions(n_in: int, factor: float) -> np.ndarray:
@@ -186,8 +181,7 @@ def output_positions(n_in: int, factor: float) -> np.ndarray:
 
 
 def resampled_affine(affine: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Affine of slices taken at `positions` (input slice indices, evenly spaced): only the slice column
-    scales, the origin moves to the first new slice centre."""
+    """Affine of slices at `positions` (evenly spaced input slice indices): only the slice column scales."""
     new = np.array(affine, np.float64)
     new[:3, 3] += new[:3, 2] * positions[0]
     new[:3, 2] *= positions[1] - positions[0] if len(positions) > 1 else 1.0
@@ -195,8 +189,7 @@ def resampled_affine(affine: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def no_data_mask(vol: nifti_io.Volume) -> np.ndarray:
-    """Scanner padding: values below air, and a DICOM series' PixelPaddingValue (/RangeLimit) where declared.
-    Training, inference and metrics all treat it as 'no data'."""
+    """Scanner padding, 'no data' everywhere: values below air, a DICOM series' declared PixelPaddingValue."""
     datasets = vol.meta.get("datasets")
     declared = dicom_io.padding_mask(vol.hu, datasets[0]) if datasets else None
     return (vol.hu < NO_DATA_HU) | (False if declared is None else declared)
@@ -221,8 +214,7 @@ def ssp_kernel(fwhm_vox: float, profile: str) -> np.ndarray:
 
 
 def sample_z(vol: np.ndarray, positions: np.ndarray, cubic: bool = False) -> np.ndarray:
-    """Linear (`lerp_z`) or, `cubic`, not-a-knot cubic-spline interpolation (scipy, as `spline_z`) of a
-    (z, y, x) array at fractional slice indices; linear below 4 slices."""
+    """`lerp_z`, or (`cubic`, 4+ slices) scipy's not-a-knot spline, of a (z, y, x) array at `positions`."""
     if cubic and len(vol) >= 4:
         return make_interp_spline(np.arange(len(vol)), vol, k=3, axis=0)(positions).astype(np.float32)
     vol = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
@@ -252,9 +244,8 @@ def phantom(cfg: DataConfig, seed: int) -> np.ndarray:
 
 
 def hr_views(vol: nifti_io.Volume, cfg: DataConfig, source) -> list[np.ndarray]:
-    """HR training volumes from one file, each resampled to hr_spacing_mm along its axis 0: the slice axis
-    when its spacing is fine enough, and (data.in_plane_hr) each in-plane axis that is (SMORE, Zhao 2020).
-    Padding becomes air first, exactly as `upsample_hu` shows it to the model."""
+    """HR training views of one volume at hr_spacing_mm along axis 0: its slice axis if fine enough and
+    (data.in_plane_hr: SMORE, Zhao 2020) each fine in-plane axis. Padding becomes air, as in `upsample_hu`."""
     hu = np.where(no_data_mask(vol), -1000.0, vol.hu).astype(np.float32)
     vol = axis_first(nifti_io.Volume(hu, vol.affine, {}), slice_axis(vol.affine))
     views = []
@@ -693,10 +684,7 @@ def load_vae(checkpoint: Path | None, cfg: Config, vols, device) -> tuple[VAE3D,
         raise UserError("train --model ldm needs --vae CHECKPOINT (from `train --model vae`)")
     state, vae_cfg = load_checkpoint_cfg(checkpoint, ("vae",))
     if tuple(vae_cfg.data.hu_range) != tuple(cfg.data.hu_range):
-        raise UserError(
-            f"{checkpoint}: VAE trained with data.hu_range {vae_cfg.data.hu_range}, this run uses "
-            f"{cfg.data.hu_range}"
-        )
+        raise UserError(f"{checkpoint}: VAE data.hu_range {vae_cfg.data.hu_range} != {cfg.data.hu_range}")
     cfg.vae = vae_cfg.vae
     vae = load_weights(VAE3D(cfg.vae), state["ema"], checkpoint).to(device).eval().requires_grad_(False)
     rng = np.random.default_rng(cfg.train.seed)
@@ -705,7 +693,7 @@ def load_vae(checkpoint: Path | None, cfg: Config, vols, device) -> tuple[VAE3D,
         return vae, float(1.0 / vae.encode(pad_to(hr, (vae.factor,) * 3)[0])[0].std().clamp(min=1e-6))
 
 
-def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None, schedule, scale: float):
+def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None = None, scale: float = 1.0):
     """One batch's loss; lr, hr normalised to [-1, 1]. Padding multiples come from the config: `net` may be
     wrapped by DDP or torch.compile."""
     if kind == "unet3d":  # HU-aware: L1 + SSIM + gradient on the HU window mapped to [0, 1]
@@ -723,6 +711,7 @@ def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None, sche
     with torch.no_grad():
         x0 = vae.encode(pad_to(hr, multiple)[0])[0] * scale
         y0 = vae.encode(pad_to(lerp_z(lr, pos), multiple)[0])[0] * scale
+    schedule = ResShift(cfg.ldm, x0.device)
     t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)
     x_t = schedule.q_sample(x0, y0, t, torch.randn_like(x0))
     keep = (torch.rand(x0.shape[0], device=x0.device) >= cfg.ldm.cond_dropout).float().view(-1, 1, 1, 1, 1)
@@ -730,7 +719,7 @@ def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None, sche
 
 
 @torch.no_grad()
-def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, schedule, scale, device) -> float:
+def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, scale, device) -> float:
     """Mean loss of the EMA model on fixed batches of the validation volumes (same batches, noise and
     timesteps at every evaluation), which picks best.pt."""
     rng = np.random.default_rng([cfg.train.seed, 999])
@@ -738,53 +727,50 @@ def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, schedule, scale
     total = 0.0
     for _ in range(cfg.train.val_batches):
         lr, hr, pos = random_batch(val_vols, cfg, cfg.train.batch_size, rng, device)
-        total += float(batch_loss(kind, ema_model, lr, hr, pos, cfg, vae, schedule, scale))
+        total += float(batch_loss(kind, ema_model, lr, hr, pos, cfg, vae, scale))
     return total / max(1, cfg.train.val_batches)
 
 
-def train(
-    cfg: Config, kind: str, out_dir: Path, device_name="auto", vae_checkpoint=None, resume=None, argv=None
-):
+def train(cfg: Config, kind: str, out_dir: Path, device="auto", vae_ckpt=None, resume=None, argv=None):
     """Train unet3d | vae | ldm on random 3-D patches; writes checkpoint.pt (latest, for --resume) and best.pt
     (EMA weights of the lowest validation loss); returns best.pt. Single process or torchrun."""
-    dist = runtime.init_distributed(device_name)
+    dist = runtime.init_distributed(device)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
     vols, data_desc = load_volumes(cfg.data, "train", cfg.train.seed)  # bad data: fails before any write
     val_vols, _ = load_volumes(cfg.data, "val", cfg.train.seed) if dist.is_main else ([], "")
     if dist.is_main and not val_vols:
         warnings.warn("no validation volumes (val.txt empty): best.pt is the latest checkpoint", stacklevel=2)
-    vae, scale = load_vae(vae_checkpoint, cfg, vols, device) if kind == "ldm" else (None, 1.0)
+    vae, scale = load_vae(vae_ckpt, cfg, vols, device) if kind == "ldm" else (None, 1.0)
+    ratio = cfg.data.target_spacing_mm / cfg.data.hr_spacing_mm
+    facts = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "factor": ratio}
     model = build_model(kind, cfg).to(device)
     ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    step, extra = 0, {}
+    step = 0
     if resume:
         state, _ = load_checkpoint_cfg(resume, (kind,))
         load_weights(model, state["model"], resume)
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        extra = {k: state[k] for k in ("latent_scale", "best_val_loss", "best_step") if k in state}
+        facts |= {k: state[k] for k in ("latent_scale", "best_val_loss", "best_step") if k in state}
     if vae is not None:  # a resumed run keeps its scale
-        scale = extra.setdefault("latent_scale", scale)
-        extra["vae"] = vae.state_dict()
+        scale = facts.setdefault("latent_scale", scale)
+        facts["vae"] = vae.state_dict()
     if runtime.switch_on(cfg.train.channels_last, device):
         model = model.to(memory_format=torch.channels_last_3d)
     net = runtime.ddp_wrap(model, dist)
     if runtime.switch_on(cfg.train.compile, device):
         net = torch.compile(net)
-    use_amp, schedule = runtime.switch_on(cfg.train.amp, device), ResShift(cfg.ldm, device)
-    ratio = cfg.data.target_spacing_mm / cfg.data.hr_spacing_mm
+    use_amp = runtime.switch_on(cfg.train.amp, device)
     if dist.is_main:
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{kind}: {n_params:.2f} M parameters; {data_desc}; {len(val_vols)} val views; x{ratio:g}")
     per_rank = max(1, cfg.train.batch_size // dist.world_size)
-    facts = {"script": SCRIPT, "kind": kind, "config": config_to_dict(cfg), "factor": ratio, **extra}
     log_dir = out_dir if dist.is_main else None  # rank 0 writes the records, other ranks stay silent
-    args = (cfg, vae, schedule, scale)
     with runtime.ProgressLogger(
         log_dir, cfg.train.max_steps, f"train {kind}", dist.is_main, cfg.train.log_every, step
     ) as progress:
@@ -793,7 +779,7 @@ def train(
             torch.manual_seed(cfg.train.seed * 1_000_003 + dist.rank * 7919 + step)  # resume replays exactly
             lr, hr, pos = random_batch(vols, cfg, per_rank, rng, device)
             with runtime.amp_autocast(device, use_amp):
-                loss = batch_loss(kind, net, lr, hr, pos, *args)
+                loss = batch_loss(kind, net, lr, hr, pos, cfg, vae, scale)
             runtime.stop_if_not_finite(loss, step, out_dir / "checkpoint.pt")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -804,7 +790,7 @@ def train(
             scalars = {"loss": loss.item(), "grad_norm": grad_norm.item()}
             if dist.is_main and (step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps):
                 if val_vols:
-                    scalars["val_loss"] = validation_loss(kind, ema.module, val_vols, *args, device)
+                    scalars["val_loss"] = validation_loss(kind, ema.module, val_vols, cfg, vae, scale, device)
                 save_checkpoints(out_dir, facts, step, scalars.get("val_loss"), (model, ema, optimizer))
             progress.log(step, **scalars)
     return out_dir / "best.pt"
@@ -817,12 +803,11 @@ def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | No
     better = val_loss is None or val_loss <= facts.get("best_val_loss", math.inf)
     if better:
         facts.update({"best_step": step} | ({} if val_loss is None else {"best_val_loss": val_loss}))
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
-    runtime.save_checkpoint(
-        out_dir / "checkpoint.pt", {**facts, **state, "step": step, "rng": runtime.rng_state()}
-    )
+    best = {**facts, "ema": ema.state_dict(), "step": step}
+    resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": runtime.rng_state()}
+    runtime.save_checkpoint(out_dir / "checkpoint.pt", {**best, **resume})
     if better:
-        runtime.save_checkpoint(out_dir / "best.pt", {**facts, "ema": ema.state_dict(), "step": step})
+        runtime.save_checkpoint(out_dir / "best.pt", best)
 
 
 # --- evaluate ---
@@ -830,8 +815,7 @@ def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | No
 
 @contextlib.contextmanager
 def measure(row: dict):
-    """Adds the block's wall time and peak resident memory (Linux VmHWM, reset on entry; elsewhere the
-    process peak) to `row` as time_s and peak_rss_mb."""
+    """Adds the block's wall time and peak RSS (Linux: VmHWM reset on entry; else process peak) to `row`."""
     with contextlib.suppress(OSError):  # '5' resets the high-water mark
         Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
@@ -869,23 +853,12 @@ def evaluation_methods(cfg: Config, unet: Path | None, ldm: Path | None, factor:
         model = Predictor(path, cfg.infer, device)
         trained = float(model.state["factor"])
         if abs(trained - factor) > 0.05 * factor or model.cfg.data.profile != cfg.data.profile:
-            warnings.warn(
-                f"{path}: {name} trained for x{trained:g} with a {model.cfg.data.profile} profile; evaluated "
-                f"at x{factor:.3g} with {cfg.data.profile}",
-                stacklevel=2,
-            )
+            msg = f"{name} trained at x{trained:g} with a {model.cfg.data.profile} profile; evaluated"
+            warnings.warn(f"{path}: {msg} at x{factor:.3g} with {cfg.data.profile}", stacklevel=2)
         methods.append((f"{name} (step {model.state['step']})", model))
         if name == "ldm":
             methods.append(("ldm VAE ceiling (HR encode-decode)", Predictor(path, cfg.infer, device, True)))
     return methods
-
-
-def restore(lr_hu: np.ndarray, ref_hu: np.ndarray, positions: np.ndarray, method) -> np.ndarray:
-    if isinstance(method, str):
-        return sample_z(lr_hu, positions, cubic=method == "cubic")
-    if method.roundtrip:  # the VAE ceiling: the HR reference itself through encode-decode
-        return upsample_hu(ref_hu, np.arange(len(ref_hu), dtype=np.float64), method, method.cfg)
-    return upsample_hu(lr_hu, positions, method, method.cfg)
 
 
 def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, device="auto", thin_axis="auto"):
@@ -902,22 +875,28 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
     mask = metrics.body_mask(ref, cfg.infer.mask_threshold_hu) & ~padding
     if not mask.any():
         raise UserError(f"{source}: no voxel above {cfg.infer.mask_threshold_hu} HU; nothing to evaluate")
-    rows, outputs, conventions = [], {}, set()
+    rows, outputs = [], {}
     for name, method in evaluation_methods(cfg, unet, ldm, factor, device):
         with measure({}) as cost:
-            outputs[name] = restore(lr, ref, positions, method)
+            if isinstance(method, str):
+                outputs[name] = sample_z(lr, positions, cubic=method == "cubic")
+            else:  # the VAE ceiling (roundtrip) puts the HR reference itself through encode-decode
+                src, at = (
+                    (ref, np.arange(len(ref), dtype=np.float64)) if method.roundtrip else (lr, positions)
+                )
+                outputs[name] = upsample_hu(src, at, method, method.cfg)
         try:  # SSIM: 2-D per slice or a smaller window on short volumes; `convention` says which
             row = metrics.image_metrics(outputs[name], ref, tuple(cfg.infer.window_hu), mask=mask)
         except ValueError as exc:  # under 3 voxels along an image axis: no SSIM window fits
             raise UserError(f"{source}: {exc}") from None
-        conventions.add(row.pop("convention"))
+        convention = row.pop("convention")  # the same for every method: same shape and mask
         rows.append({"method": name, **row, **cost})
     spacing = tuple(round(s, 3) for s in hr.spacing_mm)
     notes = [
         f"HR: {source}, {hr.hu.shape} (thinned axis first), spacing {spacing} mm",
         f"LR: {cfg.data.profile} slice profile FWHM {cfg.data.target_thickness_mm} mm, spacing "
         f"{cfg.data.target_spacing_mm} mm ({len(lr)} slices); restored x{factor:.3g}",
-        f"metrics: {'; '.join(sorted(conventions))}; MAE in HU unclipped; mask = reference HU > "
+        f"metrics: {convention}; MAE in HU unclipped; mask = reference HU > "
         f"{cfg.infer.mask_threshold_hu} without scanner padding ({mask.mean() * 100:.1f} % of voxels)",
         f"time and peak process RSS per method on {device}; command: {' '.join(sys.argv)}",
     ]
@@ -1022,13 +1001,13 @@ def choose_factor(factor: float | None, spacing_mm: float | None, input_spacing:
     return factor
 
 
-def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device_name="auto", spacing_mm=None):
+def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device="auto", spacing_mm=None):
     """LR NIfTI or DICOM series in; NIfTI in HU out (and a DICOM series for DICOM input). Everything is read
     and checked before anything is written."""
     if not output.name.endswith((".nii", ".nii.gz")):
         raise UserError(f"--output {output}: must end in .nii or .nii.gz")
     runtime.refuse_overwrite_input(output, input_path)
-    device = runtime.pick_device(device_name)
+    device = runtime.pick_device(device)
     vol = nifti_io.read_volume(input_path, "CT")
     from_dicom = "datasets" in vol.meta
     axis = 0 if from_dicom else slice_axis(vol.affine)  # a DICOM series stacks its slices along k
