@@ -25,7 +25,6 @@ import copy
 import functools
 import json
 import math
-import os
 import resource
 import shutil
 import sys
@@ -222,8 +221,7 @@ def sample_z(vol: np.ndarray, positions: np.ndarray, cubic: bool = False) -> np.
 
 
 def simulate_thick_slices(hu: np.ndarray, spacing_z_mm: float, cfg: DataConfig, start: float = 0.0):
-    """Blur along z with the slice profile (FWHM = data.target_thickness_mm), then resample at
-    `start + j * ratio` HR slices. Returns the LR slices and their positions in HR slice indices."""
+    """Blur along z by the slice profile, resample at HR slices `start + j * ratio`: (LR, those positions)."""
     kernel = ssp_kernel(cfg.target_thickness_mm / spacing_z_mm, cfg.profile)
     blurred = ndimage.correlate1d(np.asarray(hu, np.float32), kernel, axis=0, mode="nearest")
     ratio = cfg.target_spacing_mm / spacing_z_mm
@@ -319,8 +317,7 @@ def lerp_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def spline_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Cubic spline along z (not-a-knot, scipy) as a (positions x slices) matrix; linear below 4 slices.
-    Exact for polynomials up to degree 3, e.g. linear ramps."""
+    """Cubic spline along z (not-a-knot, scipy) as a (positions x slices) matrix; linear below 4 slices."""
     if x.shape[2] < 4:
         return lerp_z(x, positions)
     eye = np.eye(x.shape[2])
@@ -694,8 +691,7 @@ def load_vae(checkpoint: Path | None, cfg: Config, vols, device) -> tuple[VAE3D,
 
 
 def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None = None, scale: float = 1.0):
-    """One batch's loss; lr, hr normalised to [-1, 1]. Padding multiples come from the config: `net` may be
-    wrapped by DDP or torch.compile."""
+    """One batch's loss on [-1, 1] patches; padding multiples from the config (`net` may be wrapped)."""
     if kind == "unet3d":  # HU-aware: L1 + SSIM + gradient on the HU window mapped to [0, 1]
         lo, hi = cfg.train.loss_window_hu
         pred, target = ((unit_to_hu(x, cfg.data.hu_range) - lo) / (hi - lo) for x in (net(lr, pos), hr))
@@ -720,8 +716,7 @@ def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None = Non
 
 @torch.no_grad()
 def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, scale, device) -> float:
-    """Mean loss of the EMA model on fixed batches of the validation volumes (same batches, noise and
-    timesteps at every evaluation), which picks best.pt."""
+    """EMA model's mean loss on fixed validation batches (same noise, timesteps each time): picks best.pt."""
     rng = np.random.default_rng([cfg.train.seed, 999])
     torch.manual_seed(cfg.train.seed + 999)
     total = 0.0
@@ -797,8 +792,7 @@ def train(cfg: Config, kind: str, out_dir: Path, device="auto", vae_ckpt=None, r
 
 
 def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | None, training) -> None:
-    """checkpoint.pt: all that --resume needs; best.pt: the EMA weights of the lowest validation loss so far
-    (without validation volumes, the latest)."""
+    """checkpoint.pt: all --resume needs; best.pt: EMA weights of the lowest val loss (else the latest)."""
     model, ema, optimizer = training
     better = val_loss is None or val_loss <= facts.get("best_val_loss", math.inf)
     if better:
@@ -970,10 +964,10 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
         raise UserError(f"{input_dir}: no usable DICOM series or NIfTI volume found (see the lines above)")
     ids = sorted(patients)
     order = [ids[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(ids))]
+    n_test, n_val = (max(1, round(len(ids) * fraction)) for fraction in (test_fraction, val_fraction))
     if len(ids) < 3:
         warnings.warn(f"only {len(ids)} patient(s): all in train, none held out", stacklevel=2)
-    n_test = max(1, round(len(ids) * test_fraction)) if len(ids) >= 3 else 0
-    n_val = max(1, round(len(ids) * val_fraction)) if len(ids) >= 3 else 0
+        n_test = n_val = 0
     split = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, members in split.items():
@@ -994,16 +988,12 @@ def choose_factor(factor: float | None, spacing_mm: float | None, input_spacing:
         raise UserError(f"factor {factor:.3g} < 1: the input's {input_spacing:.2f} mm slices are finer")
     trained = cfg.data.target_spacing_mm
     if abs(input_spacing - trained) > 0.1 * trained:
-        warnings.warn(
-            f"input slice spacing {input_spacing:.2f} mm; the model was trained on {trained} mm input",
-            stacklevel=2,
-        )
+        warnings.warn(f"input spacing {input_spacing:.2f} mm, model trained on {trained} mm", stacklevel=2)
     return factor
 
 
 def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device="auto", spacing_mm=None):
-    """LR NIfTI or DICOM series in; NIfTI in HU out (and a DICOM series for DICOM input). Everything is read
-    and checked before anything is written."""
+    """LR NIfTI or DICOM series in, NIfTI in HU out (+ a series for DICOM input); checked before writing."""
     if not output.name.endswith((".nii", ".nii.gz")):
         raise UserError(f"--output {output}: must end in .nii or .nii.gz")
     runtime.refuse_overwrite_input(output, input_path)
@@ -1033,7 +1023,7 @@ def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device=
             dicom_io.write_dicom_series(sr_vol, vol.meta["datasets"], tmp_dir, description=description)
         written = [nifti_io.write_nifti(output, sr_vol)]
         if from_dicom:
-            os.replace(tmp_dir, dicom_dir)
+            tmp_dir.replace(dicom_dir)
             written.append(dicom_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
