@@ -326,11 +326,8 @@ def spline_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def pad_to(x: torch.Tensor, multiples: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    size = x.shape[2:]
-    pads = [(-s) % m for s, m in zip(size, multiples)]
-    if any(pads):
-        x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
-    return x, tuple(size)
+    pads = [(-s) % m for s, m in zip(x.shape[2:], multiples)]
+    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate"), tuple(x.shape[2:])
 
 
 def zeroed(conv: nn.Conv3d) -> nn.Conv3d:
