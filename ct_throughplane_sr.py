@@ -253,11 +253,9 @@ def hr_views(vol: nifti_io.Volume, cfg: DataConfig, source) -> list[np.ndarray]:
         if spacing <= cfg.hr_spacing_mm * 1.05 and n > 1:
             views.append(compact(sample_z(view.hu, np.arange(0, n - 1 + 1e-6, cfg.hr_spacing_mm / spacing))))
         elif axis == 0:
-            warnings.warn(
-                f"{source}: slice spacing {spacing:.2f} mm > data.hr_spacing_mm {cfg.hr_spacing_mm}: its "
-                f"slice axis is not an HR training direction{'' if cfg.in_plane_hr else '; volume skipped'}",
-                stacklevel=2,
-            )
+            skipped = "not an HR training direction" + ("" if cfg.in_plane_hr else "; volume skipped")
+            msg = f"slice spacing {spacing:.2f} mm > data.hr_spacing_mm {cfg.hr_spacing_mm}: {skipped}"
+            warnings.warn(f"{source}: {msg}", stacklevel=2)
     return views
 
 
@@ -341,9 +339,8 @@ def conv_relu(cin: int, cout: int, stride=1) -> nn.Sequential:
 
 
 class SimpleUNet3D(nn.Module):
-    """Encoder-decoder on the LR grid (strided in-plane only: an LR patch has few slices), then the features
-    are interpolated to the output slice positions and a head adds a residual to the cubic-spline (z)
-    interpolated input. The last conv starts at zero: an untrained model is exactly that spline."""
+    """Encoder-decoder on the LR grid (strided in-plane only: few slices), features interpolated to the output
+    slices, a head adds a residual to the z cubic spline; its last conv starts at zero: untrained = spline."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -465,9 +462,8 @@ class LatentEncoder(nn.Module):
 
 
 class LatentDenoiser(nn.Module):
-    """Latent UNet predicting x0, conditioned ControlNet-style: a trainable copy of its encoder reads
-    x_t + zero_conv(LR latent) and adds its features to the UNet's skips and middle through zero convs, so
-    training starts from the unconditional UNet. A zero condition is the 'unconditional' input for CFG."""
+    """Latent UNet predicting x0; ControlNet: an encoder copy reads x_t + zero_conv(LR latent) and adds to the
+    skips and middle through zero convs, so training starts unconditional. Zero condition = CFG's uncond."""
 
     def __init__(self, cfg: LDMConfig, latent_channels: int):
         super().__init__()
@@ -527,9 +523,8 @@ class ResShift:
 
     @torch.no_grad()
     def sample(self, predict_x0, y0: torch.Tensor, steps: int, generator: torch.Generator | None = None):
-        """ResShift's posterior q(x_s | x_t, x0) between consecutive timesteps t > s of the trailing grid
-        (all T steps when steps == T): mean eta_s/eta_t x_t + (1 - eta_s/eta_t) x0, variance
-        kappa^2 eta_s/eta_t (eta_t - eta_s). Noise is drawn on the CPU: the same on every device."""
+        """Posterior q(x_s | x_t, x0) between trailing-grid steps t > s: mean r x_t + (1 - r) x0 with
+        r = eta_s/eta_t, variance kappa^2 r (eta_t - eta_s). Noise drawn on the CPU: alike on every device."""
         grid = trailing_timesteps(self.T, steps)
         x = y0 + self.kappa * self.eta[grid[0]].sqrt() * torch.randn(y0.shape, generator=generator).to(y0)
         for t, s in zip(grid, [*grid[1:], -1]):
@@ -570,9 +565,8 @@ def gauss_window(coords: np.ndarray, patch: int) -> np.ndarray:
 
 
 def blend_patches(lr: np.ndarray, positions: np.ndarray, predict, patch_lr, overlap: float) -> np.ndarray:
-    """Run `predict(lr_patch (1,1,d,h,w) tensor, rel_positions tensor) -> (n, h, w)` over overlapping LR
-    patches and blend with a separable Gaussian window. Patches form a Cartesian grid, so the weight sum is
-    separable: memory is the output, the input and one patch, never a full-size weight volume."""
+    """`predict(lr_patch (1,1,d,h,w), rel_positions) -> (n, h, w)` on overlapping LR patches, Gauss-blended.
+    Patches form a grid, so the weight sum is separable: memory is input, output and one patch."""
     n_lr, ny, nx = lr.shape
     zs, pz = patch_starts(n_lr, patch_lr[0], overlap, min_shared=1)
     ys, py = patch_starts(ny, patch_lr[1], overlap)
@@ -805,11 +799,11 @@ def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | No
 
 
 @contextlib.contextmanager
-def measure(row: dict):
+def measure():
     """Adds the block's wall time and peak RSS (Linux: VmHWM reset on entry; else process peak) to `row`."""
     with contextlib.suppress(OSError):  # '5' resets the high-water mark
         Path("/proc/self/clear_refs").write_text("5")
-    t0 = time.perf_counter()
+    t0, row = time.perf_counter(), {}
     yield row
     row["time_s"] = round(time.perf_counter() - t0, 3)
     try:
@@ -868,7 +862,7 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
         raise UserError(f"{source}: no voxel above {cfg.infer.mask_threshold_hu} HU; nothing to evaluate")
     rows, outputs = [], {}
     for name, method in evaluation_methods(cfg, unet, ldm, factor, device):
-        with measure({}) as cost:
+        with measure() as cost:
             if isinstance(method, str):
                 outputs[name] = sample_z(lr, positions, cubic=method == "cubic")
             else:  # the VAE ceiling (roundtrip) puts the HR reference itself through encode-decode
@@ -1008,7 +1002,7 @@ def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device=
     if from_dicom and dicom_dir.exists():
         raise UserError(f"{dicom_dir} exists; remove it or choose another --output")
     positions = output_positions(work.hu.shape[0], factor)
-    with measure({}) as cost:
+    with measure() as cost:
         sr = upsample_hu(work.hu, positions, model, model.cfg, no_data_mask(work))
     meta = {k: v for k, v in vol.meta.items() if k == "nifti_header"}
     sr_vol = axis_first(nifti_io.Volume(sr, resampled_affine(work.affine, positions), meta), axis, back=True)
