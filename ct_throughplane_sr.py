@@ -1034,13 +1034,8 @@ SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 
 
-def build_config(config, preset, overrides, data=None, max_steps=None) -> Config:
-    cfg = load_config(Config, config, preset, overrides, shipped=default_config_path(__file__))
-    if data is not None:
-        cfg.data.path = data
-    if max_steps is not None:
-        cfg.train.max_steps = max_steps
-    return cfg
+def build_config(config, preset, overrides) -> Config:
+    return load_config(Config, config, preset, overrides, shipped=default_config_path(__file__))
 
 
 @app.command("prepare")
@@ -1074,7 +1069,9 @@ def train_cmd(
     """Train the SimpleUNet3D baseline, the 3-D KL-VAE or the latent diffusion model (ResShift+ControlNet)."""
     if model not in ("unet3d", "vae", "ldm"):
         raise UserError(f"--model must be unet3d, vae or ldm, got '{model}'")
-    cfg = build_config(config, preset, set_, data, max_steps)
+    cfg = build_config(config, preset, set_)
+    cfg.data.path = cfg.data.path if data is None else data
+    cfg.train.max_steps = cfg.train.max_steps if max_steps is None else max_steps
     train(cfg, model, out or Path(f"runs/{model}"), device, vae, resume, sys.argv)
 
 
