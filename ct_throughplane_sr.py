@@ -446,9 +446,9 @@ class LatentEncoder(nn.Module):
         self.downsamples = nn.ModuleList(nn.Conv3d(ch[i], ch[i + 1], 3, 2, 1) for i in range(len(ch) - 1))
         self.mid = nn.ModuleList(ResBlock(ch[-1], ch[-1], temb_dim) for _ in range(2))
 
-    def forward(self, x, t, x_add=None):
+    def forward(self, x, t):
         temb = self.time_mlp(timestep_embedding(t, self.base))
-        h = self.conv_in(x if x_add is None else x + x_add)
+        h = self.conv_in(x)
         skips = []
         for i, blocks in enumerate(self.levels):
             for block in blocks:
@@ -481,7 +481,7 @@ class LatentDenoiser(nn.Module):
         self.multiple = 2 ** (len(ch) - 1)
 
     def forward(self, x_t, t, cond):
-        _, control = self.control(x_t, t, self.control_in(cond))
+        _, control = self.control(x_t + self.control_in(cond), t)
         temb, feats = self.encoder(x_t, t)
         feats = [f + conv(c) for f, conv, c in zip(feats, self.control_out, control)]
         h = feats[-1]
