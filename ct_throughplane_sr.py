@@ -800,7 +800,7 @@ def save_checkpoints(out_dir: Path, facts: dict, step: int, val_loss: float | No
 
 @contextlib.contextmanager
 def measure():
-    """Adds the block's wall time and peak RSS (Linux: VmHWM reset on entry; else process peak) to `row`."""
+    """Yields a dict that gets the block's time_s and peak_rss_mb (Linux: VmHWM reset on entry)."""
     with contextlib.suppress(OSError):  # '5' resets the high-water mark
         Path("/proc/self/clear_refs").write_text("5")
     t0, row = time.perf_counter(), {}
