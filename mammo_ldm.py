@@ -17,7 +17,9 @@ Options beyond the seed (each has an ablation row in docs/mammo.md; `full` keeps
 from pure noise): `diffusion.prediction` eps | x0 | v; `diffusion.residual` (the target is clean minus
 degraded latent); `sample.start` < 1 (SDEdit: DDIM starts at t = start * T from the NOISED DEGRADED latent,
 not pure noise); `sample.consistency_sigma` > 0 (data consistency: the restored image takes the low-frequency
-part of the low-dose input's difference to it, a Gaussian of that many canvas pixels).
+part of the low-dose input's difference to it, a Gaussian of that many canvas pixels); `refine` (a small CNN
+on [restored image, low-dose image] fitted after the LDM: the decoder's output conditioned on the low-dose
+image, with `refine.source=input` as its plain-CNN ablation).
 
 Conventions written out here, as in every script: `norm(ch)` = GroupNorm(gcd(32, ch), ch); time embedding
 [sin, cos] (sin first) like diffusers' get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=0);
@@ -31,6 +33,8 @@ Usage:
   python mammo_ldm.py restore --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \\
       --input low_dose.dcm --output restored.dcm                               # or folders; DICOM/PNG in and
       out
+  python mammo_ldm.py refine --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \
+      --out runs/ldm_refined                     # restore/evaluate then take runs/ldm_refined/checkpoint.pt
   python mammo_ldm.py evaluate --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt
 Any config value: --set train.lr=1e-4 --set sample.steps=100 (see configs/mammo_ldm.yaml). Use the same preset
 as the VQ-VAE (both `tiny`, both `small` or both `full`).
@@ -71,6 +75,7 @@ from common.mammo import (
     nlm,
     paste_back,
     prepare,
+    random_crop,
     read_mammogram,
     resume_rng,
     unit_to_model,
@@ -137,6 +142,18 @@ class EvalConfig:
 
 
 @dataclass
+class RefineConfig:  # `refine`: a CNN on [image, low-dose image] fitted after the LDM (see Refiner)
+    source: str = "ldm"  # what it refines: ldm | first_stage (VQ-VAE-2 + DC, ablation) | input (plain CNN)
+    draws: int = 4  # noise draws of each training image
+    steps: int = 2000
+    channels: int = 32
+    layers: int = 7  # 3x3 convolutions: a 15-pixel receptive field
+    crop: int = 64
+    batch_size: int = 16
+    lr: float = 1e-3
+
+
+@dataclass
 class Config:
     data: MammoDataConfig = field(default_factory=MammoDataConfig)  # canvas and dose the model is trained for
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +161,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
 
 # --- data: latent pairs ---
@@ -327,6 +345,24 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+class Refiner(nn.Module):
+    """The decoder's output conditioned on the low-dose image: image + CNN([image, low dose]) on the [0, 1]
+    canvas. The latent cannot hold every detail of the film (the VQ-VAE-2 ceiling); the low-dose image holds
+    them under noise, and a CNN that sees both can take them back where the restored image is confident.
+    No normalisation layers, so a whole canvas sees what the training crops saw; the last layer starts at
+    zero, so an untrained refiner returns its input."""
+
+    def __init__(self, cfg: RefineConfig):
+        super().__init__()
+        layers = [nn.Conv2d(2, cfg.channels, 3, padding=1), nn.ReLU()]
+        for _ in range(cfg.layers - 2):
+            layers += [nn.Conv2d(cfg.channels, cfg.channels, 3, padding=1), nn.ReLU()]
+        self.net = nn.Sequential(*layers, zero(nn.Conv2d(cfg.channels, 1, 3, padding=1)))
+
+    def forward(self, image: torch.Tensor, low_dose: torch.Tensor) -> torch.Tensor:
+        return image + self.net(torch.cat([image, low_dose], 1))
+
+
 # --- diffusion and sampler ---
 
 
@@ -470,6 +506,7 @@ class Restorer:
     stats: dict  # latent_mean, latent_std, residual_std
     cfg: Config
     device: torch.device
+    refiner: nn.Module | None = None
 
     def encode(self, unit: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(unit_to_model(unit))[None, None].to(self.device)
@@ -492,11 +529,20 @@ class Restorer:
         return cond + y * self.stats["residual_std"] if residual else y
 
     @torch.no_grad()
-    def __call__(self, degraded_canvas: np.ndarray, mask: np.ndarray | None = None, steps: int | None = None):
+    def refine(self, image: np.ndarray, degraded_canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        image_t, low_t = (torch.from_numpy(v)[None, None].to(self.device) for v in (image, degraded_canvas))
+        out = self.refiner(image_t, low_t)[0, 0].clamp(0, 1).cpu().numpy()
+        return np.where(mask, out, image).astype(np.float32)
+
+    @torch.no_grad()
+    def __call__(self, degraded_canvas: np.ndarray, mask=None, steps: int | None = None, refine=True):
+        """The restored canvas: LDM, decoder, data consistency, then the refiner (if fitted on LDM output)."""
         restored = self.decode(self.restore_latent(degraded_canvas, steps))
+        mask = degraded_canvas > 0 if mask is None else mask
         if self.cfg.sample.consistency_sigma > 0:
-            mask = degraded_canvas > 0 if mask is None else mask
             restored = data_consistency(restored, degraded_canvas, mask, self.cfg.sample.consistency_sigma)
+        if refine and self.refiner is not None and self.cfg.refine.source == "ldm":
+            restored = self.refine(restored, degraded_canvas, mask)
         return restored
 
 
@@ -524,7 +570,13 @@ def load_restorer(vqvae_ckpt: Path, checkpoint: Path, device: torch.device, over
             f"{checkpoint}: weights do not match its model config (size mismatch: {detail})"
         ) from None
     stats = {k: state[k] for k in ("latent_mean", "latent_std", "residual_std")}
-    return Restorer(vqvae, unet.to(device).eval(), Schedule(cfg.diffusion, device), stats, cfg, device)
+    refiner = None
+    if "refiner" in state:
+        refiner = Refiner(cfg.refine)
+        refiner.load_state_dict(state["refiner"])
+        refiner = refiner.to(device).eval()
+    schedule = Schedule(cfg.diffusion, device)
+    return Restorer(vqvae, unet.to(device).eval(), schedule, stats, cfg, device, refiner)
 
 
 # --- train ---
@@ -731,6 +783,70 @@ def save_comparison(path: Path, degraded, restored, clean=None) -> None:
     )
 
 
+# --- refine: the decoder's output conditioned on the low-dose image ---
+
+
+def refiner_input(restorer: Restorer, degraded: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """What the refiner refines (`refine.source`); first_stage and input are the ablations of the LDM."""
+    source, sigma = restorer.cfg.refine.source, restorer.cfg.sample.consistency_sigma
+    if source == "ldm":
+        return restorer(degraded, mask, refine=False)
+    if source == "first_stage":
+        first_stage = restorer.decode(restorer.encode(degraded))
+        return data_consistency(first_stage, degraded, mask, sigma) if sigma > 0 else first_stage
+    if source == "input":
+        return degraded
+    raise UserError(f"refine.source must be ldm, first_stage or input, got '{source}'")
+
+
+def fit_refiner(
+    vqvae_ckpt, checkpoint, out_dir: Path, data_path=None, device_name="auto", overrides=None, argv=None
+):
+    """Fit the refiner (the LDM and VQ-VAE-2 frozen) on crops of the training images' restored canvases,
+    `refine.draws` noise draws each, restored exactly as `restore` does; MSE inside the breast. Writes
+    OUT/checkpoint.pt = the LDM checkpoint + the refiner and its config. Minutes on a CPU, so no resume."""
+    device = runtime.pick_device(device_name)
+    restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
+    cfg, rc = restorer.cfg, restorer.cfg.refine
+    cfg.data.path = data_path or cfg.data.path
+    runtime.seed_everything(cfg.train.seed)
+    runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
+    dataset = MammoDataset(list_sources(cfg.data, "train"), cfg.data, paired=True)
+    canvases = []  # per training image and noise draw: [refiner input, low dose, full dose, mask]
+    for draw in range(rc.draws):
+        dataset.epoch = draw
+        for i in range(len(dataset)):
+            item = dataset[i]
+            clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
+            mask = item["mask"][0].numpy() > 0
+            image = refiner_input(restorer, degraded, mask)
+            canvases.append(np.stack([image, degraded, clean, mask]).astype(np.float32))
+        print(f"refiner inputs ({rc.source}): noise draw {draw + 1}/{rc.draws} of {len(dataset)} images")
+    refiner = Refiner(rc).to(device)
+    optimizer = torch.optim.Adam(refiner.parameters(), lr=rc.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, rc.steps)
+    rng, ckpt_path = np.random.default_rng(cfg.train.seed), out_dir / "checkpoint.pt"
+    with runtime.ProgressLogger(out_dir, rc.steps, "refine", log_every=cfg.train.log_every) as progress:
+        for step in range(1, rc.steps + 1):
+            crops = []
+            for k in rng.integers(len(canvases), size=rc.batch_size):
+                top, left = random_crop(canvases[k].shape[1:], (rc.crop, rc.crop), canvases[k][3] > 0, rng)
+                crops.append(canvases[k][:, top : top + rc.crop, left : left + rc.crop])
+            image, low, clean, mask = torch.from_numpy(np.stack(crops)).to(device).split(1, dim=1)
+            loss = (((refiner(image, low) - clean) * mask) ** 2).sum() / mask.sum().clamp(min=1.0)
+            runtime.stop_if_not_finite(loss, step, ckpt_path)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            progress.log(step, rmse=loss.item() ** 0.5)
+    state = runtime.load_checkpoint(checkpoint, SCRIPT)
+    runtime.save_checkpoint(
+        ckpt_path, {**state, "config": config_to_dict(cfg), "refiner": refiner.state_dict()}
+    )
+    return ckpt_path
+
+
 # --- restore files ---
 
 
@@ -816,6 +932,13 @@ def score(out: np.ndarray, clean: np.ndarray, mask: np.ndarray, lpips_model) -> 
     return row
 
 
+REFINED_ROWS = {
+    "ldm": "LDM restored + refiner",
+    "first_stage": "refiner on the VQ-VAE-2 of the low dose + DC (no diffusion)",
+    "input": "refiner on the low-dose input alone (a plain CNN)",
+}
+
+
 @torch.no_grad()
 def candidates(restorer: Restorer, item: dict, with_baselines: bool) -> dict[str, np.ndarray]:
     """Every row's output for one test pair: the input, classical denoisers, the VQ-VAE-2 alone, the LDM."""
@@ -836,7 +959,11 @@ def candidates(restorer: Restorer, item: dict, with_baselines: bool) -> dict[str
         outputs["... + data consistency (no diffusion)"] = data_consistency(
             first_stage, degraded, mask, sigma
         )
-    outputs["LDM restored"] = restorer(degraded, mask)
+    outputs["LDM restored"] = restorer(degraded, mask, refine=False)
+    if restorer.refiner is not None:
+        source = restorer.cfg.refine.source
+        image = outputs["LDM restored"] if source == "ldm" else refiner_input(restorer, degraded, mask)
+        outputs[REFINED_ROWS[source]] = restorer.refine(image, degraded, mask)
     return outputs
 
 
@@ -876,9 +1003,8 @@ def evaluate(
         for name, out in outputs.items():
             scores.setdefault(name, []).append(score(out, clean, mask, lpips_model))
         if i < cfg.eval.panel_images:
-            save_comparison(
-                out_dir / f"restored_{i:02d}.png", outputs["low-dose input"], outputs["LDM restored"], clean
-            )
+            final = outputs.get(REFINED_ROWS["ldm"], outputs["LDM restored"])
+            save_comparison(out_dir / f"restored_{i:02d}.png", outputs["low-dose input"], final, clean)
     rows = [
         {"method": name, **{k: float(np.mean([r[k] for r in vals])) for k in vals[0]}, "images": len(vals)}
         for name, vals in scores.items()
@@ -894,6 +1020,7 @@ def evaluate(
         f"LDM: {diffusion.prediction}-prediction{', residual target' if diffusion.residual else ''}; DDIM "
         f"{sample.steps} steps, eta {sample.eta}, start {sample.start} x T, data consistency sigma "
         f"{sample.consistency_sigma}; EMA weights",
+        *([refiner_note(cfg)] if restorer.refiner is not None else []),
         f"command: python {SCRIPT}.py evaluate --vqvae {vqvae_ckpt} --checkpoint {checkpoint}"
         + "".join(f" --set {o}" for o in overrides or []),
     ]
@@ -901,6 +1028,14 @@ def evaluate(
         rows, "Low-dose mammogram restoration (test split)", out_dir / "metrics.json", notes
     )
     return {"rows": rows, "notes": notes}
+
+
+def refiner_note(cfg: Config) -> str:
+    rc = cfg.refine
+    return (
+        f"refiner: on {rc.source}, {rc.layers} conv layers x {rc.channels} channels, {rc.steps} steps on "
+        f"{rc.crop} px crops of {rc.draws} noise draws of each training image"
+    )
 
 
 # --- commands ---
@@ -975,6 +1110,19 @@ def evaluate_cmd(
 
 
 app.command("eval", hidden=True)(evaluate_cmd)
+
+
+@app.command("refine")
+def refine_cmd(
+    vqvae: Path = VqvaeOpt,
+    checkpoint: Path = CheckpointOpt,
+    out: Path = typer.Option(..., "--out"),
+    data: str = DataOpt,
+    set_: list[str] = SetOpt,
+    device: str = DeviceOpt,
+):
+    """Fit the refiner (a CNN on the restored and the low-dose image) on a trained LDM: OUT/checkpoint.pt."""
+    fit_refiner(vqvae, checkpoint, out, data, device, set_, sys.argv)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,44 @@ def test_restore_writes_a_16_bit_dicom_of_the_original_geometry_with_new_uids(ch
         assert dciodvfy_errors(out_path) <= dciodvfy_errors(chain["source"])
 
 
+def eval_rows(eval_dir: Path) -> dict[str, dict]:
+    return {r["method"]: r for r in json.loads((eval_dir / "metrics.json").read_text())["rows"]}
+
+
+def test_refiner_alone_learns_to_denoise_the_low_dose_input(chain, tmp_path):
+    """refine.source=input is the plain-CNN baseline: it must beat its input clearly (a broken refiner,
+    crop sampler or loss mask would not)."""
+    out = tmp_path / "cnn"
+    source = ["--set", "refine.source=input", "--set", "refine.steps=150"]
+    run_cli("mammo_ldm.py", ["refine", *chain["models"], "--out", out, *source])
+    rmse = [r["rmse"] for _, r in sorted(records(out).items())]  # one record per step
+    assert len(rmse) == 150 and np.mean(rmse[-10:]) < 0.8 * np.mean(rmse[:5])
+    run_cli("mammo_ldm.py", ["evaluate", *chain["models"][:2], "--checkpoint", out / "checkpoint.pt"])
+    rows = eval_rows(out / "eval")
+    refined = rows["refiner on the low-dose input alone (a plain CNN)"]
+    assert refined["psnr_db"] > rows["low-dose input"]["psnr_db"] + 3
+    assert rows["LDM restored"] == eval_rows(chain["ldm"] / "eval")["LDM restored"]  # the LDM untouched
+
+
+def test_refiner_on_the_ldm_is_what_restore_writes(chain, tmp_path):
+    out = tmp_path / "refined"
+    run_cli("mammo_ldm.py", ["refine", *chain["models"], "--out", out])
+    ldm_state = torch.load(chain["ldm"] / "checkpoint.pt", weights_only=True)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(state) == set(ldm_state) | {"refiner"} and state["config"]["refine"]["source"] == "ldm"
+    models = [*chain["models"][:2], "--checkpoint", out / "checkpoint.pt", "--device", "cpu"]
+    run_cli("mammo_ldm.py", ["restore", *models, "--input", chain["source"], "--output", tmp_path / "r.dcm"])
+    refined = pydicom.dcmread(tmp_path / "r.dcm").pixel_array
+    assert not np.array_equal(refined, pydicom.dcmread(chain["base"] / "out" / "restored.dcm").pixel_array)
+    run_cli("mammo_ldm.py", ["evaluate", *models])
+    assert list(eval_rows(out / "eval"))[-2:] == ["LDM restored", "LDM restored + refiner"]
+    bad = ["refine", *chain["models"], "--out", tmp_path / "bad", "--set", "refine.source=noise"]
+    assert "refine.source must be ldm, first_stage or input" in one_error_line(
+        run_cli("mammo_ldm.py", bad, ok=False), "error:"
+    )
+    assert not (tmp_path / "bad").exists()
+
+
 def test_latents_of_another_dose_canvas_or_vqvae_are_refused(chain, tmp_path):
     base, vq = chain["base"], chain["vq"] / "checkpoint.pt"
     other = tmp_path / "dose05"

@@ -87,17 +87,31 @@ NO_DC=(--set sample.consistency_sigma=0 --set eval.baselines=false)
   evaluate x0 "$RUN/data" x0_seed_sampler --set sample.start=1.0 --set sample.steps=50 "${NO_DC[@]}"
 } &
 wait
+# stage 3: the refiner (a CNN on [image, low-dose image], `mammo_ldm.py refine`) fitted on the training films
+# for the small preset's LDM, and its two ablations: on the first stage alone, and on the input alone (a plain
+# CNN denoiser of the same size, data and steps). Nothing here is chosen on 1-131.dcm.
+for source in ldm first_stage input; do
+  [ -f "$RUN/refine_$source/done" ] && continue
+  ( $PY mammo_ldm.py refine --vqvae "$VQ" --checkpoint "$RUN/ldm_residual/checkpoint.pt" --device cpu \
+      --data "$RUN/data" --out "$RUN/refine_$source" --set refine.source=$source \
+      --set sample.consistency_sigma=$SIGMA > "$RUN/refine_$source.log" 2>&1 && touch "$RUN/refine_$source/done"
+    $PY mammo_ldm.py evaluate --vqvae "$VQ" --checkpoint "$RUN/refine_$source/checkpoint.pt" --device cpu \
+      --data "$RUN/data" --out "$RUN/eval/refine_$source" --set eval.baselines=false \
+      > "$RUN/eval/refine_$source.log" 2>&1 ) &
+  [ $source = first_stage ] && wait
+done
+wait
 $PY - "$RUN/eval" <<'PYEOF'
 import json, sys
 from pathlib import Path
 
 root = Path(sys.argv[1])
 names = ["main", "residual_tiles", "residual_whole_canvas", "x0_dc", "x0_tiles", "x0_whole_canvas",
-         "x0_seed_sampler"]
+         "x0_seed_sampler", "refine_ldm", "refine_first_stage", "refine_input"]
 for name in names:
     rows = json.loads((root / name / "metrics.json").read_text())["rows"]
     for r in rows:
-        if name == "main" or r["method"] == "LDM restored":
+        if name == "main" or r["method"] == "LDM restored" or "refiner" in r["method"]:
             print(f"{name:22s} {r['method'][:50]:50s} {r['psnr_db']:6.2f} {r['ssim']:.3f} "
                   f"{r['noise_std']:.4f} {r.get('lpips', float('nan')):.3f}")
 PYEOF
