@@ -33,7 +33,7 @@ Usage:
   python mammo_ldm.py restore --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \\
       --input low_dose.dcm --output restored.dcm                               # or folders; DICOM/PNG in and
       out
-  python mammo_ldm.py refine --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \
+  python mammo_ldm.py refine --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \\
       --out runs/ldm_refined                     # restore/evaluate then take runs/ldm_refined/checkpoint.pt
   python mammo_ldm.py evaluate --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt
 Any config value: --set train.lr=1e-4 --set sample.steps=100 (see configs/mammo_ldm.yaml). Use the same preset
