@@ -90,17 +90,22 @@ wait
 # stage 3: the refiner (a CNN on [image, low-dose image], `mammo_ldm.py refine`) fitted on the training films
 # for the small preset's LDM, and its two ablations: on the first stage alone, and on the input alone (a plain
 # CNN denoiser of the same size, data and steps). Nothing here is chosen on 1-131.dcm.
-for source in ldm first_stage input; do
-  [ -f "$RUN/refine_$source/done" ] && continue
-  ( $PY mammo_ldm.py refine --vqvae "$VQ" --checkpoint "$RUN/ldm_residual/checkpoint.pt" --device cpu \
+refine() {  # refine SOURCE: fit (unless done), then evaluate on 1-131.dcm
+  local source=$1
+  [ -f "$RUN/refine_$source/done" ] || {
+    $PY mammo_ldm.py refine --vqvae "$VQ" --checkpoint "$RUN/ldm_residual/checkpoint.pt" --device cpu \
       --data "$RUN/data" --out "$RUN/refine_$source" --set refine.source=$source \
-      --set sample.consistency_sigma=$SIGMA > "$RUN/refine_$source.log" 2>&1 && touch "$RUN/refine_$source/done"
-    $PY mammo_ldm.py evaluate --vqvae "$VQ" --checkpoint "$RUN/refine_$source/checkpoint.pt" --device cpu \
-      --data "$RUN/data" --out "$RUN/eval/refine_$source" --set eval.baselines=false \
-      > "$RUN/eval/refine_$source.log" 2>&1 ) &
-  [ $source = first_stage ] && wait
-done
+      --set sample.consistency_sigma=$SIGMA > "$RUN/refine_$source.log" 2>&1
+    touch "$RUN/refine_$source/done"
+  }
+  $PY mammo_ldm.py evaluate --vqvae "$VQ" --checkpoint "$RUN/refine_$source/checkpoint.pt" --device cpu \
+    --data "$RUN/data" --out "$RUN/eval/refine_$source" --set eval.baselines=false \
+    > "$RUN/eval/refine_$source.log" 2>&1
+}
+refine ldm &  # two at a time, one thread each
+refine first_stage &
 wait
+refine input
 $PY - "$RUN/eval" <<'PYEOF'
 import json, sys
 from pathlib import Path
