@@ -89,13 +89,44 @@ NO_DC=(--set sample.consistency_sigma=0 --set eval.baselines=false)
 wait
 # stage 3: the refiner (a CNN on [image, low-dose image], `mammo_ldm.py refine`) fitted on the training films
 # for the small preset's LDM, and its two ablations: on the first stage alone, and on the input alone (a plain
-# CNN denoiser of the same size, data and steps). Nothing here is chosen on 1-131.dcm.
+# CNN denoiser of the same size, data and steps). Nothing here is chosen on 1-131.dcm: its depth and steps are
+# chosen like the sigma, fitted on 1-133.dcm and scored on 1-132.dcm (RUN/tune).
+REFINERS=("refine.layers=7 refine.steps=2000" "refine.layers=12 refine.steps=3000" "refine.layers=7 refine.steps=6000")
+tune_refiner() {  # tune_refiner INDEX: fit candidate INDEX on 1-133.dcm (unless done), score it on 1-132.dcm
+  local dir="$RUN/tune_refiner$1" sets=()
+  for s in ${REFINERS[$1]}; do sets+=(--set "$s"); done
+  [ -f "$dir/done" ] || {
+    $PY mammo_ldm.py refine --vqvae "$VQ" --checkpoint "$RUN/ldm_residual/checkpoint.pt" --device cpu \
+      --data "$RUN/tune" --out "$dir" --set sample.consistency_sigma=$SIGMA "${sets[@]}" > "$dir.log" 2>&1
+    touch "$dir/done"
+  }
+  $PY mammo_ldm.py evaluate --vqvae "$VQ" --checkpoint "$dir/checkpoint.pt" --device cpu --data "$RUN/tune" \
+    --out "$RUN/eval/tune_refiner$1" --set eval.baselines=false > "$RUN/eval/tune_refiner$1.log" 2>&1
+}
+tune_refiner 0 &  # two at a time, one thread each
+tune_refiner 1 &
+wait
+tune_refiner 2
+CHOSEN=$($PY - "$RUN/eval" "${REFINERS[@]}" <<'PYEOF'
+import json, sys
+from pathlib import Path
+
+def psnr(i):
+    rows = json.loads((Path(sys.argv[1]) / f"tune_refiner{i}" / "metrics.json").read_text())["rows"]
+    return next(r["psnr_db"] for r in rows if r["method"] == "LDM restored + refiner")
+
+print(sys.argv[2 + max(range(len(sys.argv) - 2), key=psnr)])
+PYEOF
+)
+echo "refiner chosen on 1-132.dcm: $CHOSEN" | tee "$RUN/eval/chosen_refiner.txt"
+REFINE_SETS=()
+for s in $CHOSEN; do REFINE_SETS+=(--set "$s"); done
 refine() {  # refine SOURCE: fit (unless done), then evaluate on 1-131.dcm
   local source=$1
   [ -f "$RUN/refine_$source/done" ] || {
     $PY mammo_ldm.py refine --vqvae "$VQ" --checkpoint "$RUN/ldm_residual/checkpoint.pt" --device cpu \
       --data "$RUN/data" --out "$RUN/refine_$source" --set refine.source=$source \
-      --set sample.consistency_sigma=$SIGMA > "$RUN/refine_$source.log" 2>&1
+      --set sample.consistency_sigma=$SIGMA "${REFINE_SETS[@]}" > "$RUN/refine_$source.log" 2>&1
     touch "$RUN/refine_$source/done"
   }
   $PY mammo_ldm.py evaluate --vqvae "$VQ" --checkpoint "$RUN/refine_$source/checkpoint.pt" --device cpu \
@@ -112,7 +143,8 @@ from pathlib import Path
 
 root = Path(sys.argv[1])
 names = ["main", "residual_tiles", "residual_whole_canvas", "x0_dc", "x0_tiles", "x0_whole_canvas",
-         "x0_seed_sampler", "refine_ldm", "refine_first_stage", "refine_input"]
+         "x0_seed_sampler", "tune_refiner0", "tune_refiner1", "tune_refiner2", "refine_ldm", "refine_first_stage",
+         "refine_input"]
 for name in names:
     rows = json.loads((root / name / "metrics.json").read_text())["rows"]
     for r in rows:
