@@ -26,8 +26,8 @@ import functools
 import json
 import math
 import resource
-import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -213,11 +213,10 @@ def ssp_kernel(fwhm_vox: float, profile: str) -> np.ndarray:
 
 
 def sample_z(vol: np.ndarray, positions: np.ndarray, cubic: bool = False) -> np.ndarray:
-    """`lerp_z`, or (`cubic`, 4+ slices) scipy's not-a-knot spline, of a (z, y, x) array at `positions`."""
-    if cubic and len(vol) >= 4:
-        return make_interp_spline(np.arange(len(vol)), vol, k=3, axis=0)(positions).astype(np.float32)
+    """`lerp_z` or (`cubic`) `spline_z` of a (z, y, x) array at fractional slice indices `positions`."""
     vol = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
-    return lerp_z(vol, torch.as_tensor(np.asarray(positions, np.float64)))[0, 0].numpy()
+    positions = torch.as_tensor(np.asarray(positions, np.float64))
+    return (spline_z if cubic else lerp_z)(vol, positions)[0, 0].numpy()
 
 
 def simulate_thick_slices(hu: np.ndarray, spacing_z_mm: float, cfg: DataConfig, start: float = 0.0):
@@ -718,8 +717,7 @@ def validation_loss(kind, ema_model, val_vols, cfg: Config, vae, scale, device) 
 
 
 def train(cfg: Config, kind: str, out_dir: Path, device="auto", vae_ckpt=None, resume=None, argv=None):
-    """Train unet3d | vae | ldm on random 3-D patches; writes checkpoint.pt (latest, for --resume) and best.pt
-    (EMA weights of the lowest validation loss); returns best.pt. Single process or torchrun."""
+    """Train unet3d | vae | ldm on random 3-D patches, single process or under torchrun; returns best.pt."""
     dist = runtime.init_distributed(device)
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
@@ -865,11 +863,10 @@ def evaluate(cfg: Config, out_dir: Path, hr_path=None, unet=None, ldm=None, devi
         with measure() as cost:
             if isinstance(method, str):
                 outputs[name] = sample_z(lr, positions, cubic=method == "cubic")
-            else:  # the VAE ceiling (roundtrip) puts the HR reference itself through encode-decode
-                src, at = (
-                    (ref, np.arange(len(ref), dtype=np.float64)) if method.roundtrip else (lr, positions)
-                )
-                outputs[name] = upsample_hu(src, at, method, method.cfg)
+            elif method.roundtrip:  # the VAE ceiling puts the HR reference itself through encode-decode
+                outputs[name] = upsample_hu(ref, np.arange(len(ref), dtype=np.float64), method, method.cfg)
+            else:
+                outputs[name] = upsample_hu(lr, positions, method, method.cfg)
         try:  # SSIM: 2-D per slice or a smaller window on short volumes; `convention` says which
             row = metrics.image_metrics(outputs[name], ref, tuple(cfg.infer.window_hu), mask=mask)
         except ValueError as exc:  # under 3 voxels along an image axis: no SSIM window fits
@@ -895,17 +892,12 @@ def save_reformats(out_dir: Path, outputs: dict, ref: np.ndarray, spacing_zyx, w
     """Sagittal and coronal centre planes of every output, superior up, stretched to the physical aspect."""
     last = [name for name in outputs if "ceiling" not in name][-1]  # error panel: the most elaborate method
     volumes = [*outputs.values(), ref, outputs[last] - ref]
+    titles = [*outputs, "HR reference", f"{last.split(' ')[0]} - HR"]
     for axis, view in ((2, "sagittal"), (1, "coronal")):
         aspect = (spacing_zyx[0] / spacing_zyx[3 - axis], 1.0)
         images = [ndimage.zoom(np.take(v, v.shape[axis] // 2, axis)[::-1], aspect, order=1) for v in volumes]
-        viz.save_panel(
-            out_dir / f"{view}.png",
-            images,
-            [*outputs, "HR reference", f"{last.split(' ')[0]} - HR"],
-            window=window,
-            error_index=len(images) - 1,
-            suptitle=f"{view} reformat, window {list(window)} HU",
-        )
+        suptitle = f"{view} reformat, window {list(window)} HU"
+        viz.save_panel(out_dir / f"{view}.png", images, titles, window, len(images) - 1, suptitle=suptitle)
 
 
 # --- prepare and upsample (files in, files out) ---
@@ -953,11 +945,10 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
     patients = collect_volumes(input_dir, out_dir, cfg.data)
     if not patients:
         raise UserError(f"{input_dir}: no usable DICOM series or NIfTI volume found (see the lines above)")
-    ids = sorted(patients)
-    order = [ids[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(ids))]
-    n_test, n_val = (max(1, round(len(ids) * fraction)) for fraction in (test_fraction, val_fraction))
-    if len(ids) < 3:
-        warnings.warn(f"only {len(ids)} patient(s): all in train, none held out", stacklevel=2)
+    order = np.random.default_rng(cfg.train.seed).permutation(sorted(patients)).tolist()
+    n_test, n_val = (max(1, round(len(order) * fraction)) for fraction in (test_fraction, val_fraction))
+    if len(order) < 3:
+        warnings.warn(f"only {len(order)} patient(s): all in train, none held out", stacklevel=2)
         n_test = n_val = 0
     split = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -966,7 +957,9 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
             tmp.write_text("".join(f"{f}\n" for p in members for f in patients[p]))
     with runtime.atomic_path(out_dir / "patients.json") as tmp:
         tmp.write_text(json.dumps({"split": split, "files": patients}, indent=2))
-    print(f"{len(ids)} patients: {', '.join(f'{k} {len(v)}' for k, v in split.items())}; lists in {out_dir}")
+    print(
+        f"{len(order)} patients: {', '.join(f'{k} {len(v)}' for k, v in split.items())}; lists in {out_dir}"
+    )
     return split
 
 
@@ -988,7 +981,6 @@ def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device=
     if not output.name.endswith((".nii", ".nii.gz")):
         raise UserError(f"--output {output}: must end in .nii or .nii.gz")
     runtime.refuse_overwrite_input(output, input_path)
-    device = runtime.pick_device(device)
     vol = nifti_io.read_volume(input_path, "CT")
     from_dicom = "datasets" in vol.meta
     axis = 0 if from_dicom else slice_axis(vol.affine)  # a DICOM series stacks its slices along k
@@ -996,7 +988,7 @@ def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device=
     check_geometry(work.affine, input_path)
     if work.hu.shape[0] < 2:
         raise UserError(f"{input_path}: {work.hu.shape[0]} slice(s); z super-resolution needs at least 2")
-    model = Predictor(checkpoint, (cfg or Config()).infer, device)
+    model = Predictor(checkpoint, (cfg or Config()).infer, runtime.pick_device(device))
     factor = choose_factor(factor, spacing_mm, work.spacing_mm[0], model.cfg)
     dicom_dir = output.parent / (output.name.removesuffix(".gz").removesuffix(".nii") + "_dicom")
     if from_dicom and dicom_dir.exists():
@@ -1006,18 +998,15 @@ def upsample_file(checkpoint, input_path, output, factor=None, cfg=None, device=
         sr = upsample_hu(work.hu, positions, model, model.cfg, no_data_mask(work))
     meta = {k: v for k, v in vol.meta.items() if k == "nifti_header"}
     sr_vol = axis_first(nifti_io.Volume(sr, resampled_affine(work.affine, positions), meta), axis, back=True)
-    tmp_dir = dicom_dir.parent / f".{dicom_dir.name}.tmp"  # the series is renamed once the NIfTI is written
-    try:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{dicom_dir.name}.") as tmp:
+        series = Path(tmp) / "series"  # moved into place once the NIfTI is written: both or neither
         if from_dicom:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
             description = f"ct_throughplane_sr {model.kind} x{factor:g}"
-            dicom_io.write_dicom_series(sr_vol, vol.meta["datasets"], tmp_dir, description=description)
+            dicom_io.write_dicom_series(sr_vol, vol.meta["datasets"], series, description=description)
         written = [nifti_io.write_nifti(output, sr_vol)]
         if from_dicom:
-            tmp_dir.replace(dicom_dir)
-            written.append(dicom_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+            written.append(series.replace(dicom_dir))
     print(
         f"{vol.hu.shape} -> {sr_vol.hu.shape} (x{factor:g} along {'kji'[axis]}) in {cost['time_s']:.1f} s, "
         f"peak RSS {cost['peak_rss_mb']} MB; wrote {', '.join(map(str, written))}"
