@@ -315,10 +315,10 @@ def lerp_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def spline_z(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Cubic spline along z (not-a-knot, scipy) as a (positions x slices) matrix; linear below 4 slices."""
-    if x.shape[2] < 4:
+    n = x.shape[2]
+    if n < 4:
         return lerp_z(x, positions)
-    eye = np.eye(x.shape[2])
-    weights = make_interp_spline(np.arange(x.shape[2]), eye, k=3, axis=0)(positions.cpu().numpy())
+    weights = make_interp_spline(np.arange(n), np.eye(n), k=3, axis=0)(positions.cpu().numpy())
     return torch.einsum("nd,bcdhw->bcnhw", torch.from_numpy(weights).to(x), x)
 
 
