@@ -7,32 +7,24 @@ back to pixels; it is continuous, so Gaussian diffusion is well defined (code in
 quantisation after sampling snaps small sampling errors back onto the codebooks. Latents are standardised by
 the training set's mean/std (CompVis' scale_by_std, one scalar each).
 
-A UNet (base 192, multipliers [1, 2, 4], 2 residual blocks, self-attention at levels 1 and 2 with 64-channel
-heads via F.scaled_dot_product_attention, optional gradient checkpointing) is conditioned by concatenating the
-degraded image's latent. Schedule: CompVis' "linear" (linear in sqrt(beta)) from 0.0015 to 0.0195 over T =
-1000 steps. EMA of the weights (0.9999 with CompVis' LitEma warm-up); DDIM, 50 steps, eta 0, with the EMA
-weights.
+A UNet (the seed's sizes in ModelConfig) sees the degraded image's latent concatenated to its input;
+CompVis' "linear" schedule, EMA weights with LitEma's warm-up, DDIM 50 steps, eta 0.
 
-Options beyond the seed (each has an ablation row in docs/mammo.md; `full` keeps the seed's eps-prediction
-from pure noise): `diffusion.prediction` eps | x0 | v; `diffusion.residual` (the target is clean minus
-degraded latent); `sample.start` < 1 (SDEdit: DDIM starts at t = start * T from the NOISED DEGRADED latent,
-not pure noise); `sample.consistency_sigma` > 0 (data consistency: the restored image takes the low-frequency
-part of the low-dose input's difference to it, a Gaussian of that many canvas pixels); `refine` (a small CNN
-on [restored image, low-dose image] fitted after the LDM: the decoder's output conditioned on the low-dose
-image, with `refine.source=input` as its plain-CNN ablation).
+Options beyond the seed, each with an ablation row in docs/mammo.md (`full` keeps the seed's eps-prediction
+from pure noise): `diffusion.prediction`, `diffusion.residual`, `sample.start` (SDEdit),
+`sample.consistency_sigma` (data_consistency) and the `refine` command (Refiner).
 
 Conventions written out here, as in every script: `norm(ch)` = GroupNorm(gcd(32, ch), ch); time embedding
 [sin, cos] (sin first) like diffusers' get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=0);
 DDIM step grid = diffusers' "trailing" spacing.
 
-Needs mammo_vqvae.py beside it (the frozen first stage's model and loader) and common/ (data, dose model).
+Needs mammo_vqvae.py beside it (the frozen first stage's model and loader) and common/.
 
 Usage:
   python mammo_ldm.py train --vqvae runs/vqvae/checkpoint.pt --latents runs/latents --out runs/ldm
   python mammo_ldm.py train --vqvae runs/vqvae/checkpoint.pt --out runs/ldm     # latents on the fly
   python mammo_ldm.py restore --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \\
-      --input low_dose.dcm --output restored.dcm                               # or folders; DICOM/PNG in and
-      out
+      --input low_dose.dcm --output restored.dcm               # or folders; DICOM or PNG in and out
   python mammo_ldm.py refine --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt \\
       --out runs/ldm_refined                     # restore/evaluate then take runs/ldm_refined/checkpoint.pt
   python mammo_ldm.py evaluate --vqvae runs/vqvae/checkpoint.pt --checkpoint runs/ldm/checkpoint.pt
@@ -42,6 +34,7 @@ as the VQ-VAE (both `tiny`, both `small` or both `full`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -58,28 +51,9 @@ from pydicom.uid import generate_uid
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from torch.utils.data import DataLoader, Dataset
 
-from common import UserError, dicom_io, metrics, runtime, viz
+from common import UserError, dicom_io, mammo, metrics, runtime, viz
 from common.config import config_to_dict, default_config_path, load_config
-from common.mammo import (
-    IMAGE_SUFFIXES,
-    MammoDataConfig,
-    MammoDataset,
-    bm3d_anscombe,
-    dose_description,
-    dose_mismatch,
-    epoch_order,
-    from_unit,
-    list_sources,
-    loader_generator,
-    model_to_unit,
-    nlm,
-    paste_back,
-    prepare,
-    random_crop,
-    read_mammogram,
-    resume_rng,
-    unit_to_model,
-)
+from common.mammo import IMAGE_SUFFIXES
 from common.perceptual import load_lpips, lpips_distance
 from mammo_vqvae import VQVAE2, config_with_sets, fingerprint, load_vqvae
 
@@ -155,7 +129,7 @@ class RefineConfig:  # `refine`: a CNN on [image, low-dose image] fitted after t
 
 @dataclass
 class Config:
-    data: MammoDataConfig = field(default_factory=MammoDataConfig)  # canvas and dose the model is trained for
+    data: mammo.MammoDataConfig = field(default_factory=mammo.MammoDataConfig)  # what it is trained for
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -165,6 +139,8 @@ class Config:
 
 
 # --- data: latent pairs ---
+
+PAIR = ("clean", "degraded")
 
 
 class LatentPairs(Dataset):
@@ -178,27 +154,30 @@ class LatentPairs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         pair = torch.load(self.files[i], map_location="cpu", weights_only=True)
-        return {"clean": pair["clean"].float(), "degraded": pair["degraded"].float()}
+        return {k: pair[k].float() for k in PAIR}
 
 
-def read_latent_index(latents: Path, vqvae_print: str, data: MammoDataConfig) -> dict:
+def read_latent_index(latents: Path, vqvae_print: str, data: mammo.MammoDataConfig) -> dict:
     """index.json of an extract-latents folder, refused unless it was made by this VQ-VAE at this canvas and
     dose: a model trained or scored on other pairs than it claims would report numbers for another task."""
     path = latents / "index.json"
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise UserError(
-            f"{path}: missing or not JSON; write it with mammo_vqvae.py extract-latents"
-        ) from None
+        raise UserError(f"{path}: missing or not JSON; run mammo_vqvae.py extract-latents") from None
     if index.get("vqvae_fingerprint") != vqvae_print:
-        raise UserError(
-            f"{latents}: latents come from another VQ-VAE ({index.get('vqvae_checkpoint')}) than --vqvae"
-        )
-    mismatch = dose_mismatch(index.get("data", {}), data)
+        made_by = index.get("vqvae_checkpoint")
+        raise UserError(f"{latents}: latents come from another VQ-VAE ({made_by}) than --vqvae")
+    mismatch = mammo.dose_mismatch(index.get("data", {}), data)
     if mismatch:
         raise UserError(f"{latents}: latents made with another canvas or dose: {mismatch}")
     return index
+
+
+def unit_pair(item: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(full dose, low dose, breast mask) of a MammoDataset item, on the [0, 1] canvas."""
+    clean, degraded = (mammo.model_to_unit(item[k][0]).numpy() for k in PAIR)
+    return clean, degraded, item["mask"][0].numpy() > 0
 
 
 # --- model ---
@@ -246,32 +225,29 @@ class Attention(nn.Module):
 
     def forward(self, x, emb=None):
         b, c, h, w = x.shape
-        q, k, v = (
-            self.qkv(self.norm(x))
-            .reshape(b, 3, self.heads, c // self.heads, h * w)
-            .transpose(-1, -2)
-            .unbind(1)
-        )
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
-class Down(nn.Module):
-    def __init__(self, ch: int):
+class Resample(nn.Module):
+    """A stride-2 convolution down, or nearest-neighbour upsampling and a convolution up."""
+
+    def __init__(self, ch: int, up: bool):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x, emb=None):
-        return self.conv(x)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
 
 
-class Up(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x, emb=None):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+def level_blocks(cfg: ModelConfig, level: int, in_ch: int, out_ch: int, emb_dim: int) -> nn.ModuleList:
+    """One ResBlock, then self-attention at the levels that have it."""
+    blocks = nn.ModuleList([ResBlock(in_ch, out_ch, emb_dim, cfg.dropout)])
+    if level in cfg.attention_levels:
+        blocks.append(Attention(out_ch, cfg.attention_head_channels))
+    return blocks
 
 
 class UNet(nn.Module):
@@ -279,46 +255,35 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, latent_channels: int):
         super().__init__()
-        base, mults, head = cfg.base_channels, cfg.channel_mults, cfg.attention_head_channels
+        base, mults = cfg.base_channels, cfg.channel_mults
         emb_dim = 4 * base
-        self.base, self.checkpointing = base, cfg.gradient_checkpointing
+        self.base, self.checkpointing, self.factor = base, cfg.gradient_checkpointing, 2 ** (len(mults) - 1)
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.input = nn.Conv2d(2 * latent_channels, base, 3, padding=1)
         self.down, skips, ch = nn.ModuleList(), [base], base
         for level, mult in enumerate(mults):
             for _ in range(cfg.num_res_blocks):
-                blocks = [ResBlock(ch, base * mult, emb_dim, cfg.dropout)]
+                self.down.append(level_blocks(cfg, level, ch, base * mult, emb_dim))
                 ch = base * mult
-                if level in cfg.attention_levels:
-                    blocks.append(Attention(ch, head))
-                self.down.append(nn.ModuleList(blocks))
                 skips.append(ch)
             if level < len(mults) - 1:
-                self.down.append(nn.ModuleList([Down(ch)]))
+                self.down.append(nn.ModuleList([Resample(ch, up=False)]))
                 skips.append(ch)
         # CompVis' middle block; its attention only where the deepest level has attention (a CPU preset
-        # without
-        # attention would otherwise attend over tens of thousands of latent pixels)
-        middle_attention = [Attention(ch, head)] if len(mults) - 1 in cfg.attention_levels else []
-        self.middle = nn.ModuleList(
-            [
-                ResBlock(ch, ch, emb_dim, cfg.dropout),
-                *middle_attention,
-                ResBlock(ch, ch, emb_dim, cfg.dropout),
-            ]
-        )
+        # without attention would otherwise attend over tens of thousands of latent pixels)
+        middle = [ResBlock(ch, ch, emb_dim, cfg.dropout)]
+        if len(mults) - 1 in cfg.attention_levels:
+            middle.append(Attention(ch, cfg.attention_head_channels))
+        self.middle = nn.ModuleList([*middle, ResBlock(ch, ch, emb_dim, cfg.dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for i in range(cfg.num_res_blocks + 1):
-                blocks = [ResBlock(ch + skips.pop(), base * mult, emb_dim, cfg.dropout)]
+                blocks = level_blocks(cfg, level, ch + skips.pop(), base * mult, emb_dim)
                 ch = base * mult
-                if level in cfg.attention_levels:
-                    blocks.append(Attention(ch, head))
                 if level > 0 and i == cfg.num_res_blocks:
-                    blocks.append(Up(ch))
-                self.up.append(nn.ModuleList(blocks))
+                    blocks.append(Resample(ch, up=True))
+                self.up.append(blocks)
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, latent_channels, 3, padding=1)))
-        self.factor = 2 ** (len(mults) - 1)
 
     def _run(self, blocks: nn.ModuleList, h, emb):
         for block in blocks:
@@ -329,10 +294,9 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x_t, t, cond):
-        if x_t.shape[-2] % self.factor or x_t.shape[-1] % self.factor:
-            raise UserError(
-                f"latent {tuple(x_t.shape[-2:])} not divisible by {self.factor} (UNet downsampling)"
-            )
+        rows, cols = x_t.shape[-2:]
+        if rows % self.factor or cols % self.factor:
+            raise UserError(f"latent {rows}x{cols} not divisible by {self.factor} (UNet downsampling)")
         emb = self.time_embed(timestep_embedding(t, self.base))
         h = self.input(torch.cat([x_t, cond], 1))
         hs = [h]
@@ -346,11 +310,10 @@ class UNet(nn.Module):
 
 
 class Refiner(nn.Module):
-    """The decoder's output conditioned on the low-dose image: image + CNN([image, low dose]) on the [0, 1]
-    canvas. The latent cannot hold every detail of the film (the VQ-VAE-2 ceiling); the low-dose image holds
-    them under noise, and a CNN that sees both can take them back where the restored image is confident.
-    No normalisation layers, so a whole canvas sees what the training crops saw; the last layer starts at
-    zero, so an untrained refiner returns its input."""
+    """image + CNN([image, low dose]) on the [0, 1] canvas. Why: the latent cannot hold every detail of the
+    film (the VQ-VAE-2 ceiling); the low-dose image holds them under noise, and a CNN that sees both can take
+    them back. No normalisation layers, so a whole canvas sees what the training crops saw; the last layer
+    starts at zero, so an untrained refiner returns its input."""
 
     def __init__(self, cfg: RefineConfig):
         super().__init__()
@@ -372,11 +335,10 @@ class Schedule:
     def __init__(self, cfg: DiffusionConfig, device: torch.device):
         if cfg.prediction not in ("eps", "x0", "v"):
             raise UserError(f"config: diffusion.prediction must be eps, x0 or v, got '{cfg.prediction}'")
-        betas = (
-            torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.timesteps, dtype=torch.float64) ** 2
-        )
+        first, last = cfg.beta_start**0.5, cfg.beta_end**0.5
+        sqrt_betas = torch.linspace(first, last, cfg.timesteps, dtype=torch.float64)
         self.timesteps, self.prediction = cfg.timesteps, cfg.prediction
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0).float().to(device)
+        self.alphas_cumprod = torch.cumprod(1.0 - sqrt_betas**2, 0).float().to(device)
 
     def q_sample(self, x0, t, noise):
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -404,24 +366,21 @@ def diffusion_loss(net, schedule: Schedule, target, cond) -> torch.Tensor:
     """L_simple in the chosen parameterisation at a uniformly drawn step."""
     t = torch.randint(0, schedule.timesteps, (target.shape[0],), device=target.device)
     noise = torch.randn_like(target)
-    return F.mse_loss(
-        net(schedule.q_sample(target, t, noise), t, cond).float(), schedule.target(target, t, noise)
-    )
+    out = net(schedule.q_sample(target, t, noise), t, cond).float()
+    return F.mse_loss(out, schedule.target(target, t, noise))
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
-    """diffusers' "trailing" spacing, round(arange(T, 0, -T / steps)) - 1: `steps` distinct timesteps from T -
-    1 down. The float arange can yield one extra element (-1, e.g. T 1000, 61 steps); only the first `steps`
-    count."""
+    """diffusers' "trailing" spacing, round(arange(T, 0, -T / steps)) - 1: `steps` distinct timesteps from
+    T - 1 down. The float arange can yield one extra element (-1, e.g. T 1000, 61 steps); only the first
+    `steps` count."""
     if not 1 <= steps <= timesteps:
         raise UserError(f"sample.steps must be in [1, {timesteps}] (with sample.start), got {steps}")
     return (np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1)[:steps].tolist()
 
 
 @torch.no_grad()
-def ddim_sample(
-    model, schedule: Schedule, cond, steps: int, eta: float, generator=None, start=1.0, init=None
-):
+def ddim_sample(net, schedule: Schedule, cond, steps: int, eta: float, generator=None, start=1.0, init=None):
     """DDIM (Song et al. 2021), eta 0 = deterministic. start = 1: from pure noise (seed); start < 1 (SDEdit,
     Meng et al. 2022): from `init` noised to the first timestep of a grid over the first start * T steps.
     Returns the clean estimate of the last step (alpha-bar 1, diffusers' set_alpha_to_one)."""
@@ -434,7 +393,7 @@ def ddim_sample(
         t = torch.full((cond.shape[0],), step, device=cond.device, dtype=torch.long)
         a_t = acp[step]
         a_prev = acp[grid[i + 1]] if i + 1 < len(grid) else torch.ones((), device=cond.device)
-        x0, eps = schedule.split(model(x, t, cond).float(), x, a_t)
+        x0, eps = schedule.split(net(x, t, cond).float(), x, a_t)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else 0.0
         x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
@@ -471,10 +430,8 @@ def unet_on_tiles(unet: nn.Module, tile: int):
         total = torch.zeros(rows, cols, device=x.device)
         for i in range(0, len(windows), 64):  # 64 tiles per UNet call bound the memory
             chunk = windows[i : i + 64]
-            crops = [(x[..., r : r + th, c : c + tw], cond[..., r : r + th, c : c + tw]) for r, c in chunk]
-            pred = unet(
-                torch.cat([a for a, _ in crops]), t.repeat(len(chunk)), torch.cat([b for _, b in crops])
-            ).float()
+            xs, conds = (torch.cat([v[..., r : r + th, c : c + tw] for r, c in chunk]) for v in (x, cond))
+            pred = unet(xs, t.repeat(len(chunk)), conds).float()
             for k, (r, c) in enumerate(chunk):
                 out[..., r : r + th, c : c + tw] += pred[k * len(x) : (k + 1) * len(x)] * weight
                 total[r : r + th, c : c + tw] += weight
@@ -483,49 +440,49 @@ def unet_on_tiles(unet: nn.Module, tile: int):
     return run
 
 
-def data_consistency(
-    restored: np.ndarray, low_dose: np.ndarray, mask: np.ndarray, sigma: float
-) -> np.ndarray:
-    """restored + G_sigma * (low_dose - restored) inside the breast (normalised by the blurred mask, so the
-    skin line does not pull in background): the low-dose image's local mean is unbiased, its noise averages
-    out under
-    the Gaussian, while first-stage errors (intensity drifts, lost detail) are often low-frequency."""
+def data_consistency(restored: np.ndarray, low_dose: np.ndarray, mask: np.ndarray, sigma: float):
+    """restored + G_sigma * (low_dose - restored) inside the breast, normalised by the blurred mask (so the
+    skin line pulls in no background). Why: the low-dose image's local mean is unbiased and its noise averages
+    out under the Gaussian, while first-stage errors (intensity drifts, lost detail) are low-frequency."""
     weight = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), sigma)
     diff = cv2.GaussianBlur(((low_dose - restored) * mask).astype(np.float32), (0, 0), sigma)
     out = restored + np.where(mask, diff / np.maximum(weight, 1e-6), 0.0)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+STATS = ("latent_mean", "latent_std", "residual_std")
+
+
 @dataclass
 class Restorer:
-    """Everything a restoration needs: frozen VQ-VAE-2, EMA UNet, schedule, latent statistics."""
+    """Everything a restoration needs: frozen VQ-VAE-2, EMA UNet, schedule, latent statistics, refiner."""
 
     vqvae: VQVAE2
     unet: nn.Module
     schedule: Schedule
-    stats: dict  # latent_mean, latent_std, residual_std
+    stats: dict  # STATS
     cfg: Config
     device: torch.device
     refiner: nn.Module | None = None
+    checkpoint: Path | None = None  # the file it was loaded from
 
     def encode(self, unit: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(unit_to_model(unit))[None, None].to(self.device)
+        x = torch.from_numpy(mammo.unit_to_model(unit))[None, None].to(self.device)
         return (self.vqvae.encode_latent(x).float() - self.stats["latent_mean"]) / self.stats["latent_std"]
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         image, _, _ = self.vqvae.decode_latent(z * self.stats["latent_std"] + self.stats["latent_mean"])
-        return model_to_unit(image.float())[0, 0].cpu().numpy()
+        return mammo.model_to_unit(image.float())[0, 0].cpu().numpy()
 
     @torch.no_grad()
-    def restore_latent(self, degraded_canvas: np.ndarray, steps: int | None = None) -> torch.Tensor:
+    def restore_latent(self, degraded_canvas: np.ndarray) -> torch.Tensor:
         """The restored standardised latent: DDIM on the clean latent (or on the residual, added back)."""
         cond = self.encode(degraded_canvas)
         residual, sample = self.cfg.diffusion.residual, self.cfg.sample
         generator = torch.Generator(self.device).manual_seed(sample.seed)
         init = torch.zeros_like(cond) if residual else cond
-        steps = steps or sample.steps
         unet = unet_on_tiles(self.unet, sample.tile)
-        y = ddim_sample(unet, self.schedule, cond, steps, sample.eta, generator, sample.start, init)
+        y = ddim_sample(unet, self.schedule, cond, sample.steps, sample.eta, generator, sample.start, init)
         return cond + y * self.stats["residual_std"] if residual else y
 
     @torch.no_grad()
@@ -535,9 +492,22 @@ class Restorer:
         return np.where(mask, out, image).astype(np.float32)
 
     @torch.no_grad()
-    def __call__(self, degraded_canvas: np.ndarray, mask=None, steps: int | None = None, refine=True):
+    def refiner_input(self, degraded_canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """What the refiner refines (`refine.source`); first_stage and input are the ablations of the LDM."""
+        source, sigma = self.cfg.refine.source, self.cfg.sample.consistency_sigma
+        if source == "ldm":
+            return self(degraded_canvas, mask, refine=False)
+        if source == "first_stage":
+            first_stage = self.decode(self.encode(degraded_canvas))
+            return data_consistency(first_stage, degraded_canvas, mask, sigma) if sigma > 0 else first_stage
+        if source == "input":
+            return degraded_canvas
+        raise UserError(f"refine.source must be ldm, first_stage or input, got '{source}'")
+
+    @torch.no_grad()
+    def __call__(self, degraded_canvas: np.ndarray, mask=None, refine=True):
         """The restored canvas: LDM, decoder, data consistency, then the refiner (if fitted on LDM output)."""
-        restored = self.decode(self.restore_latent(degraded_canvas, steps))
+        restored = self.decode(self.restore_latent(degraded_canvas))
         mask = degraded_canvas > 0 if mask is None else mask
         if self.cfg.sample.consistency_sigma > 0:
             restored = data_consistency(restored, degraded_canvas, mask, self.cfg.sample.consistency_sigma)
@@ -546,37 +516,36 @@ class Restorer:
         return restored
 
 
-def load_restorer(vqvae_ckpt: Path, checkpoint: Path, device: torch.device, overrides=None) -> Restorer:
+def check_first_stage(cfg: Config, vq_cfg, state: dict | None, vq_print: str, path, vqvae_ckpt: Path) -> None:
+    """A latent model runs only with the canvas and the very VQ-VAE-2 whose latents it learnt."""
+    ours, theirs = list(cfg.data.image_size), list(vq_cfg.data.image_size)
+    if ours != theirs:
+        raise UserError(f"data.image_size {ours} differs from the VQ-VAE's {theirs}; use the same preset")
+    if state is not None and state.get("vqvae_fingerprint") != vq_print:
+        trained_on = state.get("vqvae_checkpoint")
+        raise UserError(f"{path}: trained on the latents of {trained_on}, not of {vqvae_ckpt}")
+
+
+def load_restorer(vqvae_ckpt: Path, checkpoint: Path, device, overrides=None, data_path=None) -> Restorer:
+    """The models of a checkpoint, with `--set` overrides and `--data` (what evaluate and refine read)."""
     vqvae, vq_cfg = load_vqvae(vqvae_ckpt, device)
     state = runtime.load_checkpoint(checkpoint, SCRIPT)
-    if state["vqvae_fingerprint"] != fingerprint(vqvae):
-        raise UserError(
-            f"{checkpoint}: trained on the latents of {state['vqvae_checkpoint']}, not of {vqvae_ckpt}"
-        )
     cfg = config_with_sets(Config, state["config"], overrides)
-    if list(cfg.data.image_size) != list(vq_cfg.data.image_size):
-        raise UserError(
-            f"data.image_size {cfg.data.image_size} differs from the VQ-VAE's {vq_cfg.data.image_size}; "
-            "use the same preset for both scripts"
-        )
+    cfg.data.path = data_path or cfg.data.path
+    check_first_stage(cfg, vq_cfg, state, fingerprint(vqvae), checkpoint, vqvae_ckpt)
     unet = UNet(cfg.model, state["latent_channels"])
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
     try:
-        unet.load_state_dict(
-            {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
-        )
+        unet.load_state_dict(ema)
     except RuntimeError as exc:  # its config asks for another architecture than its weights have
         detail = " ".join(str(exc).split())[:200]
-        raise UserError(
-            f"{checkpoint}: weights do not match its model config (size mismatch: {detail})"
-        ) from None
-    stats = {k: state[k] for k in ("latent_mean", "latent_std", "residual_std")}
+        raise UserError(f"{checkpoint}: weights do not match its model config ({detail})") from None
     refiner = None
     if "refiner" in state:
-        refiner = Refiner(cfg.refine)
+        refiner = Refiner(cfg.refine).to(device).eval()
         refiner.load_state_dict(state["refiner"])
-        refiner = refiner.to(device).eval()
-    schedule = Schedule(cfg.diffusion, device)
-    return Restorer(vqvae, unet.to(device).eval(), schedule, stats, cfg, device, refiner)
+    schedule, stats = Schedule(cfg.diffusion, device), {k: state[k] for k in STATS}
+    return Restorer(vqvae, unet.to(device).eval(), schedule, stats, cfg, device, refiner, checkpoint)
 
 
 # --- train ---
@@ -593,34 +562,53 @@ def ema_avg_fn(decay: float):
 
 
 @torch.no_grad()
-def latent_stats(batches) -> dict:
-    """Mean/std of clean latents and the std of the standardised residual (clean - degraded) latent."""
-    clean = torch.cat([b["clean"].flatten() for b in batches])
-    degraded = torch.cat([b["degraded"].flatten() for b in batches])
+def latent_stats(items: list[dict], vqvae: VQVAE2 | None = None) -> dict:
+    """Mean/std of clean latents and the std of the standardised residual (clean - degraded) latent; with
+    `vqvae`, the items are image pairs, encoded first."""
+    if vqvae is not None:
+        device = next(vqvae.parameters()).device
+        items = [{k: vqvae.encode_latent(b[k][None].to(device)).float().cpu() for k in PAIR} for b in items]
+    clean, degraded = (torch.cat([b[k].flatten() for b in items]) for k in PAIR)
     mean, std = float(clean.mean()), float(clean.std())
     return {"latent_mean": mean, "latent_std": std, "residual_std": float(((clean - degraded) / std).std())}
 
 
-def training_pairs(cfg: Config, vqvae: VQVAE2, vq_print: str, latents: Path | None, device):
-    """(dataset, encode-on-the-fly?, description, latent statistics)."""
+def training_pairs(cfg: Config, vqvae: VQVAE2, vq_print: str, latents: Path | None):
+    """(dataset, its encoder (None: latent pairs), description, latent statistics of its first 16 pairs)."""
     if latents is not None:
         index = read_latent_index(latents, vq_print, cfg.data)
-        dataset = LatentPairs(latents, index, "train")
-        stats = latent_stats([dataset[i] for i in range(min(16, len(dataset)))])
-        return dataset, False, f"latent pairs from {latents} ({index['degradation']})", stats
-    sources = list_sources(cfg.data, "train")
-    crop, repeats = cfg.train.crop_size, cfg.train.crops_per_image
-    dataset = MammoDataset(sources, cfg.data, paired=True, crop=crop, repeats=repeats)
-    with torch.no_grad():
-        sample = [dataset[i] for i in range(min(16, len(dataset)))]
-        stats = latent_stats(
-            [
-                {k: vqvae.encode_latent(b[k][None].to(device)).float().cpu() for k in ("clean", "degraded")}
-                for b in sample
-            ]
+        dataset, encoder = LatentPairs(latents, index, "train"), None
+        desc = f"latent pairs from {latents} ({index['degradation']})"
+    else:
+        crop, repeats = cfg.train.crop_size, cfg.train.crops_per_image
+        sources = mammo.list_sources(cfg.data, "train")
+        dataset = mammo.MammoDataset(sources, cfg.data, paired=True, crop=crop, repeats=repeats)
+        encoder, dose = vqvae, mammo.dose_description(cfg.data)
+        desc = f"{cfg.data.path or 'synthetic mammograms'}, latents on the fly ({dose})"
+    stats = latent_stats([dataset[i] for i in range(min(16, len(dataset)))], encoder)
+    return dataset, encoder, desc, stats
+
+
+def train_batches(dataset, encoder: VQVAE2 | None, cfg: Config, dist, per_rank_batch: int, step: int):
+    """(epoch, clean latents, degraded latents) from where a run at `step` stands. The order depends on the
+    seed and epoch alone (mammo.epoch_order), so a resumed run sees the batches an uninterrupted one sees."""
+    steps_per_epoch = len(dataset) // (dist.world_size * per_rank_batch)
+    skip = step % steps_per_epoch * per_rank_batch  # only in the epoch a resume starts in
+    workers, seed = cfg.data.num_workers if encoder else 0, cfg.train.seed
+    for epoch in range(step // steps_per_epoch, cfg.train.max_epochs):
+        dataset.epoch = epoch  # on-the-fly pairs: fresh low-dose noise (and crops) every epoch
+        order = mammo.epoch_order(len(dataset), per_rank_batch, epoch, seed, dist.rank, dist.world_size)
+        generator = mammo.loader_generator(seed, epoch)
+        loader = DataLoader(
+            dataset, per_rank_batch, sampler=order[skip:], num_workers=workers, generator=generator
         )
-    desc = f"{cfg.data.path or 'synthetic mammograms'}, latents on the fly ({dose_description(cfg.data)})"
-    return dataset, True, desc, stats
+        skip = 0
+        for batch in loader:
+            clean, degraded = (batch[k].to(dist.device) for k in PAIR)
+            if encoder is not None:
+                with torch.no_grad():
+                    clean, degraded = (encoder.encode_latent(x).float() for x in (clean, degraded))
+            yield epoch, clean, degraded
 
 
 def diffusion_target(clean, degraded, cfg: Config, stats: dict):
@@ -643,117 +631,64 @@ def train(
     device = dist.device
     runtime.seed_everything(cfg.train.seed + dist.rank)
     vqvae, vq_cfg = load_vqvae(vqvae_ckpt, device)
-    if list(cfg.data.image_size) != list(vq_cfg.data.image_size):
-        raise UserError(
-            f"data.image_size {cfg.data.image_size} differs from the VQ-VAE's {vq_cfg.data.image_size}; "
-            "use the same preset for both scripts"
-        )
     vq_print = fingerprint(vqvae)
-    dataset, on_the_fly, data_desc, stats = training_pairs(cfg, vqvae, vq_print, latents, device)
+    state = runtime.load_checkpoint(resume, SCRIPT) if resume is not None else None
+    check_first_stage(cfg, vq_cfg, state, vq_print, resume, vqvae_ckpt)
+    dataset, encoder, data_desc, stats = training_pairs(cfg, vqvae, vq_print, latents)
     per_rank_batch = max(1, cfg.train.batch_size // dist.world_size)
     steps_per_epoch = len(dataset) // (dist.world_size * per_rank_batch)  # whole batches on every rank
     if steps_per_epoch == 0:
-        raise UserError(
-            f"only {len(dataset)} training pairs for batch size {per_rank_batch}; lower train.batch_size"
-        )
+        raise UserError(f"only {len(dataset)} training pairs; lower train.batch_size ({per_rank_batch})")
     latent_channels = vq_cfg.model.hidden_channels
     model = UNet(cfg.model, latent_channels).to(device)
     ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_avg_fn(cfg.train.ema_decay))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    schedule = Schedule(cfg.diffusion, device)
-    step = 0
-    if resume is not None:
-        state = runtime.load_checkpoint(resume, SCRIPT)
-        if state.get("vqvae_fingerprint") != vq_print:
-            raise UserError(
-                f"{resume}: trained on the latents of {state.get('vqvae_checkpoint')}, not of {vqvae_ckpt}"
-            )
+    schedule, step = Schedule(cfg.diffusion, device), 0
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"{resume}: checkpoint does not match this config ({str(exc)[:120]})") from None
-        step, stats = int(state["step"]), {k: state[k] for k in ("latent_mean", "latent_std", "residual_std")}
-        resume_rng(state["rng"], dist.world_size, dist.rank, cfg.train.seed + step)
+        step, stats = int(state["step"]), {k: state[k] for k in STATS}
+        mammo.resume_rng(state["rng"], dist.world_size, dist.rank, cfg.train.seed + step)
     net = runtime.ddp_wrap(model, dist)
     use_amp = runtime.switch_on(cfg.train.amp, device)
     if dist.is_main:
         runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(
-            f"data: {data_desc}; {len(dataset)} training pairs; UNet {n_params / 1e6:.2f} M parameters; "
-            "latent "
+            f"data: {data_desc}; {len(dataset)} training pairs; UNet {n_params:.2f} M parameters; latent "
             f"{latent_channels} channels, mean {stats['latent_mean']:.3g} std {stats['latent_std']:.3g}; "
             f"{cfg.diffusion.prediction}-prediction{', residual target' if cfg.diffusion.residual else ''}; "
             f"device {device}"
         )
-    extra = {
-        "latent_channels": latent_channels,
-        "vqvae_fingerprint": vq_print,
-        "vqvae_checkpoint": str(vqvae_ckpt),
-    }
+    record = {"script": SCRIPT, "config": config_to_dict(cfg), **stats, "latent_channels": latent_channels}
+    record |= {"vqvae_fingerprint": vq_print, "vqvae_checkpoint": str(vqvae_ckpt)}
     max_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     ckpt_path = out_dir / "checkpoint.pt"
+    batches = train_batches(dataset, encoder, cfg, dist, per_rank_batch, step)
+    model.train()
     with runtime.ProgressLogger(
-        out_dir if dist.is_main else None,
-        max_steps,
-        "ldm",
-        enabled=dist.is_main,
-        log_every=cfg.train.log_every,
-        start_step=step,
+        out_dir, max_steps, "ldm", enabled=dist.is_main, log_every=cfg.train.log_every, start_step=step
     ) as progress:
-        for epoch in range(step // steps_per_epoch, cfg.train.max_epochs):
-            if step >= max_steps:
-                break
-            dataset.epoch = epoch  # on-the-fly pairs: fresh low-dose noise (and crops) every epoch
-            order = epoch_order(
-                len(dataset), per_rank_batch, epoch, cfg.train.seed, dist.rank, dist.world_size
-            )
-            done = (
-                step - epoch * steps_per_epoch
-            ) * per_rank_batch  # > 0 only in the epoch a resume starts in
-            workers = cfg.data.num_workers if on_the_fly else 0
-            generator = loader_generator(cfg.train.seed, epoch)
-            loader = DataLoader(
-                dataset,
-                per_rank_batch,
-                sampler=order[done:],
-                drop_last=True,
-                num_workers=workers,
-                generator=generator,
-            )
-            model.train()
-            for batch in loader:
-                clean, degraded = batch["clean"].to(device), batch["degraded"].to(device)
-                if on_the_fly:
-                    with torch.no_grad():
-                        clean, degraded = (
-                            vqvae.encode_latent(clean).float(),
-                            vqvae.encode_latent(degraded).float(),
-                        )
-                target, cond = diffusion_target(clean, degraded, cfg, stats)
-                with runtime.amp_autocast(device, use_amp):
-                    loss = diffusion_loss(net, schedule, target, cond)
-                runtime.stop_if_not_finite(loss, step, ckpt_path)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                ema.update_parameters(model)
-                step += 1
-                progress.log(step, loss=loss.item(), grad_norm=grad_norm.item(), epoch=epoch)
-                if step >= max_steps:
-                    break
-            if dist.is_main:
-                state = {"script": SCRIPT, "config": config_to_dict(cfg), "model": model.state_dict()}
-                state |= {
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                }
-                runtime.save_checkpoint(ckpt_path, {**state, "rng": runtime.rng_state(), **stats, **extra})
+        for epoch, clean, degraded in itertools.islice(batches, max(0, max_steps - step)):
+            target, cond = diffusion_target(clean, degraded, cfg, stats)
+            with runtime.amp_autocast(device, use_amp):
+                loss = diffusion_loss(net, schedule, target, cond)
+            runtime.stop_if_not_finite(loss, step, ckpt_path)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            ema.update_parameters(model)
+            step += 1
+            progress.log(step, loss=loss.item(), grad_norm=grad_norm.item(), epoch=epoch)
+            if dist.is_main and (step % steps_per_epoch == 0 or step == max_steps):  # epoch end or last step
+                state = {**record, "model": model.state_dict(), "ema": ema.state_dict(), "step": step}
+                state |= {"optimizer": optimizer.state_dict(), "epoch": epoch, "rng": runtime.rng_state()}
+                runtime.save_checkpoint(ckpt_path, state)
     if dist.is_main:
         save_preview(vqvae_ckpt, ckpt_path, out_dir, device)
     return ckpt_path
@@ -762,9 +697,9 @@ def train(
 def save_preview(vqvae_ckpt: Path, ckpt_path: Path, out_dir: Path, device) -> None:
     restorer = load_restorer(vqvae_ckpt, ckpt_path, device)
     data = restorer.cfg.data
-    item = MammoDataset(list_sources(data, "test")[:1], data, paired=True, fixed_noise=True)[0]
-    clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
-    save_comparison(out_dir / "preview.png", degraded, restorer(degraded, item["mask"][0].numpy() > 0), clean)
+    dataset = mammo.MammoDataset(mammo.list_sources(data, "test")[:1], data, paired=True, fixed_noise=True)
+    clean, degraded, mask = unit_pair(dataset[0])
+    save_comparison(out_dir / "preview.png", degraded, restorer(degraded, mask), clean)
 
 
 def save_comparison(path: Path, degraded, restored, clean=None) -> None:
@@ -773,53 +708,27 @@ def save_comparison(path: Path, degraded, restored, clean=None) -> None:
         images, titles = images + [clean, restored - clean], titles + ["full dose", "restored - full dose"]
     else:
         images, titles = images + [restored - degraded], titles + ["restored - low dose"]
-    viz.save_panel(
-        path,
-        images,
-        titles,
-        window=(0.0, 1.0),
-        error_index=len(images) - 1,
-        suptitle="model canvas, values mapped to [0, 1] (dense = bright)",
-    )
+    note = "model canvas, values mapped to [0, 1] (dense = bright)"
+    viz.save_panel(path, images, titles, window=(0.0, 1.0), error_index=len(images) - 1, suptitle=note)
 
 
 # --- refine: the decoder's output conditioned on the low-dose image ---
 
 
-def refiner_input(restorer: Restorer, degraded: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """What the refiner refines (`refine.source`); first_stage and input are the ablations of the LDM."""
-    source, sigma = restorer.cfg.refine.source, restorer.cfg.sample.consistency_sigma
-    if source == "ldm":
-        return restorer(degraded, mask, refine=False)
-    if source == "first_stage":
-        first_stage = restorer.decode(restorer.encode(degraded))
-        return data_consistency(first_stage, degraded, mask, sigma) if sigma > 0 else first_stage
-    if source == "input":
-        return degraded
-    raise UserError(f"refine.source must be ldm, first_stage or input, got '{source}'")
-
-
-def fit_refiner(
-    vqvae_ckpt, checkpoint, out_dir: Path, data_path=None, device_name="auto", overrides=None, argv=None
-):
+def fit_refiner(restorer: Restorer, out_dir: Path, argv: list[str] | None = None) -> Path:
     """Fit the refiner (the LDM and VQ-VAE-2 frozen) on crops of the training images' restored canvases,
     `refine.draws` noise draws each, restored exactly as `restore` does; MSE inside the breast. Writes
     OUT/checkpoint.pt = the LDM checkpoint + the refiner and its config. Minutes on a CPU, so no resume."""
-    device = runtime.pick_device(device_name)
-    restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
-    cfg, rc = restorer.cfg, restorer.cfg.refine
-    cfg.data.path = data_path or cfg.data.path
+    cfg, rc, device = restorer.cfg, restorer.cfg.refine, restorer.device
     runtime.seed_everything(cfg.train.seed)
     runtime.prepare_run_dir(out_dir, cfg, __file__, argv)
-    dataset = MammoDataset(list_sources(cfg.data, "train"), cfg.data, paired=True)
+    dataset = mammo.MammoDataset(mammo.list_sources(cfg.data, "train"), cfg.data, paired=True)
     canvases = []  # per training image and noise draw: [refiner input, low dose, full dose, mask]
     for draw in range(rc.draws):
         dataset.epoch = draw
         for i in range(len(dataset)):
-            item = dataset[i]
-            clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
-            mask = item["mask"][0].numpy() > 0
-            image = refiner_input(restorer, degraded, mask)
+            clean, degraded, mask = unit_pair(dataset[i])
+            image = restorer.refiner_input(degraded, mask)
             canvases.append(np.stack([image, degraded, clean, mask]).astype(np.float32))
         print(f"refiner inputs ({rc.source}): noise draw {draw + 1}/{rc.draws} of {len(dataset)} images")
     refiner = Refiner(rc).to(device)
@@ -830,7 +739,7 @@ def fit_refiner(
         for step in range(1, rc.steps + 1):
             crops = []
             for k in rng.integers(len(canvases), size=rc.batch_size):
-                top, left = random_crop(canvases[k].shape[1:], (rc.crop, rc.crop), canvases[k][3] > 0, rng)
+                top, left = mammo.random_crop(canvases[k].shape[1:], (rc.crop,) * 2, canvases[k][3] > 0, rng)
                 crops.append(canvases[k][:, top : top + rc.crop, left : left + rc.crop])
             image, low, clean, mask = torch.from_numpy(np.stack(crops)).to(device).split(1, dim=1)
             loss = (((refiner(image, low) - clean) * mask) ** 2).sum() / mask.sum().clamp(min=1.0)
@@ -840,14 +749,25 @@ def fit_refiner(
             optimizer.step()
             scheduler.step()
             progress.log(step, rmse=loss.item() ** 0.5)
-    state = runtime.load_checkpoint(checkpoint, SCRIPT)
-    runtime.save_checkpoint(
-        ckpt_path, {**state, "config": config_to_dict(cfg), "refiner": refiner.state_dict()}
-    )
+    state = runtime.load_checkpoint(restorer.checkpoint, SCRIPT)
+    state |= {"config": config_to_dict(cfg), "refiner": refiner.state_dict()}
+    runtime.save_checkpoint(ckpt_path, state)
     return ckpt_path
 
 
 # --- restore files ---
+
+
+def input_files(input_path: Path) -> list[Path]:
+    if input_path.is_dir():
+        files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    elif input_path.is_file():
+        files = [input_path]
+    else:
+        raise UserError(f"--input {input_path}: no such file or folder")
+    if not files:
+        raise UserError(f"--input {input_path}: no .dcm or .png files")
+    return files
 
 
 def output_path(input_root: Path, file: Path, output: Path, suffix: str) -> Path:
@@ -865,53 +785,29 @@ def write_png16(path: Path, values: np.ndarray, value_range) -> None:
         tmp.write_bytes(data.tobytes())
 
 
-def input_files(input_path: Path) -> list[Path]:
-    if input_path.is_dir():
-        files = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    elif input_path.is_file():
-        files = [input_path]
-    else:
-        raise UserError(f"--input {input_path}: no such file or folder")
-    if not files:
-        raise UserError(f"--input {input_path}: no .dcm or .png files")
-    return files
-
-
-def restore_files(
-    vqvae_ckpt: Path,
-    checkpoint: Path,
-    input_path: Path,
-    output: Path,
-    device_name: str = "auto",
-    overrides: list[str] | None = None,
-    latents: Path | None = None,
-) -> list[Path]:
+def restore_files(restorer: Restorer, input_path: Path, output: Path, latents=None) -> list[Path]:
     """Restore one file or every DICOM/PNG under a folder; outputs keep the input's size, range, polarity."""
-    device = runtime.pick_device(device_name)
     files = input_files(input_path)
-    restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
     if latents is not None:
         read_latent_index(latents, fingerprint(restorer.vqvae), restorer.cfg.data)
-    series_uid, written, steps = generate_uid(), [], restorer.cfg.sample.steps
+    steps, name = restorer.cfg.sample.steps, restorer.checkpoint.name
+    description = f"mammo_ldm latent diffusion restoration, DDIM {steps} steps, checkpoint {name}"
+    series = dict(
+        series_uid=generate_uid(), series_description="restored (mammo_ldm)", description=description
+    )
+    written = []
     for file in files:
-        m = read_mammogram(file)
+        m = mammo.read_mammogram(file)
         out = output_path(input_path, file, output, ".dcm" if m.dataset is not None else ".png")
         runtime.refuse_overwrite_input(out, file)
-        prepared = prepare(m, restorer.cfg.data)
+        prepared = mammo.prepare(m, restorer.cfg.data)
         restored = restorer(prepared.canvas, prepared.canvas_mask)
-        values = from_unit(paste_back(prepared.unit, restored, prepared.geometry, prepared.mask), m)
-        if m.dataset is not None:
-            dicom_io.write_derived_dicom(
-                m.dataset,
-                values,
-                out,
-                series_uid=series_uid,
-                series_description="restored (mammo_ldm)",
-                description=f"mammo_ldm latent diffusion restoration, DDIM {steps} steps, "
-                f"checkpoint {checkpoint.name}",
-            )
-        else:
+        pasted = mammo.paste_back(prepared.unit, restored, prepared.geometry, prepared.mask)
+        values = mammo.from_unit(pasted, m)
+        if m.dataset is None:
             write_png16(out, values, m.value_range)
+        else:
+            dicom_io.write_derived_dicom(m.dataset, values, out, **series)
         save_comparison(out.with_name(f"{out.stem}_panel.png"), prepared.canvas, restored)
         written.append(out)
         print(f"{file} -> {out} ({values.shape[0]}x{values.shape[1]})", flush=True)
@@ -922,11 +818,8 @@ def restore_files(
 
 
 def score(out: np.ndarray, clean: np.ndarray, mask: np.ndarray, lpips_model) -> dict:
-    row = {
-        "psnr_db": metrics.psnr(out, clean, 1.0, mask),
-        "ssim": metrics.ssim(out, clean, 1.0, mask),
-        "noise_std": float((out - clean)[mask].std()),
-    }
+    row = {"psnr_db": metrics.psnr(out, clean, 1.0, mask), "ssim": metrics.ssim(out, clean, 1.0, mask)}
+    row["noise_std"] = float((out - clean)[mask].std())
     if lpips_model is not None:
         row["lpips"] = lpips_distance(lpips_model, torch.from_numpy(out), torch.from_numpy(clean))
     return row
@@ -940,111 +833,86 @@ REFINED_ROWS = {
 
 
 @torch.no_grad()
-def candidates(restorer: Restorer, item: dict, with_baselines: bool) -> dict[str, np.ndarray]:
+def candidates(restorer: Restorer, clean, degraded, mask, with_baselines: bool) -> dict[str, np.ndarray]:
     """Every row's output for one test pair: the input, classical denoisers, the VQ-VAE-2 alone, the LDM."""
-    clean, degraded = (model_to_unit(item[k][0]).numpy() for k in ("clean", "degraded"))
-    mask, data = item["mask"][0].numpy() > 0, restorer.cfg.data
+    data, sigma = restorer.cfg.data, restorer.cfg.sample.consistency_sigma
     outputs = {"low-dose input": degraded}
     if with_baselines:
-        outputs["NLM (scikit-image)"] = nlm(degraded, data, mask)
-        outputs["BM3D on Anscombe-transformed counts"] = bm3d_anscombe(degraded, data, mask)
-    sigma = restorer.cfg.sample.consistency_sigma
+        outputs["NLM (scikit-image)"] = mammo.nlm(degraded, data, mask)
+        outputs["BM3D on Anscombe-transformed counts"] = mammo.bm3d_anscombe(degraded, data, mask)
     if sigma > 0:  # what the data-consistency step's low-pass part gives without any model
         smoothed = data_consistency(np.zeros_like(degraded), degraded, mask, sigma)
         outputs[f"Gaussian smoothing of the input (sigma {sigma:g} px)"] = smoothed
     outputs["VQ-VAE-2 of the full-dose image (ceiling)"] = restorer.decode(restorer.encode(clean))
-    outputs["VQ-VAE-2 of the low-dose image (no diffusion)"] = restorer.decode(restorer.encode(degraded))
+    first_stage = restorer.decode(restorer.encode(degraded))
+    outputs["VQ-VAE-2 of the low-dose image (no diffusion)"] = first_stage
     if sigma > 0:  # the same step on the first stage alone: what the diffusion adds
-        first_stage = outputs["VQ-VAE-2 of the low-dose image (no diffusion)"]
-        outputs["... + data consistency (no diffusion)"] = data_consistency(
-            first_stage, degraded, mask, sigma
-        )
+        first_stage_dc = data_consistency(first_stage, degraded, mask, sigma)
+        outputs["... + data consistency (no diffusion)"] = first_stage_dc
     outputs["LDM restored"] = restorer(degraded, mask, refine=False)
     if restorer.refiner is not None:
         source = restorer.cfg.refine.source
-        image = outputs["LDM restored"] if source == "ldm" else refiner_input(restorer, degraded, mask)
+        image = outputs["LDM restored"] if source == "ldm" else restorer.refiner_input(degraded, mask)
         outputs[REFINED_ROWS[source]] = restorer.refine(image, degraded, mask)
     return outputs
 
 
-def evaluate(
-    vqvae_ckpt: Path,
-    checkpoint: Path,
-    out_dir: Path,
-    device_name: str = "auto",
-    data_path: str | None = None,
-    overrides: list[str] | None = None,
-    latents: Path | None = None,
-) -> dict:
-    """PSNR/SSIM/LPIPS against the full-dose image of: the low-dose input, NLM, BM3D-Anscombe, the VQ-VAE-2
-    reconstruction of the full-dose image (the ceiling of any latent restoration), the VQ-VAE-2 of the
-    low-dose image and the LDM. `latents`: score the test pairs of that extract-latents folder (refused when
-    it was made
-    with another VQ-VAE, canvas or dose than the models)."""
-    device = runtime.pick_device(device_name)
-    restorer = load_restorer(vqvae_ckpt, checkpoint, device, overrides)
+def evaluate(restorer: Restorer, out_dir: Path, latents: Path | None = None, argv=None) -> dict:
+    """PSNR/SSIM/LPIPS against the full-dose image of every row of `candidates`; the VQ-VAE-2 of the full-dose
+    image is the ceiling of any latent restoration. `latents`: score the test pairs of that extract-latents
+    folder (refused when it was made with another VQ-VAE, canvas or dose than the models)."""
     cfg = restorer.cfg
-    cfg.data.path = data_path or cfg.data.path
     if latents is not None:
         index = read_latent_index(latents, fingerprint(restorer.vqvae), cfg.data)
         sources = [item["source"] for item in index["items"] if item["split"] == "test"]
     else:
-        sources = list_sources(cfg.data, "test")
+        sources = mammo.list_sources(cfg.data, "test")
     sources = sources[: cfg.eval.max_images] if cfg.eval.max_images > 0 else sources
-    dataset = MammoDataset(sources, cfg.data, paired=True, fixed_noise=True)
+    dataset = mammo.MammoDataset(sources, cfg.data, paired=True, fixed_noise=True)
     lpips_model = load_lpips("alex")
-    lpips_model = lpips_model.to(device) if lpips_model is not None else None
+    lpips_model = lpips_model.to(restorer.device) if lpips_model is not None else None
     scores: dict[str, list] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(len(dataset)):
-        item = dataset[i]
-        outputs = candidates(restorer, item, cfg.eval.baselines)
-        clean, mask = model_to_unit(item["clean"][0]).numpy(), item["mask"][0].numpy() > 0
+        clean, degraded, mask = unit_pair(dataset[i])
+        outputs = candidates(restorer, clean, degraded, mask, cfg.eval.baselines)
         for name, out in outputs.items():
             scores.setdefault(name, []).append(score(out, clean, mask, lpips_model))
         if i < cfg.eval.panel_images:
             final = outputs.get(REFINED_ROWS["ldm"], outputs["LDM restored"])
-            save_comparison(out_dir / f"restored_{i:02d}.png", outputs["low-dose input"], final, clean)
+            save_comparison(out_dir / f"restored_{i:02d}.png", degraded, final, clean)
     rows = [
         {"method": name, **{k: float(np.mean([r[k] for r in vals])) for k in vals[0]}, "images": len(vals)}
         for name, vals in scores.items()
     ]
-    sample, diffusion = cfg.sample, cfg.diffusion
+    sample, diffusion, rc = cfg.sample, cfg.diffusion, cfg.refine
     notes = [
-        f"test images: {', '.join(Path(s).name for s in sources)}; {dose_description(cfg.data)}",
+        f"test images: {', '.join(Path(s).name for s in sources)}; {mammo.dose_description(cfg.data)}",
         f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]} canvas, values: file range -> [0,1] (dense = "
-        "bright), data_range 1; PSNR/SSIM/noise_std (std of output - full dose) inside the breast mask, "
-        "SSIM gaussian "
-        f"sigma {metrics.SSIM_SIGMA}; LPIPS-alex on the whole canvas"
+        "bright), data_range 1; PSNR/SSIM/noise_std (std of output - full dose) inside the breast mask, SSIM "
+        f"gaussian sigma {metrics.SSIM_SIGMA}; LPIPS-alex on the whole canvas"
         + ("" if lpips_model else " (LPIPS weights not found)"),
         f"LDM: {diffusion.prediction}-prediction{', residual target' if diffusion.residual else ''}; DDIM "
         f"{sample.steps} steps, eta {sample.eta}, start {sample.start} x T, data consistency sigma "
         f"{sample.consistency_sigma}; EMA weights",
-        *([refiner_note(cfg)] if restorer.refiner is not None else []),
-        f"command: python {SCRIPT}.py evaluate --vqvae {vqvae_ckpt} --checkpoint {checkpoint}"
-        + "".join(f" --set {o}" for o in overrides or []),
+        "command: python " + " ".join(argv if argv is not None else sys.argv),
     ]
-    runtime.print_metrics_table(
-        rows, "Low-dose mammogram restoration (test split)", out_dir / "metrics.json", notes
-    )
+    if restorer.refiner is not None:
+        notes.insert(
+            -1,
+            f"refiner: on {rc.source}, {rc.layers} conv layers x {rc.channels} channels, {rc.steps} steps on "
+            f"{rc.crop} px crops of {rc.draws} noise draws of each training image",
+        )
+    title = "Low-dose mammogram restoration (test split)"
+    runtime.print_metrics_table(rows, title, out_dir / "metrics.json", notes)
     return {"rows": rows, "notes": notes}
-
-
-def refiner_note(cfg: Config) -> str:
-    rc = cfg.refine
-    return (
-        f"refiner: on {rc.source}, {rc.layers} conv layers x {rc.channels} channels, {rc.steps} steps on "
-        f"{rc.crop} px crops of {rc.draws} noise draws of each training image"
-    )
 
 
 # --- commands ---
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 ConfigOpt = typer.Option(None, "--config", help="YAML config or partial override file; repeatable")
-PresetOpt = typer.Option(
-    "full", "--preset", help="preset: full (seed), small (CPU, 1024x768) or tiny (tests)"
-)
+PresetOpt = typer.Option("full", "--preset", help="full (seed), small (CPU, 1024x768) or tiny (tests)")
 SetOpt = typer.Option(None, "--set", help="override a value: section.key=value (repeatable)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 VqvaeOpt = typer.Option(..., "--vqvae", help="checkpoint of mammo_vqvae.py train (the frozen first stage)")
@@ -1090,7 +958,9 @@ def restore_cmd(
     device: str = DeviceOpt,
 ):
     """Restore low-dose mammograms: DICOM out (new UIDs, input size and stored range) + a PNG panel each."""
-    restore_files(vqvae, checkpoint, input, output, device, with_steps(set_, steps), latents)
+    input_files(input)  # a wrong --input is reported before the models load
+    restorer = load_restorer(vqvae, checkpoint, runtime.pick_device(device), with_steps(set_, steps))
+    restore_files(restorer, input, output, latents)
 
 
 @app.command("evaluate")
@@ -1105,8 +975,8 @@ def evaluate_cmd(
     device: str = DeviceOpt,
 ):
     """Input, NLM, BM3D-Anscombe, VQ-VAE-2 ceiling and LDM on the test split: PSNR/SSIM/LPIPS."""
-    overrides = with_steps(set_, steps)
-    evaluate(vqvae, checkpoint, out or checkpoint.parent / "eval", device, data, overrides, latents)
+    restorer = load_restorer(vqvae, checkpoint, runtime.pick_device(device), with_steps(set_, steps), data)
+    evaluate(restorer, out or checkpoint.parent / "eval", latents, sys.argv)
 
 
 app.command("eval", hidden=True)(evaluate_cmd)
@@ -1122,7 +992,7 @@ def refine_cmd(
     device: str = DeviceOpt,
 ):
     """Fit the refiner (a CNN on the restored and the low-dose image) on a trained LDM: OUT/checkpoint.pt."""
-    fit_refiner(vqvae, checkpoint, out, data, device, set_, sys.argv)
+    fit_refiner(load_restorer(vqvae, checkpoint, runtime.pick_device(device), set_, data), out, sys.argv)
 
 
 if __name__ == "__main__":
