@@ -1,4 +1,5 @@
 import json
+import os
 import random
 
 import numpy as np
@@ -22,6 +23,19 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     with runtime.atomic_path(target) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_atomic_output_gets_the_mode_of_a_plain_open(tmp_path):
+    # mkstemp creates 0600 files; an output shared with a colleague must not end up owner-only
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain.bin").write_bytes(b"x")
+        with files.atomic_path(tmp_path / "atomic.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    modes = [(tmp_path / name).stat().st_mode & 0o777 for name in ("plain.bin", "atomic.bin")]
+    assert modes == [0o644, 0o644]
 
 
 def test_checkpoint_round_trip_and_rng(tmp_path):
