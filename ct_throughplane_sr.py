@@ -806,8 +806,9 @@ def measure():
     row["time_s"] = round(time.perf_counter() - t0, 3)
     try:
         peak_kb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
-    except (OSError, IndexError):  # not Linux
+    except (OSError, IndexError):  # not Linux; macOS counts ru_maxrss in bytes, the BSDs in kB
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_kb //= 1024 if sys.platform == "darwin" else 1
     row["peak_rss_mb"] = round(peak_kb / 1024, 1)
 
 
