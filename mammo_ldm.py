@@ -594,7 +594,7 @@ def train_batches(dataset, encoder: VQVAE2 | None, cfg: Config, dist, per_rank_b
     seed and epoch alone (mammo.epoch_order), so a resumed run sees the batches an uninterrupted one sees."""
     steps_per_epoch = len(dataset) // (dist.world_size * per_rank_batch)
     skip = step % steps_per_epoch * per_rank_batch  # only in the epoch a resume starts in
-    workers, seed = cfg.data.num_workers if encoder else 0, cfg.train.seed
+    workers, seed = cfg.data.num_workers if encoder is not None else 0, cfg.train.seed
     for epoch in range(step // steps_per_epoch, cfg.train.max_epochs):
         dataset.epoch = epoch  # on-the-fly pairs: fresh low-dose noise (and crops) every epoch
         order = mammo.epoch_order(len(dataset), per_rank_batch, epoch, seed, dist.rank, dist.world_size)
