@@ -4,10 +4,12 @@
 # tests/reference_files/example_ct_dicom (its sdist: pip download --no-deps --no-binary :all:
 # totalsegmentator==2.18.0). The NIfTI cases reserved by issue 13 are never read.
 #   bash tools/ldct_real_ct.sh TOTALSEG_EXAMPLE_CT_DICOM RUN_DIR [MAX_STEPS] [SAMPLES]
-# Env: PYTHON (default python), THREADS per process (default 1). The two diffusion runs (eps, x0), stages 2 and
-# 5 (x0) and the U-Net regression train in five parallel processes (identical to what `ablate` would train one
-# after the other), then `ablate` finds them finished and scores every row on the held-out patients: RUN/table
-# (stage 0 eps and x0), RUN/stages (stages 0, 2, 5 with x0).
+# Env: PYTHON (default python), THREADS per process (default 1), LONGER (default empty: skipped): longer
+# budgets, e.g. LONGER="6000 12000", for which the stage-0 x0 model and the U-Net are resumed side by side
+# from the previous budget (on copies, RUN/budget_N) and scored on the same slices.
+# The two diffusion runs (eps, x0), stages 2, 5, 7 and 8 (x0) and the U-Net regression train in seven parallel
+# processes (identical to what `ablate` would train one after the other), then `ablate` finds them finished
+# and scores every row on the held-out patients: RUN/table (stage 0 eps and x0), RUN/stages (stages 0-8, x0).
 set -euo pipefail
 SERIES=${1:?usage: ldct_real_ct.sh TOTALSEG_EXAMPLE_CT_DICOM RUN_DIR [MAX_STEPS] [SAMPLES]}
 RUN=${2:?usage: ldct_real_ct.sh TOTALSEG_EXAMPLE_CT_DICOM RUN_DIR [MAX_STEPS] [SAMPLES]}
@@ -50,19 +52,41 @@ X0=$!
 $LDCT baseline --kind unet --data "$RUN/pairs" --out "$RUN/table/unet" --max-slices 3 \
   "${COMMON[@]}" > "$RUN/train_unet.log" 2>&1 &
 UNET=$!
-# seed 000's upgrades on the same pairs and budget (x0, the small preset): stage 2 (edges + composite loss)
-# and stage 5 (+ cross-attention, ICR head, bridge training)
-for stage in 2 5; do
+# seed 000's upgrades on the same pairs and budget (x0, the small preset): stage 2 (edges + composite loss),
+# stage 5 (+ cross-attention, ICR head, bridge training), stage 7 (+ PatchGAN, augmentations) and stage 8
+# (+ masked pre-training first)
+for stage in 2 5 7 8; do
   $LDCT train --data "$RUN/pairs" --out "$RUN/stages/stage$stage" --stage $stage \
     "${COMMON[@]}" > "$RUN/train_stage$stage.log" 2>&1 &
   eval "STAGE$stage=\$!"
 done
-wait $EPS && wait $X0 && wait $UNET && wait $STAGE2 && wait $STAGE5 ||
+wait $EPS && wait $X0 && wait $UNET && wait $STAGE2 && wait $STAGE5 && wait $STAGE7 && wait $STAGE8 ||
   { echo "a training failed: see $RUN/train_*.log" >&2; exit 1; }
 $LDCT ablate --data "$RUN/pairs" --out "$RUN/table" --stages 0 --parameterizations eps,x0 \
   --samples "$SAMPLES" --steps 50 --max-slices 3 --time-size 0 "${COMMON[@]}"
 # the stages table: stage 0 x0 and the U-Net are the runs above (copied, so ablate finds them finished)
 [ -d "$RUN/stages/stage0" ] || cp -r "$RUN/table/stage0_x0" "$RUN/stages/stage0"
 [ -d "$RUN/stages/unet" ] || cp -r "$RUN/table/unet" "$RUN/stages/unet"
-$LDCT ablate --data "$RUN/pairs" --out "$RUN/stages" --stages 0,2,5 --samples "$SAMPLES" --steps 50 \
+$LDCT ablate --data "$RUN/pairs" --out "$RUN/stages" --stages 0,2,5,7,8 --samples "$SAMPLES" --steps 50 \
   --max-slices 3 --time-size 0 "${COMMON[@]}"
+
+# longer budgets: each resumes copies of the previous budget's two runs (the lr is constant and a resume
+# restores the data order and RNG states, so this continues the same training) and scores them on the same
+# held-out slices (the diffusion with DDIM-50)
+previous=$RUN/table
+for steps in ${LONGER:-}; do
+  out=$RUN/budget_$steps
+  mkdir -p "$out"
+  [ -d "$out/stage0_x0" ] || cp -r "$previous/stage0_x0" "$out/stage0_x0"
+  [ -d "$out/unet" ] || cp -r "$previous/unet" "$out/unet"
+  $LDCT train --data "$RUN/pairs" --out "$out/stage0_x0" --resume "$out/stage0_x0/checkpoint.pt" \
+    --preset small --device cpu --max-steps "$steps" > "$out/train_x0.log" 2>&1 &
+  X0=$!
+  $LDCT baseline --kind unet --data "$RUN/pairs" --out "$out/unet" --resume "$out/unet/unet.pt" \
+    --max-slices 3 --preset small --device cpu --max-steps "$steps" > "$out/train_unet.log" 2>&1 &
+  UNET=$!
+  wait $X0 && wait $UNET || { echo "a training failed: see $out/train_*.log" >&2; exit 1; }
+  $LDCT evaluate --checkpoint "$out/stage0_x0/checkpoint.pt" --data "$RUN/pairs" --out "$out/x0_eval" \
+    --steps 50 --max-slices 3 --device cpu
+  previous=$out
+done
