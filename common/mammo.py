@@ -503,8 +503,7 @@ def epoch_order(
     n_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> list[int]:
     """This rank's sample indices for one epoch, whole batches only. The order depends on (seed, epoch) alone,
-    not
-    on the global RNG, so a run resumed mid-epoch skips exactly the batches it already trained on."""
+    not on the global RNG, so a run resumed mid-epoch skips exactly the batches it already trained on."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     per_rank = n_items // (world_size * batch_size) * batch_size
     return torch.randperm(n_items, generator=generator)[rank * per_rank : (rank + 1) * per_rank].tolist()
