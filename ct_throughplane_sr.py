@@ -41,7 +41,7 @@ import typer
 from scipy import ndimage
 from scipy.interpolate import make_interp_spline
 
-from common import UserError, dicom_io, losses, metrics, nifti_io, runtime, synthetic, viz
+from common import UserError, dicom_io, losses, metrics, nifti_io, runtime, synthetic, viz, volume
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
 from common.metrics import hu_to_unit, unit_to_hu
 
@@ -156,20 +156,11 @@ def axis_first(vol: nifti_io.Volume, axis: int, back: bool = False) -> nifti_io.
 
 def check_geometry(affine: np.ndarray, source) -> None:
     """One warning line for a sheared (e.g. gantry-tilted) or oblique slice stack; the output keeps it."""
-    columns = np.asarray(affine, np.float64)[:3, :3]
-    columns = columns / np.linalg.norm(columns, axis=0)
-    normal = np.cross(columns[:, 0], columns[:, 1])
-    normal /= np.linalg.norm(normal)
-    shear = math.degrees(math.acos(min(1.0, abs(float(columns[:, 2] @ normal)))))
-    tilt = math.degrees(math.acos(min(1.0, float(np.abs(normal).max()))))
-    if shear > 0.2:
-        what = f"sheared affine (slice axis {shear:.1f} deg off the slice normal, e.g. gantry tilt)"
-    elif tilt > 0.5:
-        what = f"oblique slices ({tilt:.1f} deg from the nearest patient axis)"
-    else:
-        return
-    kept = "this sheared grid" if shear > 0.2 else "this orientation"
-    warnings.warn(f"{source}: {what}; the output keeps {kept}, resampled along its slice axis", stacklevel=2)
+    what = volume.obliqueness(affine)
+    if what:
+        warnings.warn(
+            f"{source}: {what}; the output keeps this grid, resampled along its slice axis", stacklevel=2
+        )
 
 
 def output_positions(n_in: int, factor: float) -> np.ndarray:

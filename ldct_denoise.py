@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import typer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import UserError, ct_sim, dicom_io, metrics, nifti_io, perceptual, runtime, synthetic, viz
+from common import UserError, ct_sim, dicom_io, metrics, nifti_io, perceptual, runtime, synthetic, viz, volume
 from common.config import config_from_dict, config_to_dict, default_config_path, load_config
 from common.metrics import hu_to_unit, unit_to_hu
 
@@ -285,17 +285,9 @@ def mayo_sources(cfg: DataConfig, root: Path, mayo: dict, seed: int, dose: float
 
 
 def warn_if_sheared(affine: np.ndarray, source) -> None:
-    """One warning for a sheared (gantry-tilted) or oblique volume: slices are processed in the file's own
-    voxel grid and the output keeps its affine."""
-    columns = np.asarray(affine, np.float64)[:3, :3]
-    columns = columns / np.linalg.norm(columns, axis=0)
-    normal = np.cross(columns[:, 0], columns[:, 1])
-    shear = math.degrees(math.acos(min(1.0, abs(float(columns[:, 2] @ normal) / np.linalg.norm(normal)))))
-    tilt = math.degrees(math.acos(min(1.0, float(np.abs(columns).max(axis=0).min()))))
-    if shear > 0.2 or tilt > 0.5:
-        kind = f"sheared affine (slice axis {shear:.1f} deg off the normal)" if shear > 0.2 else "oblique"
-        message = "slices are processed in the file's own voxel grid and the output keeps this affine"
-        warnings.warn(f"{source}: {kind}; {message}", stacklevel=2)
+    what = volume.obliqueness(affine)
+    if what:  # slices are denoised one by one in the file's own voxel grid: nothing is resampled
+        warnings.warn(f"{source}: {what}; the output keeps this affine", stacklevel=2)
 
 
 def split_volumes(patients: list[str], n_slices: list[int], val_fraction: float, val_patients=()) -> list:
@@ -1245,24 +1237,57 @@ def compare(cfg: Config, extra: dict, max_slices: int, doses=None, notes: list[s
     return rows, outputs, test, notes
 
 
+def mean_of(methods: list, low_hu: np.ndarray) -> np.ndarray:
+    """The pixel mean of several outputs: n samples of one model (seeds 0..n-1) estimate the posterior mean;
+    a diffusion and a U-Net output make an ensemble of two models."""
+    return np.mean([method(low_hu) for method in methods], axis=0)
+
+
+def seeds(method, n: int) -> list:
+    return [functools.partial(method, seed=k) for k in range(n)]
+
+
 def trained_with(checkpoint: Path) -> str:
     return runtime.load_checkpoint(checkpoint, SCRIPT).get("lpips_weights", "not recorded")
 
 
 def evaluate(
-    checkpoint: Path, out_dir: Path, data_path=None, device_name="auto", max_slices=16, doses=None, **sampling
+    checkpoint: Path,
+    out_dir: Path,
+    data_path=None,
+    device_name="auto",
+    max_slices=16,
+    doses=None,
+    samples=1,
+    unet=None,
+    **sampling,
 ) -> list[dict]:
-    """Input, NLM and the model on held-back slices; `doses`: projection-domain dose sweep; `sampling`:
-    sampler, steps, from_low_dose, start (`diffusion_method`)."""
+    """Input, NLM and the model on held-back slices; `doses`: projection-domain dose sweep; `samples` > 1:
+    also the mean of that many samples; `unet` (a checkpoint of `baseline --kind unet`): also the U-Net and
+    the mean of both models; `sampling`: sampler, steps, from_low_dose, start."""
     if doses and not all(0 < d < 1 for d in doses):
         raise UserError(f"--doses must be fractions in (0, 1), got {doses}")
     device = runtime.pick_device(device_name)
     model, cfg, trained_steps = load_model(checkpoint, device)
     cfg.data.path = data_path if data_path is not None else cfg.data.path
-    name, method = diffusion_method(model, cfg, device, **sampling)
+    name, (method, nfe) = diffusion_method(model, cfg, device, **sampling)
+    methods = {name: (method, nfe)}
+    if samples > 1:
+        methods[f"mean of {samples} samples: {name}"] = (
+            functools.partial(mean_of, seeds(method, samples)),
+            samples * nfe,
+        )
+    if unet is not None:
+        unet_model, unet_cfg, _ = load_model(unet, device, "unet")
+        unet_fn = functools.partial(denoise_hu, unet_model, None, cfg=unet_cfg, device=device)
+        methods[UNET_ROW] = (unet_fn, 1)
+        methods["ensemble: mean of the diffusion and the U-Net"] = (
+            functools.partial(mean_of, [method, unet_fn]),
+            nfe + 1,
+        )
     note = f"checkpoint {checkpoint} at step {trained_steps}, trained with LPIPS: {trained_with(checkpoint)}"
     note += f"; doses {doses} of the data's full dose, projection-domain simulation" if doses else ""
-    rows, outputs, test, notes = compare(cfg, {name: method}, max_slices, doses, [note])
+    rows, outputs, test, notes = compare(cfg, methods, max_slices, doses, [note])
     runtime.print_metrics_table(rows, "ldct_denoise evaluation", out_dir / "metrics.json", notes)
     comparison_panel(out_dir / "eval_panel.png", cfg, test, outputs, list(outputs)[1:], "evaluation")
     return rows
@@ -1293,11 +1318,6 @@ def finished(path: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def mean_of_samples(method, n: int, low_hu: np.ndarray) -> np.ndarray:
-    """The mean of n samples (seeds 0..n-1): the posterior mean estimate, less noise, more blur."""
-    return np.mean([method(low_hu, seed=k) for k in range(n)], axis=0)
-
-
 def ablate(
     cfg, out_dir, device_name, stages, steps, max_slices, time_size, argv, parameterizations=None, samples=0
 ) -> list[dict]:
@@ -1325,7 +1345,7 @@ def ablate(
                 per_run.setdefault(label, []).append(f"{label}: {name}")
             if samples > 1:
                 name = f"{label}: mean of {samples} bridge-{u.bridge_steps} samples"
-                mean = functools.partial(mean_of_samples, method[0], samples)
+                mean = functools.partial(mean_of, seeds(method[0], samples))
                 methods[name] = (mean, samples * u.bridge_steps)
                 per_run[label].append(name)
     unet_dir = out_dir / "unet"
@@ -1616,12 +1636,17 @@ def evaluate_cmd(
     doses: str = typer.Option(None, "--doses", help="dose sweep, e.g. 0.5,0.25,0.1,0.05"),
     from_low_dose: bool = FromLowDoseOpt,
     start: float = StartOpt,
+    samples: int = typer.Option(1, "--samples", min=1, help="> 1: also the mean of that many samples"),
+    unet: Path = typer.Option(
+        None, "--unet", help="a U-Net checkpoint: also its row and the two models' mean"
+    ),
     device: str = DeviceOpt,
 ):
     """PSNR/SSIM/MAE (+ LPIPS) in a stated HU window for the low-dose input, NLM and the model."""
     sampling = dict(sampler=sampler, steps=steps, from_low_dose=from_low_dose, start=start)
     dose_list = comma_list(doses, float, "--doses")
-    evaluate(checkpoint, out or checkpoint.parent / "eval", data, device, max_slices, dose_list, **sampling)
+    out = out or checkpoint.parent / "eval"
+    evaluate(checkpoint, out, data, device, max_slices, dose_list, samples, unet, **sampling)
 
 
 app.command("eval", hidden=True)(evaluate_cmd)  # the old name

@@ -145,7 +145,7 @@ def test_axis_first_keeps_every_voxel_where_it_was(axis):
 def test_sheared_and_oblique_affines_warn_once():
     sheared = np.diag([0.8, 0.8, 2.0, 1.0])
     sheared[1, 2] = 2.0 * np.tan(np.deg2rad(15))  # gantry tilt: k leans along y
-    with pytest.warns(UserWarning, match=r"sheared affine \(slice axis 15.0 deg.*keeps this sheared grid"):
+    with pytest.warns(UserWarning, match=r"sheared affine \(slice axis 15.0 deg.*keeps this grid"):
         sr.check_geometry(sheared, "tilt.nii.gz")
     with pytest.warns(UserWarning, match="oblique slices"):
         sr.check_geometry(oblique_affine((2.0, 0.8, 0.8)), "oblique.nii.gz")

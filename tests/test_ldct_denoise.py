@@ -71,6 +71,8 @@ def trained(tmp_path_factory):
             *FAST,
         ],
     )
+    unet = ["baseline", "--kind", "unet", "--out", base / "unet", "--max-steps", 3, "--max-slices", 2]
+    run_cli(SCRIPT, [*unet, *FAST])
     return base
 
 
@@ -223,6 +225,10 @@ def test_eval_reports_input_nlm_and_model(trained, tmp_path):
             3,
             "--max-slices",
             3,
+            "--samples",
+            2,
+            "--unet",
+            trained / "unet" / "unet.pt",
             "--device",
             "cpu",
         ],
@@ -230,7 +236,9 @@ def test_eval_reports_input_nlm_and_model(trained, tmp_path):
     report = json.loads((out / "metrics.json").read_text())
     methods = [r["method"] for r in report["rows"]]
     assert methods[0] == "low-dose input" and methods[1].startswith("NLM") and methods[2].startswith("BM3D")
-    assert methods[3].startswith("diffusion") and len(methods) == 4
+    assert methods[3].startswith("diffusion") and methods[4] == f"mean of 2 samples: {methods[3]}"
+    assert methods[5:] == ["U-Net regression (RED-CNN-like)", "ensemble: mean of the diffusion and the U-Net"]
+    assert [r["nfe"] for r in report["rows"][3:]] == [3, 6, 1, 4]
     for row in report["rows"]:
         assert np.isfinite([row["psnr_db"], row["ssim"], row["mae_hu"]]).all()
     assert any("window" in note for note in report["notes"])

@@ -582,3 +582,12 @@ def test_attention_through_sdpa_equals_multihead_attention():
     q, kv = torch.randn(2, 50, 32), torch.randn(2, 30, 32)
     expected = mha(q, kv, kv, need_weights=False)[0]
     assert torch.allclose(ld.attend(mha, q, kv), expected, atol=1e-5)
+
+
+def test_mean_of_averages_one_sample_per_seed():
+    def method(low_hu, seed=0):
+        return low_hu + 10.0 * seed
+
+    low = np.zeros((4, 4), np.float32)
+    assert np.allclose(ld.mean_of(ld.seeds(method, 3), low), 10.0)  # seeds 0, 1, 2
+    assert np.allclose(ld.mean_of([method, np.ones_like], low), 0.5)

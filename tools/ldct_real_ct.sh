@@ -7,7 +7,7 @@
 # Env: PYTHON (default python), THREADS per process (default 1), LONGER (default empty: skipped): longer
 # budgets, e.g. LONGER="6000 12000", for which the stage-0 x0 model and the U-Net are resumed side by side
 # from the previous budget (on copies, RUN/budget_N) and scored on the same slices.
-# The two diffusion runs (eps, x0), stages 2, 5, 7 and 8 (x0) and the U-Net regression train in seven parallel
+# The two diffusion runs (eps, x0), stages 2, 4-8 (x0) and the U-Net regression train in nine parallel
 # processes (identical to what `ablate` would train one after the other), then `ablate` finds them finished
 # and scores every row on the held-out patients: RUN/table (stage 0 eps and x0), RUN/stages (stages 0-8, x0).
 set -euo pipefail
@@ -53,26 +53,31 @@ $LDCT baseline --kind unet --data "$RUN/pairs" --out "$RUN/table/unet" --max-sli
   "${COMMON[@]}" > "$RUN/train_unet.log" 2>&1 &
 UNET=$!
 # seed 000's upgrades on the same pairs and budget (x0, the small preset): stage 2 (edges + composite loss),
-# stage 5 (+ cross-attention, ICR head, bridge training), stage 7 (+ PatchGAN, augmentations) and stage 8
-# (+ masked pre-training first)
-for stage in 2 5 7 8; do
+# stage 4 (+ cross-attention, ICR head), stage 5 (+ bridge training), stage 6 (+ PatchGAN), stage 7
+# (+ augmentations) and stage 8 (+ masked pre-training first); stage 3 lies between 2 and 4
+PIDS=("$EPS" "$X0" "$UNET")
+for stage in 2 4 5 6 7 8; do
   $LDCT train --data "$RUN/pairs" --out "$RUN/stages/stage$stage" --stage $stage \
     "${COMMON[@]}" > "$RUN/train_stage$stage.log" 2>&1 &
-  eval "STAGE$stage=\$!"
+  PIDS+=($!)
 done
-wait $EPS && wait $X0 && wait $UNET && wait $STAGE2 && wait $STAGE5 && wait $STAGE7 && wait $STAGE8 ||
-  { echo "a training failed: see $RUN/train_*.log" >&2; exit 1; }
+for pid in "${PIDS[@]}"; do
+  wait "$pid" || { echo "a training failed: see $RUN/train_*.log" >&2; exit 1; }
+done
 $LDCT ablate --data "$RUN/pairs" --out "$RUN/table" --stages 0 --parameterizations eps,x0 \
   --samples "$SAMPLES" --steps 50 --max-slices 3 --time-size 0 "${COMMON[@]}"
+# the budget table's first row: the x0 model, the U-Net and the two models' mean (an ensemble)
+$LDCT evaluate --checkpoint "$RUN/table/stage0_x0/checkpoint.pt" --unet "$RUN/table/unet/unet.pt" \
+  --data "$RUN/pairs" --out "$RUN/table/x0_eval" --steps 50 --max-slices 3 --device cpu
 # the stages table: stage 0 x0 and the U-Net are the runs above (copied, so ablate finds them finished)
 [ -d "$RUN/stages/stage0" ] || cp -r "$RUN/table/stage0_x0" "$RUN/stages/stage0"
 [ -d "$RUN/stages/unet" ] || cp -r "$RUN/table/unet" "$RUN/stages/unet"
-$LDCT ablate --data "$RUN/pairs" --out "$RUN/stages" --stages 0,2,5,7,8 --samples "$SAMPLES" --steps 50 \
+$LDCT ablate --data "$RUN/pairs" --out "$RUN/stages" --stages 0,2,4,5,6,7,8 --samples "$SAMPLES" --steps 50 \
   --max-slices 3 --time-size 0 "${COMMON[@]}"
 
 # longer budgets: each resumes copies of the previous budget's two runs (the lr is constant and a resume
 # restores the data order and RNG states, so this continues the same training) and scores them on the same
-# held-out slices (the diffusion with DDIM-50)
+# held-out slices (the diffusion with DDIM-50, the U-Net and the two models' mean in one table)
 previous=$RUN/table
 for steps in ${LONGER:-}; do
   out=$RUN/budget_$steps
@@ -86,7 +91,7 @@ for steps in ${LONGER:-}; do
     --max-slices 3 --preset small --device cpu --max-steps "$steps" > "$out/train_unet.log" 2>&1 &
   UNET=$!
   wait $X0 && wait $UNET || { echo "a training failed: see $out/train_*.log" >&2; exit 1; }
-  $LDCT evaluate --checkpoint "$out/stage0_x0/checkpoint.pt" --data "$RUN/pairs" --out "$out/x0_eval" \
-    --steps 50 --max-slices 3 --device cpu
+  $LDCT evaluate --checkpoint "$out/stage0_x0/checkpoint.pt" --unet "$out/unet/unet.pt" --data "$RUN/pairs" \
+    --out "$out/x0_eval" --steps 50 --max-slices 3 --device cpu
   previous=$out
 done
