@@ -500,12 +500,10 @@ class ResShift:
     the interpolated-LR latent y0 in T steps (Yue et al., ResShift): sampling starts near y0, not at noise."""
 
     def __init__(self, cfg: LDMConfig, device: torch.device):
-        T, self.kappa = cfg.timesteps, cfg.kappa
-        eta_1 = min((0.04 / cfg.kappa) ** 2, 0.001)
-        b0 = math.exp(math.log(cfg.eta_max / eta_1) / (2 * (T - 1)))
-        powers = (np.arange(T) / (T - 1)) ** cfg.eta_power * (T - 1)
-        self.eta = torch.tensor((math.sqrt(eta_1) * b0**powers) ** 2, dtype=torch.float32, device=device)
-        self.T = T
+        self.T, self.kappa = cfg.timesteps, cfg.kappa
+        eta_1 = min((0.04 / cfg.kappa) ** 2, 0.001)  # geometric from eta_1 to eta_max, warped by eta_power
+        fraction = (np.arange(self.T) / (self.T - 1)) ** cfg.eta_power
+        self.eta = torch.tensor(eta_1 * (cfg.eta_max / eta_1) ** fraction, dtype=torch.float32, device=device)
 
     def q_sample(self, x0, y0, t, noise):
         eta = self.eta[t].view(-1, 1, 1, 1, 1)
@@ -685,9 +683,8 @@ def batch_loss(kind: str, net, lr, hr, pos, cfg: Config, vae: VAE3D | None = Non
         recon, kl = net(x)
         return (recon - x).abs().mean() + cfg.vae.kl_weight * kl
     multiple = (vae.factor * 2 ** (len(cfg.ldm.channels) - 1),) * 3
-    with torch.no_grad():
-        x0 = vae.encode(pad_to(hr, multiple)[0])[0] * scale
-        y0 = vae.encode(pad_to(lerp_z(lr, pos), multiple)[0])[0] * scale
+    with torch.no_grad():  # the VAE is frozen; GroupNorm is per sample, so one batch encodes both
+        x0, y0 = (vae.encode(pad_to(torch.cat([hr, lerp_z(lr, pos)]), multiple)[0])[0] * scale).chunk(2)
     schedule = ResShift(cfg.ldm, x0.device)
     t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)
     x_t = schedule.q_sample(x0, y0, t, torch.randn_like(x0))
@@ -745,9 +742,8 @@ def train(cfg: Config, kind: str, out_dir: Path, device="auto", vae_ckpt=None, r
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{kind}: {n_params:.2f} M parameters; {data_desc}; {len(val_vols)} val views; x{ratio:g}")
     per_rank = max(1, cfg.train.batch_size // dist.world_size)
-    log_dir = out_dir if dist.is_main else None  # rank 0 writes the records, other ranks stay silent
-    with runtime.ProgressLogger(
-        log_dir, cfg.train.max_steps, f"train {kind}", dist.is_main, cfg.train.log_every, step
+    with runtime.ProgressLogger(  # enabled on rank 0 only: it writes the records, other ranks stay silent
+        out_dir, cfg.train.max_steps, f"train {kind}", dist.is_main, cfg.train.log_every, step
     ) as progress:
         while step < cfg.train.max_steps:
             rng = np.random.default_rng([cfg.train.seed, dist.rank, step])  # batches depend only on the step:
@@ -949,9 +945,8 @@ def prepare(input_dir: Path, out_dir: Path, val_fraction: float, test_fraction: 
             tmp.write_text("".join(f"{f}\n" for p in members for f in patients[p]))
     with runtime.atomic_path(out_dir / "patients.json") as tmp:
         tmp.write_text(json.dumps({"split": split, "files": patients}, indent=2))
-    print(
-        f"{len(order)} patients: {', '.join(f'{k} {len(v)}' for k, v in split.items())}; lists in {out_dir}"
-    )
+    counts = ", ".join(f"{name} {len(members)}" for name, members in split.items())
+    print(f"{len(order)} patients: {counts}; lists in {out_dir}")
     return split
 
 

@@ -1247,6 +1247,12 @@ def seeds(method, n: int) -> list:
     return [functools.partial(method, seed=k) for k in range(n)]
 
 
+def unet_denoiser(checkpoint: Path, device: torch.device):
+    """HU -> HU of a `baseline --kind unet` checkpoint (for `--unet`: its row and the ensemble)."""
+    unet, unet_cfg, _ = load_model(checkpoint, device, "unet")
+    return functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device)
+
+
 def trained_with(checkpoint: Path) -> str:
     return runtime.load_checkpoint(checkpoint, SCRIPT).get("lpips_weights", "not recorded")
 
@@ -1278,8 +1284,7 @@ def evaluate(
             samples * nfe,
         )
     if unet is not None:
-        unet_model, unet_cfg, _ = load_model(unet, device, "unet")
-        unet_fn = functools.partial(denoise_hu, unet_model, None, cfg=unet_cfg, device=device)
+        unet_fn = unet_denoiser(unet, device)
         methods[UNET_ROW] = (unet_fn, 1)
         methods["ensemble: mean of the diffusion and the U-Net"] = (
             functools.partial(mean_of, [method, unet_fn]),
@@ -1297,8 +1302,7 @@ def unet_method(cfg: Config, out_dir: Path, device_name: str, argv, resume=None)
     """Train (or finish) the U-Net regression on the diffusion's data and budget -> (HU -> HU, 1)."""
     device = runtime.pick_device(device_name)
     checkpoint = train(cfg, out_dir, resume, device_name, argv, kind="unet")
-    unet, unet_cfg, _ = load_model(checkpoint, device, "unet")
-    return functools.partial(denoise_hu, unet, None, cfg=unet_cfg, device=device), 1
+    return unet_denoiser(checkpoint, device), 1
 
 
 def baseline(
@@ -1444,13 +1448,17 @@ def simulate_dataset(cfg: Config, input_path: Path, out_dir: Path, doses: list[f
 
 
 def denoise_files(
-    checkpoint: Path, input_path: Path, output: Path, device_name="auto", **sampling
+    checkpoint: Path, input_path: Path, output: Path, device_name="auto", unet=None, **sampling
 ) -> list[Path]:
     """DICOM file, DICOM series folder or NIfTI volume in; the same kind out, in HU, with new UIDs.
+    `unet` (a `baseline --kind unet` checkpoint): write the ensemble, the mean of both models' outputs;
     `sampling`: sampler, steps, eta, from_low_dose, start (`diffusion_method`)."""
     device = runtime.pick_device(device_name)
     model, cfg, trained_steps = load_model(checkpoint, device)
     name, (method, _) = diffusion_method(model, cfg, device, **sampling)
+    if unet is not None:  # the best PSNR on real CT (docs/ldct_denoise.md, "Longer budgets")
+        method = functools.partial(mean_of, [method, unet_denoiser(unet, device)])
+        name = f"{name} averaged with a U-Net regression"
     if not input_path.exists():
         raise UserError(f"input not found: {input_path}")
     runtime.refuse_overwrite_input(output, input_path)
@@ -1501,6 +1509,9 @@ ResumeOpt = typer.Option(None, "--resume", help="continue this run's checkpoint 
 FromLowDoseOpt = typer.Option(False, "--from-low-dose", help="bridge sampler (--steps: upgrade.bridge_steps)")
 StartOpt = typer.Option(
     None, "--start", help="bridge start as a fraction of T (default upgrade.bridge_start)"
+)
+UnetOpt = typer.Option(
+    None, "--unet", help="a `baseline --kind unet` checkpoint: the mean of both models' outputs (an ensemble)"
 )
 
 
@@ -1618,11 +1629,12 @@ def denoise_cmd(
     eta: float = typer.Option(None, "--eta"),
     from_low_dose: bool = FromLowDoseOpt,
     start: float = StartOpt,
+    unet: Path = UnetOpt,
     device: str = DeviceOpt,
 ):
     """Denoise a DICOM file, a DICOM series folder or a NIfTI volume; writes DICOM (or NIfTI) in HU."""
     sampling = dict(sampler=sampler, steps=steps, eta=eta, from_low_dose=from_low_dose, start=start)
-    denoise_files(checkpoint, input, output, device, **sampling)
+    denoise_files(checkpoint, input, output, device, unet, **sampling)
 
 
 @app.command("evaluate")
@@ -1637,9 +1649,7 @@ def evaluate_cmd(
     from_low_dose: bool = FromLowDoseOpt,
     start: float = StartOpt,
     samples: int = typer.Option(1, "--samples", min=1, help="> 1: also the mean of that many samples"),
-    unet: Path = typer.Option(
-        None, "--unet", help="a U-Net checkpoint: also its row and the two models' mean"
-    ),
+    unet: Path = UnetOpt,
     device: str = DeviceOpt,
 ):
     """PSNR/SSIM/MAE (+ LPIPS) in a stated HU window for the low-dose input, NLM and the model."""

@@ -432,3 +432,25 @@ def test_denoise_warns_once_about_a_sheared_nifti_and_keeps_its_affine(trained, 
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "tilted.nii.gz" in warnings[0] and "sheared" in warnings[0], proc.stderr
     assert np.allclose(nib.load(out).affine, nib.load(src).affine)
+
+
+def test_denoise_with_unet_writes_the_mean_of_the_two_models(trained, tmp_path):
+    """`denoise --unet`: each output voxel is the mean of the diffusion's output and the U-Net's."""
+    import nibabel as nib
+    import torch
+
+    import ldct_denoise as ld
+    from common.nifti_io import Volume, write_nifti
+
+    hu = np.stack([synthetic.ct_phantom(48, np.random.default_rng(k)) for k in range(2)]).astype(np.float32)
+    src = write_nifti(tmp_path / "low.nii.gz", Volume(hu + 0.5, np.diag([0.8, 0.8, 2.0, 1.0]), {}))
+    outputs = {}
+    for name, extra in (("diffusion", []), ("ensemble", ["--unet", trained / "unet" / "unet.pt"])):
+        out = tmp_path / f"{name}.nii.gz"
+        args = ["--checkpoint", trained / "straight" / "checkpoint.pt", "--input", src, "--output", out]
+        run_cli(SCRIPT, ["denoise", *args, "--steps", 2, "--device", "cpu", *extra])
+        outputs[name] = nib.load(out).get_fdata().transpose(2, 1, 0)
+    unet = ld.unet_denoiser(trained / "unet" / "unet.pt", torch.device("cpu"))
+    unet_hu = np.stack([unet(s) for s in nib.load(src).get_fdata().transpose(2, 1, 0).astype(np.float32)])
+    assert np.abs(outputs["diffusion"] - unet_hu).max() > 1.0  # the two models differ, so the mean is a test
+    np.testing.assert_allclose(outputs["ensemble"], (outputs["diffusion"] + unet_hu) / 2, atol=1e-2)
