@@ -1,6 +1,6 @@
 """Low-dose CT -> full-dose CT with a pixel-space conditional diffusion model (seeds 003 and 000).
 
-Stage 0 (seed 003): a UNet on [x_t, low dose] predicts eps or x0; one fixed HU range maps to [-1, 1].
+Stage 0 (seed 003): a UNet on [x_t, low dose] predicts eps, x0 or v; one fixed HU range maps to [-1, 1].
 Stages 1-8 (seed 000, `StagesConfig`): `train --stage N` turns on the first N. Low dose is simulated in
 the projection domain by common/ct_sim.py (fan beam, real PixelSpacing). Details, results:
 docs/ldct_denoise.md.
@@ -84,7 +84,7 @@ class ModelConfig:
 class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"  # linear | cosine
-    parameterization: str = "eps"  # eps | x0
+    parameterization: str = "eps"  # eps | x0 | v (v = sqrt(ab) eps - sqrt(1 - ab) x0, Salimans & Ho)
     loss: str = "l2"  # l2 | l1 | huber
 
 
@@ -686,11 +686,15 @@ class UNet(nn.Module):
         return out if self.icr is None else self.refine(out, x_t, t, low_dose)
 
     def refine(self, out, x_t, t, low_dose):
-        """ICR on the image; for eps, r maps back exactly: eps' = eps - sqrt(ab / (1 - ab)) r."""
+        """ICR on the image, x0 + r, mapped back exactly: eps' = eps - sqrt(ab / (1 - ab)) r and
+        v' = v - r / sqrt(1 - ab)."""
         grid = coord_grid(out.shape[0], *out.shape[-2:], out.device)
         if self.parameterization == "x0":
             return out + self.icr(torch.cat([out, low_dose, grid], 1))
         ab = self.alphas_cumprod[t][:, None, None, None]
+        if self.parameterization == "v":
+            coarse = (ab.sqrt() * x_t - (1 - ab).sqrt() * out).clamp(-1, 1)
+            return out - self.icr(torch.cat([coarse, low_dose, grid], 1)) / (1 - ab).sqrt()
         coarse = ((x_t - (1 - ab).sqrt() * out) / ab.sqrt()).clamp(-1, 1)
         return out - (ab / (1 - ab)).sqrt() * self.icr(torch.cat([coarse, low_dose, grid], 1))
 
@@ -722,9 +726,9 @@ class Schedule:
         else:
             raise UserError(f"config: diffusion.schedule must be linear or cosine, got '{cfg.schedule}'")
         self.loss_fn = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}.get(cfg.loss)
-        if cfg.parameterization not in ("eps", "x0") or self.loss_fn is None:
+        if cfg.parameterization not in ("eps", "x0", "v") or self.loss_fn is None:
             raise UserError(
-                f"config: diffusion.parameterization must be eps|x0 and diffusion.loss l2|l1|huber, got "
+                f"config: diffusion.parameterization must be eps|x0|v and diffusion.loss l2|l1|huber, got "
                 f"'{cfg.parameterization}', '{cfg.loss}'"
             )
         self.T, self.parameterization = T, cfg.parameterization
@@ -736,11 +740,20 @@ class Schedule:
     def q_sample(self, x0, t, noise):
         return self.ab(t).sqrt() * x0 + (1 - self.ab(t)).sqrt() * noise
 
+    def target(self, x0, noise, t):
+        """What the network learns to output: eps, x0 or v."""
+        if self.parameterization == "v":
+            return self.ab(t).sqrt() * noise - (1 - self.ab(t)).sqrt() * x0
+        return noise if self.parameterization == "eps" else x0
+
     def x0_eps(self, model_out, x_t, t):
-        """(x0, eps) from the network output under either parameterisation."""
+        """(x0, eps) from the network output under each parameterisation."""
         ab = self.ab(t)
         if self.parameterization == "eps":
             return (x_t - (1 - ab).sqrt() * model_out) / ab.sqrt(), model_out
+        if self.parameterization == "v":  # bounded x0 and eps errors at every t, where eps amplifies at t ~ T
+            a, s = ab.sqrt(), (1 - ab).sqrt()
+            return a * x_t - s * model_out, s * x_t + a * model_out
         return model_out, (x_t - ab.sqrt() * model_out) / (1 - ab).sqrt()
 
 
@@ -766,7 +779,7 @@ def diffusion_loss(
         noise = torch.where(where, (low_dose - ab.sqrt() * full_dose) / (1 - ab).sqrt(), noise)
         x_t = torch.where(where, low_dose, x_t)
     out = model(x_t, t, low_dose, edges).float()
-    loss = schedule.loss_fn(out, noise if schedule.parameterization == "eps" else full_dose)
+    loss = schedule.loss_fn(out, schedule.target(full_dose, noise, t))
     return loss, schedule.x0_eps(out, x_t, t)[0].clamp(-1, 1)
 
 

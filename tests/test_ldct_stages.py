@@ -105,7 +105,7 @@ def test_edges_come_from_the_data_pipeline_in_unit_range_and_the_detector_is_fro
         ld.edge_map(low_hu, cfg.upgrade)
 
 
-@pytest.mark.parametrize("parameterization", ["eps", "x0"])
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
 def test_icr_head_is_identity_at_init(parameterization):
     torch.manual_seed(0)
     with_icr = ld.build_model(
@@ -120,6 +120,28 @@ def test_icr_head_is_identity_at_init(parameterization):
         assert torch.allclose(with_icr(x_t, t, low, edges), without(x_t, t, low, edges), atol=1e-6)
         with_icr.icr[-1].bias.fill_(0.1)  # a non-zero head changes the output: the test can fail
         assert not torch.allclose(with_icr(x_t, t, low, edges), without(x_t, t, low, edges), atol=1e-4)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_oracle_of_each_parameterization_gives_x0_back_through_the_ddim_sampler(parameterization):
+    """A network that outputs the exact training target (eps, x0 or v of the one true image) makes the
+    deterministic DDIM sampler return that image from pure noise, for every step count."""
+    cfg = tiny_cfg(0, f"diffusion.parameterization={parameterization}")
+    schedule = ld.Schedule(cfg.diffusion, torch.device("cpu"))
+    x0 = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 1.6 - 0.8
+
+    def oracle(x_t, t, low, edges):  # the noise that makes x_t from x0, then the target of that pair
+        ab = schedule.ab(t)
+        return schedule.target(x0, (x_t - ab.sqrt() * x0) / (1 - ab).sqrt(), t)
+
+    for steps in (1, 3, 50):
+        out, nfe = ld.sample(oracle, schedule, torch.zeros_like(x0), "ddim", steps, 0.0, torch.Generator())
+        assert nfe == steps and torch.allclose(out, x0, atol=1e-4), (steps, (out - x0).abs().max())
+    # a slightly wrong output gives another image: the check above can fail
+    off, _ = ld.sample(
+        lambda *a: oracle(*a) * 0.9, schedule, torch.zeros_like(x0), "ddim", 3, 0.0, torch.Generator()
+    )
+    assert not torch.allclose(off, x0, atol=1e-2)
 
 
 def test_bridge_training_uses_the_low_dose_image_as_x_t_with_the_implied_noise():
